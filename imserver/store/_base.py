@@ -1,0 +1,174 @@
+"""The storage interface the rest of the server is written against.
+
+Theory of operation
+-------------------
+Conversation actors are the only writers of their conversation's rows. They
+hand the store a list of write operations and ``await store.write(ops)``,
+which returns once the operations are durable (committed to disk). The store
+is free to merge the operations of many concurrent callers into one
+transaction (group commit) and does; callers see each call as atomic and
+calls from one task are applied in call order.
+
+Reads never block writes: they run on separate read-only connections.
+
+An engine (SQLite embedded, later Redis+SQL in cluster mode) implements
+``Store``; nothing outside ``imserver.store`` imports an engine module except
+the server's wiring.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Protocol
+
+import msgspec
+
+from protocol import AgentStatus, Conversation, ConvState, MemberRole, Message, Role
+
+# ---------------------------------------------------------------- write ops
+
+
+class PutConversation(msgspec.Struct, kw_only=True, tag="conversation"):
+    """Insert or replace the conversation row (per-user fields read_seq/unread ignored)."""
+
+    conversation: Conversation
+
+
+class PutMessage(msgspec.Struct, kw_only=True, tag="message"):
+    """Insert a message. Also raises the conversation's last_seq and updated_at
+    to the message's seq and ts (never lowers them)."""
+
+    message: Message
+
+
+class SetMembers(msgspec.Struct, kw_only=True, tag="members"):
+    conv: str
+    add: dict[str, MemberRole] = {}
+    remove: list[str] = []
+
+
+class SetReadPoint(msgspec.Struct, kw_only=True, tag="read"):
+    """Raise ``user``'s read point in ``conv`` to ``seq`` (never lowers it)."""
+
+    conv: str
+    user: str
+    seq: int
+
+
+class MarkRecalled(msgspec.Struct, kw_only=True, tag="recalled"):
+    """Message ``seq`` was recalled: its body is erased (history shows recalled=True)."""
+
+    conv: str
+    seq: int
+
+
+class PutAgent(msgspec.Struct, kw_only=True, tag="agent"):
+    shop: str
+    agent: str
+    status: AgentStatus
+    ts: int
+
+
+class PutAppliedKey(msgspec.Struct, kw_only=True, tag="applied_key"):
+    """An idempotency key of a conversation update, remembered for dedup."""
+
+    conv: str
+    key: str
+    ts: int
+
+
+WriteOp = PutConversation | PutMessage | SetMembers | SetReadPoint | MarkRecalled | PutAgent | PutAppliedKey
+
+
+# ------------------------------------------------------------- read records
+
+
+class ActorSnapshot(msgspec.Struct, kw_only=True):
+    """What a conversation actor loads when it (re)starts."""
+
+    conversation: Conversation | None
+    """None when the conversation does not exist."""
+    members: dict[str, MemberRole]
+    recent_cmids: dict[tuple[str, str], tuple[int, int]]
+    """(sender, cmid) -> (seq, ts) for the last ``dedup_window`` messages."""
+    applied_keys: set[str]
+    """The last ``keys_window`` idempotency keys applied to the conversation."""
+
+
+class ScopeKind(enum.Enum):
+    CUSTOMER = "customer"
+    """Conversations where ``customer == user`` or ``user`` is a member."""
+    AGENT = "agent"
+    """Conversations of ``shop`` that are assigned to ``user``, or in state bot or
+    queued (open to any agent of the shop), or groups where ``user`` is a member."""
+    SHOP = "shop"
+    """Every conversation of ``shop`` (supervisors, shop workers)."""
+    ALL = "all"
+    """Every conversation (admins, global workers)."""
+
+
+class Scope(msgspec.Struct, kw_only=True, frozen=True):
+    kind: ScopeKind
+    user: str
+    shop: str = ""
+
+    @classmethod
+    def for_role(cls, role: Role, user: str, shop: str) -> Scope:
+        if role is Role.CUSTOMER:
+            return cls(kind=ScopeKind.CUSTOMER, user=user)
+        if role is Role.AGENT:
+            return cls(kind=ScopeKind.AGENT, user=user, shop=shop)
+        if shop in ("", "*"):
+            return cls(kind=ScopeKind.ALL, user=user)
+        return cls(kind=ScopeKind.SHOP, user=user, shop=shop)
+
+
+class AgentRecord(msgspec.Struct, kw_only=True):
+    shop: str
+    agent: str
+    status: AgentStatus
+    ts: int
+
+
+class Store(Protocol):
+    """See the module docstring. All methods are trio-async and cancel-safe
+    in the sense that a cancelled ``write`` may or may not have committed."""
+
+    async def open(self) -> None:
+        """Create or migrate the schema; start the committer."""
+
+    async def aclose(self) -> None:
+        """Commit everything pending, then close all connections."""
+
+    async def write(self, ops: Sequence[WriteOp]) -> None:
+        """Apply ``ops`` atomically; return once durable."""
+
+    async def load_actor(self, conv: str, *, dedup_window: int, keys_window: int) -> ActorSnapshot: ...
+
+    async def get_conversation(self, conv: str) -> Conversation | None: ...
+
+    async def get_members(self, conv: str) -> dict[str, MemberRole]: ...
+
+    async def find_open_direct(self, shop: str, customer: str) -> Conversation | None:
+        """The customer's direct conversation with ``shop`` that is not closed, if any."""
+
+    async def history(
+        self, conv: str, *, before: int | None, after: int | None, limit: int
+    ) -> tuple[list[Message], bool]:
+        """Messages with after < seq < before in ascending seq order, and whether
+        more exist in the paging direction. With ``before`` only (or neither),
+        the newest ``limit`` below it; with ``after``, the oldest ``limit`` above it."""
+
+    async def list_conversations(
+        self, scope: Scope, *, state: ConvState | None, updated_before: int | None, limit: int
+    ) -> tuple[list[Conversation], bool]:
+        """Conversations visible in ``scope``, most recently updated first, with
+        ``read_seq`` and ``unread`` filled in for ``scope.user``."""
+
+    async def read_point(self, conv: str, user: str) -> int: ...
+
+    async def list_agents(self, shop: str) -> list[AgentRecord]: ...
+
+    async def prune(self, older_than_ms: int) -> int:
+        """Delete messages with ts < older_than_ms; return how many."""
