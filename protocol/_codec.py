@@ -33,8 +33,12 @@ class _IdProbe(msgspec.Struct):
 
 
 _encoder: Final = msgspec.msgpack.Encoder()
-_client_decoder: Final = msgspec.msgpack.Decoder(ClientFrameType)
-_server_decoder: Final = msgspec.msgpack.Decoder(ServerFrameType)
+_client_decoder: Final[msgspec.msgpack.Decoder[ClientFrameType]] = msgspec.msgpack.Decoder(
+    ClientFrameType
+)
+_server_decoder: Final[msgspec.msgpack.Decoder[ServerFrameType]] = msgspec.msgpack.Decoder(
+    ServerFrameType
+)
 _probe_decoder: Final = msgspec.msgpack.Decoder(_IdProbe)
 
 
@@ -54,7 +58,7 @@ def _classify(exc: msgspec.DecodeError) -> ErrorCode:
 def _probe_id(data: bytes) -> int | None:
     try:
         request_id = _probe_decoder.decode(data).id
-    except (msgspec.DecodeError, ValueError):
+    except (msgspec.DecodeError, ValueError, RecursionError):
         return None
     if request_id is None or not 0 <= request_id < 2**32:
         return None
@@ -69,6 +73,8 @@ def decode_client_frame(data: bytes) -> ClientFrameType:
         raise FrameError(_classify(exc), str(exc), _probe_id(data)) from None
     except (msgspec.DecodeError, ValueError) as exc:  # not msgpack at all, or trailing bytes
         raise FrameError(ErrorCode.BAD_FRAME, f"invalid msgpack: {exc}", None) from None
+    except RecursionError:  # msgspec bounds nesting depth; a 64 KiB frame can nest deeper
+        raise FrameError(ErrorCode.BAD_FRAME, "msgpack nested too deeply", None) from None
 
 
 def decode_server_frame(data: bytes) -> ServerFrameType:
@@ -77,3 +83,5 @@ def decode_server_frame(data: bytes) -> ServerFrameType:
         return _server_decoder.decode(data)
     except (msgspec.DecodeError, ValueError) as exc:
         raise FrameError(ErrorCode.BAD_FRAME, str(exc), None) from None
+    except RecursionError:
+        raise FrameError(ErrorCode.BAD_FRAME, "msgpack nested too deeply", None) from None

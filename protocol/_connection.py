@@ -32,6 +32,7 @@ frame's bytes, ``receive()`` decodes server frames and tracks the state
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -130,7 +131,7 @@ def _kind_of(frame: ClientFrameType) -> _Kind:
 class TokenBucket:
     """``rate`` tokens per second, at most ``burst`` saved up."""
 
-    __slots__ = ("burst", "rate", "_stamp", "_tokens")
+    __slots__ = ("_stamp", "_tokens", "burst", "rate")
 
     def __init__(self, rate: float, burst: float, now: float) -> None:
         self.rate = rate
@@ -244,17 +245,23 @@ class ServerConnection:
 
     def _refuse(
         self, code: ErrorCode, message: str, request_id: int | None, close: CloseCode | None,
-        retry_after_ms: int = 0,
+        retry_after_ms: int = 0, detail: dict[str, str] | None = None,
     ) -> Refused:
-        if request_id is not None:
-            self.inflight.discard(request_id)
+        if request_id in self.inflight:
+            # A refused frame is never in flight itself: this id belongs to an earlier
+            # request still being handled. Releasing it would let a client exceed the
+            # in-flight cap, and echoing it would make the client fail that request.
+            request_id = None
         self.refusals_in_a_row += 1
         if close is None and self.refusals_in_a_row >= MAX_REFUSALS_IN_A_ROW:
             close = CloseCode.POLICY_VIOLATION
             message = f"{message} (and {self.refusals_in_a_row} refused frames in a row)"
         if close is not None:
             self.close(close)
-        error = Error(code=code, message=message, id=request_id, retry_after_ms=retry_after_ms)
+        error = Error(
+            code=code, message=message, id=request_id, retry_after_ms=retry_after_ms,
+            detail=detail or {},
+        )
         return Refused(error=error, data=encode(error), close=close)
 
     def _on_hello(self, frame: ClientFrameType | FrameError, now: float) -> ServerEvent:
@@ -266,6 +273,7 @@ class ServerConnection:
                 f"{sorted(SUPPORTED_VERSIONS)}",
                 None,
                 CloseCode.UNSUPPORTED_VERSION,
+                detail={"supported": ",".join(str(v) for v in sorted(SUPPORTED_VERSIONS))},
             )
         self.state = ConnectionState.AUTHENTICATING
         return HelloReceived(frame)
@@ -290,10 +298,15 @@ class ServerConnection:
         )
 
     def _hello_again(self, frame: ClientFrameType | FrameError, now: float) -> ServerEvent:
+        if (refused := self._rate_check(None, now)) is not None:
+            return refused
         return self._refuse(ErrorCode.BAD_FRAME, "already authenticated", None, None)
 
     def _on_malformed(self, frame: ClientFrameType | FrameError, now: float) -> ServerEvent:
         assert isinstance(frame, FrameError)
+        # Bad frames cost a token too, or junk could be sent at any rate between good frames.
+        if (refused := self._rate_check(frame.request_id, now)) is not None:
+            return refused
         return self._refuse(frame.code, frame.message, frame.request_id, None)
 
     def _rate_check(self, request_id: int | None, now: float) -> Refused | None:
@@ -301,7 +314,7 @@ class ServerConnection:
         if wait:
             return self._refuse(
                 ErrorCode.RATE_LIMITED, "too many frames", request_id, None,
-                retry_after_ms=max(1, int(wait * 1000)),
+                retry_after_ms=max(1, math.ceil(wait * 1000)),
             )
         return None
 
@@ -310,10 +323,10 @@ class ServerConnection:
         if (refused := self._rate_check(frame.id, now)) is not None:
             return refused
         if frame.id in self.inflight:
-            # No inflight.discard: the first request with this id still owns it.
-            self.refusals_in_a_row += 1
-            error = Error(code=ErrorCode.BAD_FRAME, message=f"request id {frame.id} is already in flight")
-            return Refused(error=error, data=encode(error), close=None)
+            # The Error carries no id (_refuse drops it): the first request owns this id.
+            return self._refuse(
+                ErrorCode.BAD_FRAME, f"request id {frame.id} is already in flight", frame.id, None,
+            )
         if len(self.inflight) >= self.max_inflight:
             return self._refuse(
                 ErrorCode.RATE_LIMITED,

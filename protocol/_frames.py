@@ -28,7 +28,6 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Final
 
-import msgspec
 from msgspec import Meta, Struct
 
 from ._limits import (
@@ -544,7 +543,12 @@ class PresenceEvent(ServerFrame, tag="presence"):
 class ConversationEvent(ServerFrame, tag="conv"):
     conversation: Conversation
     change: ShortText
-    """What happened: opened, queued, assigned, transferred, closed, updated, members."""
+    """What happened: opened, reopened, created, queued, assigned, transferred, closed,
+    updated, members."""
+    note: Text = ""
+    """Staff only: the note given with a transfer or assignment, sent to the receiving agent."""
+    by: str = ""
+    """Who made the change, when it was a person or worker (staff views)."""
 
 
 class AgentEvent(ServerFrame, tag="agent"):
@@ -583,4 +587,95 @@ ServerFrameType = (
 REQUEST_TYPES: Final = tuple(t for t in ClientFrameType.__args__ if issubclass(t, Request))
 NOTICE_TYPES: Final = (Typing, Delivered)
 
-__all__ = [name for name in dir() if not name.startswith("_") and name != "msgspec"]
+# A literal list, so that type checkers see the re-exports of ``protocol``
+# (mypy cannot evaluate a computed __all__ and then exports none of these names).
+# tests/protocol/test_codec.py checks that every public name defined here is listed.
+__all__ = [
+    "MAX_ATTRS",
+    "MAX_BATCH_IDS",
+    "MAX_CONVERSATION_PAGE",
+    "MAX_HISTORY_PAGE",
+    "MAX_ID_CHARS",
+    "MAX_RESUME_POINTS",
+    "MAX_TAGS",
+    "MAX_TEXT_CHARS",
+    "MAX_TOKEN_CHARS",
+    "NOTICE_TYPES",
+    "REQUEST_TYPES",
+    "USER_BODY_TYPES",
+    "AgentEvent",
+    "AgentStatus",
+    "AnyBody",
+    "Attrs",
+    "Body",
+    "Channel",
+    "ClientFrame",
+    "ClientFrameType",
+    "ConvId",
+    "ConvKind",
+    "ConvState",
+    "Conversation",
+    "ConversationEvent",
+    "ConversationInfo",
+    "ConversationPage",
+    "Count",
+    "CreateGroup",
+    "Delivered",
+    "Error",
+    "FileBody",
+    "GetConversation",
+    "Hello",
+    "History",
+    "HistoryPage",
+    "Id",
+    "ImageBody",
+    "Limits",
+    "ListConversations",
+    "MemberRole",
+    "Message",
+    "MessageEvent",
+    "Millis",
+    "Ok",
+    "OpenConversation",
+    "OrderCardBody",
+    "Ping",
+    "Pong",
+    "Presence",
+    "PresenceEvent",
+    "PresenceList",
+    "Priority",
+    "ProductCardBody",
+    "QuickRepliesBody",
+    "Read",
+    "Recall",
+    "RecallBody",
+    "ReceiptEvent",
+    "ReceiptKind",
+    "Reply",
+    "Request",
+    "RequestId",
+    "Role",
+    "Send",
+    "Sent",
+    "Seq",
+    "ServerFrame",
+    "ServerFrameType",
+    "SetAgentStatus",
+    "ShortText",
+    "Subscribe",
+    "Synced",
+    "SystemBody",
+    "Tag",
+    "Text",
+    "TextBody",
+    "Topic",
+    "Typing",
+    "TypingEvent",
+    "UpdateConversation",
+    "UpdateMembers",
+    "Url",
+    "UserId",
+    "VoiceBody",
+    "WatchPresence",
+    "Welcome",
+]

@@ -55,7 +55,7 @@ HEARTBEAT_INTERVAL_MS: Final = 20_000
 """A client sends at least one frame (a Ping will do) this often."""
 
 IDLE_TIMEOUT_MS: Final = 60_000
-"""A connection silent for this long is closed with 4408 (idle timeout)."""
+"""A connection silent for this long is closed with 4009 (idle timeout)."""
 
 FRAMES_PER_SECOND: Final = 50
 """Sustained inbound frame rate per connection for people (token bucket)."""

@@ -1,0 +1,158 @@
+"""Command line: ``imserver serve | token | export | chat``.
+
+Every flag has an environment variable (shown in ``--help``) so that the
+same binary runs under systemd, containers and tests unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from protocol import Role
+
+from . import logs
+from .auth import mint_token
+from .limits import RETENTION_DAYS, SHARD_COUNT
+from .server import DB_FILE, Server, ServerConfig, load_or_create_secret
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def _add_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=Path(_env("IMSERVER_DATA", "./data") or "./data"),
+                        help="data directory: SQLite database and token secret "
+                             "(env IMSERVER_DATA, default ./data)")
+    parser.add_argument("--secret", default=_env("IMSERVER_SECRET"),
+                        help="token signing secret, at least 16 bytes (env IMSERVER_SECRET; "
+                             "default: DATA/secret, created on first use)")
+
+
+def _secret(args: argparse.Namespace) -> bytes:
+    if args.secret:
+        return str(args.secret).encode()
+    return load_or_create_secret(args.data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imserver", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server (embedded: one process, SQLite)")
+    _add_data(serve)
+    serve.add_argument("--host", default=_env("IMSERVER_HOST", "127.0.0.1"),
+                       help="listen address (env IMSERVER_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=int(_env("IMSERVER_PORT", "8080") or 8080),
+                       help="listen port, 0 for any free port (env IMSERVER_PORT, default 8080)")
+    serve.add_argument("--cert", type=Path, default=_env("IMSERVER_CERT"),
+                       help="TLS certificate chain, PEM (env IMSERVER_CERT); enables wss://")
+    serve.add_argument("--key", type=Path, default=_env("IMSERVER_KEY"),
+                       help="TLS private key, PEM (env IMSERVER_KEY)")
+    serve.add_argument("--retention-days", type=int,
+                       default=int(_env("IMSERVER_RETENTION_DAYS", str(RETENTION_DAYS)) or RETENTION_DAYS),
+                       help=f"delete messages older than this (env IMSERVER_RETENTION_DAYS, default {RETENTION_DAYS})")
+    serve.add_argument("--synchronous", choices=["FULL", "NORMAL"],
+                       default=_env("IMSERVER_SYNCHRONOUS", "FULL"),
+                       help="SQLite durability: FULL survives power loss, NORMAL survives process "
+                            "crashes only (env IMSERVER_SYNCHRONOUS, default FULL)")
+    serve.add_argument("--shards", type=int, default=SHARD_COUNT,
+                       help=f"shard count (default {SHARD_COUNT})")
+    serve.add_argument("--log-level", default=_env("IMSERVER_LOG_LEVEL", "info"),
+                       help="debug, info, warning, error (env IMSERVER_LOG_LEVEL)")
+
+    token = sub.add_parser("token", help="mint a development token")
+    _add_data(token)
+    token.add_argument("user", help="user id")
+    token.add_argument("--role", choices=[r.value for r in Role], default="customer")
+    token.add_argument("--shop", default="", help="the user's shop (staff), '*' for all")
+    token.add_argument("--ttl", type=int, default=24 * 3600, help="lifetime in seconds")
+    token.add_argument("--once", action="store_true", help="single use (refused if replayed)")
+
+    export = sub.add_parser("export", help="export history to JSON Lines or CSV")
+    _add_data(export)
+    which = export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--conv", help="one conversation id")
+    which.add_argument("--shop", help="every conversation of a shop")
+    export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    export.add_argument("--since-ms", type=int, default=None, help="shop export: from this time")
+    export.add_argument("--out", type=Path, default=None, help="output file (default stdout)")
+
+    chat = sub.add_parser("chat", help="a small terminal chat for demos")
+    _add_data(chat)
+    chat.add_argument("--url", default=_env("IMSERVER_URL", "ws://127.0.0.1:8080/ws"),
+                      help="server URL (env IMSERVER_URL)")
+    chat.add_argument("user", help="who you are")
+    chat.add_argument("--role", choices=["customer", "agent", "supervisor"], default="customer")
+    chat.add_argument("--shop", required=True, help="the shop to talk to (customer) or work for")
+    chat.add_argument("--conv", default=None, help="agent: the conversation to claim and join")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "token":
+        print(mint_token(_secret(args), user=args.user, role=args.role, shop=args.shop,
+                         ttl_s=args.ttl, once=args.once))
+        return 0
+    if args.command == "export":
+        return _export(args)
+    if args.command == "chat":
+        from .chat import run_chat
+
+        return run_chat(args, _secret(args))
+    raise AssertionError(args.command)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logs.setup(args.log_level)
+    config = ServerConfig(
+        data_dir=args.data, secret=_secret(args), host=args.host, port=args.port,
+        cert=args.cert, key=args.key, retention_days=args.retention_days,
+        synchronous=args.synchronous, shards=args.shards,
+    )
+    server = Server(config)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(server.serve)
+            print(f"imserver listening on {url}", flush=True)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    server.stop()
+                    break
+
+    trio.run(run)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .store import export_conversation, export_shop
+
+    db = args.data / DB_FILE
+    if not db.exists():
+        print(f"no database at {db}", file=sys.stderr)
+        return 2
+    out = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout
+    try:
+        if args.conv:
+            count = export_conversation(db, args.conv, out, args.format)
+        else:
+            count = export_shop(db, args.shop, out, args.format, since_ms=args.since_ms)
+    finally:
+        if args.out:
+            out.close()
+    print(f"exported {count} messages", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,576 @@
+"""One client connection: protocol state machine, auth, dispatch, resume.
+
+Theory of operation
+-------------------
+A session owns three tasks in its own nursery: the reader (this class's
+``_read_loop``: WebSocket events -> ``protocol.ServerConnection`` -> events),
+the writer (``Outbox.run``) and a watchdog (handshake deadline, idle
+timeout). When the writer finishes -- close frame written, socket dead, or
+slow consumer cut off -- it cancels the nursery, so no task outlives the
+connection.
+
+Requests never block the reader. Commands about a conversation are
+submitted to the shard queue and answered later by the actor through the
+hub (``send_frame``); store reads (history, lists) run as tasks in the
+session's nursery, bounded by the protocol's in-flight request cap.
+
+Resume. On Hello the session registers with the hub *first*, marks each
+resumed conversation as catching up (live events for it are buffered), then
+replays from the store everything after the client's seq, then flushes the
+buffered live events above the last replayed seq, then sends ``Synced``.
+Every message is committed before it is fanned out, so the store read plus
+the buffer cover everything exactly once; if the buffer overflows, the
+session re-reads the store instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+from wsproto import WSConnection
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
+
+from protocol import (
+    PROTOCOL_VERSION,
+    AgentEvent,
+    ClientFrameType,
+    CloseCode,
+    ConversationPage,
+    CreateGroup,
+    Delivered,
+    Error,
+    ErrorCode,
+    GetConversation,
+    Hello,
+    HelloReceived,
+    History,
+    HistoryPage,
+    Limits,
+    ListConversations,
+    MessageEvent,
+    NoticeReceived,
+    Ok,
+    OpenConversation,
+    Ping as PingRequest,
+    Pong,
+    PresenceList,
+    Read,
+    Recall,
+    Refused,
+    Request,
+    RequestReceived,
+    Role,
+    Send,
+    ServerConnection,
+    ServerEvent,
+    ServerFrameType,
+    SetAgentStatus,
+    Subscribe,
+    Synced,
+    Topic,
+    Typing,
+    UpdateConversation,
+    UpdateMembers,
+    WatchPresence,
+    Welcome,
+    encode,
+)
+from protocol import AgentStatus as AgentStatusEnum
+
+from .. import policy
+from ..auth import TokenError, TokenVerifier
+from ..limits import (
+    FRAMES_BURST,
+    FRAMES_PER_SECOND,
+    HANDSHAKE_TIMEOUT_S,
+    HEARTBEAT_INTERVAL_MS,
+    IDLE_TIMEOUT_MS,
+    MAX_DEVICES_PER_USER,
+    MAX_FRAME_BYTES,
+    MAX_HISTORY_PAGE,
+    MAX_INFLIGHT_REQUESTS,
+    MAX_TEXT_CHARS,
+    MAX_WATCHED_USERS,
+    RECALL_WINDOW_MS,
+    RECEIVE_CHUNK_BYTES,
+    RESUME_BATCH,
+    WORKER_FRAMES_BURST,
+    WORKER_FRAMES_PER_SECOND,
+)
+from ..logs import event, now_ms
+from ..metrics import METRICS
+from ..shards import (
+    AnyCommand,
+    CreateGroupCmd,
+    DeliveredCmd,
+    GetCmd,
+    MembersCmd,
+    OpenDirectCmd,
+    ReadCmd,
+    RecallCmd,
+    ReplyTo,
+    SendCmd,
+    ShardQueue,
+    TypingCmd,
+    UpdateCmd,
+    customer_view,
+)
+from ..store import PutAgent, Scope, Store
+from ._frame import binary_frame
+from ._ids import direct_conversation_id, group_conversation_id
+from ._websocket import Outbox
+
+if TYPE_CHECKING:
+    from ..fanout import Hub
+
+log = logging.getLogger("imserver.session")
+
+CATCHUP_BUFFER = 1000
+"""Live events buffered per conversation while its resume replay runs."""
+
+CLOSE_LINGER_S = 2.0
+"""After our close frame, how long we wait for the peer's before dropping TCP."""
+
+
+@dataclass
+class GatewayContext:
+    """What sessions share: the engines and the server's state."""
+
+    store: Store
+    shards: ShardQueue
+    hub: Hub
+    verifier: TokenVerifier
+    draining: bool = False
+    sessions: set[Session] = field(default_factory=set)
+
+
+class Session:
+    def __init__(self, ctx: GatewayContext, stream: trio.abc.Stream, ws: WSConnection,
+                 outbox: Outbox) -> None:
+        self.ctx = ctx
+        self.stream = stream
+        self.ws = ws
+        self.outbox = outbox
+        self.id = secrets.token_hex(8)
+        self.identity: policy.Identity | None = None
+        self.conn = ServerConnection(now=trio.current_time())
+        self.last_inbound = trio.current_time()
+        self._nursery: trio.Nursery | None = None
+        self._catchup: dict[str, list[tuple[int, bytes]] | None] = {}
+        self._reading = True
+        self._blocked: list[AnyCommand] = []
+        outbox.on_overflow = METRICS.slow_consumers.inc
+        self._request_handlers: dict[type, Callable[[Any], None]] = {
+            PingRequest: self._ping,
+            Send: self._send,
+            Recall: lambda r: self._submit(RecallCmd(conv=r.conv, seq=r.seq, **self._origin(r))),
+            Read: lambda r: self._submit(ReadCmd(conv=r.conv, seq=r.seq, **self._origin(r))),
+            GetConversation: lambda r: self._submit(GetCmd(conv=r.conv, **self._origin(r))),
+            OpenConversation: self._open,
+            CreateGroup: self._create_group,
+            UpdateMembers: lambda r: self._submit(MembersCmd(
+                conv=r.conv, add=r.add, remove=r.remove, role=r.role, **self._origin(r))),
+            UpdateConversation: lambda r: self._submit(UpdateCmd(
+                conv=r.conv, state=r.state, agent=r.agent, priority=r.priority,
+                tags_add=r.tags_add, tags_remove=r.tags_remove, note=r.note, key=r.key,
+                **self._origin(r))),
+            History: lambda r: self._spawn(r, self._history),
+            ListConversations: lambda r: self._spawn(r, self._list),
+            SetAgentStatus: lambda r: self._spawn(r, self._agent_status),
+            WatchPresence: self._watch,
+            Subscribe: self._subscribe,
+        }
+
+    # -- Peer interface (used by the hub)
+
+    @property
+    def user(self) -> str:
+        return self.identity.user if self.identity else ""
+
+    def send_frame(self, frame: ServerFrameType) -> None:
+        if isinstance(frame, Error):
+            METRICS.errors.labels(code=str(frame.code)).inc()
+        self.outbox.push(binary_frame(self.conn.send(frame)))
+
+    def push_event(self, conv: str, seq: int, data: bytes) -> None:
+        if seq and conv in self._catchup:
+            buffered = self._catchup[conv]
+            if buffered is not None:
+                if len(buffered) < CATCHUP_BUFFER:
+                    buffered.append((seq, data))
+                else:
+                    self._catchup[conv] = None  # overflow: re-read the store instead
+            return
+        self.outbox.push(data)
+
+    # -- lifecycle
+
+    async def run(self) -> None:
+        METRICS.connections.inc()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._write_then_stop, nursery.cancel_scope)
+                nursery.start_soon(self._watchdog)
+                peer_done = await self._read_loop()
+                self.close(CloseCode.NORMAL)
+                if not peer_done:
+                    await self._linger()
+                with trio.move_on_after(CLOSE_LINGER_S):
+                    await self.outbox.done.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            METRICS.connections.dec()
+            self.ctx.sessions.discard(self)
+            if self.identity is not None:
+                self.ctx.hub.unregister(self)
+                await self._after_logout(self.identity)
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+    def close(self, code: CloseCode, reason: str = "") -> None:
+        if self.outbox.closing is None:
+            METRICS.closes.labels(code=str(int(code))).inc()
+        self.conn.close(code)
+        self.outbox.close(code, reason)
+        self._reading = False
+
+    async def _write_then_stop(self, scope: trio.CancelScope) -> None:
+        await self.outbox.run()
+        if self.outbox.closing is None or self.outbox.failed:
+            scope.cancel()  # the socket died: nothing left to read or say
+
+    async def _linger(self) -> None:
+        """We closed: read (and ignore) until the peer's close or EOF, so that the
+        peer reads our close frame instead of a TCP reset."""
+        with trio.move_on_after(CLOSE_LINGER_S):
+            while True:
+                try:
+                    data = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                if not data:
+                    return
+                self.ws.receive_data(data)
+                if any(isinstance(ev, CloseConnection) for ev in self.ws.events()):
+                    return
+
+    async def _watchdog(self) -> None:
+        idle = IDLE_TIMEOUT_MS / 1000
+        with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+            while self.identity is None:
+                await trio.sleep(0.05 * HANDSHAKE_TIMEOUT_S)
+        if self.identity is None:
+            self.close(CloseCode.BAD_HANDSHAKE, "no hello in time")
+            return
+        while True:
+            deadline = self.last_inbound + idle
+            if trio.current_time() >= deadline:
+                self.close(CloseCode.IDLE_TIMEOUT, "idle timeout")
+                return
+            await trio.sleep_until(deadline)
+
+    async def _read_loop(self) -> bool:
+        """Returns True if the peer ended the connection, False if we did."""
+        pending = bytearray()
+        while self._reading:
+            try:
+                data = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return True
+            if not data:
+                return True
+            self.last_inbound = trio.current_time()
+            self.ws.receive_data(data)
+            for ws_event in self.ws.events():
+                if isinstance(ws_event, Message):
+                    if isinstance(ws_event, TextMessage):
+                        self._handle(self.conn.receive_text())
+                        return False
+                    assert isinstance(ws_event, BytesMessage)
+                    pending += ws_event.data
+                    if len(pending) > MAX_FRAME_BYTES:
+                        self._handle(self.conn.receive(bytes(pending), trio.current_time()))
+                        return False
+                    if ws_event.message_finished:
+                        frame_bytes = bytes(pending)
+                        pending.clear()
+                        METRICS.frames_in.inc()
+                        self._handle(self.conn.receive(frame_bytes, trio.current_time()))
+                        while self._blocked:  # backpressure: stop reading until queued
+                            await self.ctx.shards.put(self._blocked.pop(0))
+                        if not self._reading:
+                            return False
+                elif isinstance(ws_event, Ping):
+                    self.outbox.push(self.ws.send(ws_event.response()))
+                elif isinstance(ws_event, CloseConnection):
+                    # The peer closes (or wsproto found a protocol error, code 1002).
+                    self.conn.close(CloseCode.NORMAL)
+                    self.outbox.answer_close(ws_event)
+                    return True
+        return False
+
+    # -- protocol events
+
+    def _handle(self, ev: ServerEvent) -> None:
+        if isinstance(ev, RequestReceived):
+            if self.ctx.draining:
+                self.send_frame(Error(code=ErrorCode.UNAVAILABLE, message="server draining",
+                                      id=ev.request.id, retry_after_ms=1000))
+                return
+            try:
+                self._request_handlers[type(ev.request)](ev.request)
+            except Exception as exc:  # a bug must not take the connection down
+                event(log, "request_failed", level=logging.ERROR, error=repr(exc))
+                self.send_frame(Error(code=ErrorCode.INTERNAL, message="internal error",
+                                      id=ev.request.id))
+        elif isinstance(ev, NoticeReceived):
+            self._notice(ev.notice)
+        elif isinstance(ev, HelloReceived):
+            self._hello(ev.hello)
+        elif isinstance(ev, Refused):
+            METRICS.errors.labels(code=str(ev.error.code)).inc()
+            self.outbox.push(binary_frame(ev.data))
+            if ev.close is not None:
+                self.close(ev.close, ev.error.message)
+
+    def _hello(self, hello: Hello) -> None:
+        try:
+            claims = self.ctx.verifier.verify(hello.token)
+        except TokenError as exc:
+            self._handle(self.conn.reject(ErrorCode.UNAUTHORIZED, str(exc), CloseCode.UNAUTHORIZED))
+            return
+        if self.ctx.draining:
+            self._handle(self.conn.reject(ErrorCode.UNAVAILABLE, "server draining", CloseCode.GOING_AWAY))
+            return
+        who = policy.Identity(user=claims.sub, role=claims.role, shop=claims.shop,
+                              session=self.id, device=hello.device)
+        self.identity = who
+        if who.role in (Role.WORKER, Role.ADMIN):
+            self.conn.set_rate(WORKER_FRAMES_PER_SECOND, WORKER_FRAMES_BURST, trio.current_time())
+        welcome = Welcome(
+            v=PROTOCOL_VERSION, session=self.id, user=who.user, role=who.role, shop=who.shop,
+            server_time=now_ms(), heartbeat_ms=HEARTBEAT_INTERVAL_MS,
+            idle_timeout_ms=IDLE_TIMEOUT_MS,
+            limits=Limits(
+                max_frame_bytes=MAX_FRAME_BYTES, max_text_chars=MAX_TEXT_CHARS,
+                frames_per_second=self.conn.bucket.rate if who.role in (Role.WORKER, Role.ADMIN) else FRAMES_PER_SECOND,  # type: ignore[arg-type]
+                frames_burst=self.conn.bucket.burst if who.role in (Role.WORKER, Role.ADMIN) else FRAMES_BURST,  # type: ignore[arg-type]
+                max_inflight=MAX_INFLIGHT_REQUESTS, history_page=MAX_HISTORY_PAGE,
+                recall_window_ms=RECALL_WINDOW_MS,
+            ),
+        )
+        self.outbox.push(binary_frame(self.conn.accept(welcome)))
+        # Catch-up marks must be in place before registering: from here on every
+        # live message event for these conversations is buffered, not lost.
+        for conv in hello.resume:
+            self._catchup[conv] = []
+        others = self.ctx.hub.register(self)
+        for other in others:
+            if isinstance(other, Session) and other.identity and other.identity.device == who.device:
+                other.close(CloseCode.SESSION_REPLACED, "logged in again from the same device")
+        live = [o for o in others if isinstance(o, Session) and o.outbox.closing is None]
+        for oldest in live[: max(0, len(live) + 1 - MAX_DEVICES_PER_USER)]:
+            oldest.close(CloseCode.SESSION_REPLACED, "too many devices")
+        event(log, "login", user=who.user, role=who.role.value, session=self.id,
+              device=hello.device, resume=len(hello.resume))
+        assert self._nursery is not None
+        self._nursery.start_soon(self._resume, dict(hello.resume))
+
+    async def _resume(self, points: dict[str, int]) -> None:
+        who = self.identity
+        assert who is not None
+        synced: dict[str, int] = {}
+        for conv_id, after in points.items():
+            try:
+                last = await self._replay(who, conv_id, after)
+            except Exception as exc:
+                event(log, "resume_failed", level=logging.ERROR, conv=conv_id, error=repr(exc))
+                self.close(CloseCode.INTERNAL_ERROR, "resume failed; reconnect")
+                return
+            finally:
+                self._catchup.pop(conv_id, None)
+            if last is not None:
+                synced[conv_id] = last
+        self.send_frame(Synced(last_seq=synced))
+
+    async def _replay(self, who: policy.Identity, conv_id: str, after: int) -> int | None:
+        """Replay ``conv_id`` after ``after``; the last seq sent, or None if not readable."""
+        store = self.ctx.store
+        conv = await store.get_conversation(conv_id)
+        if conv is None or not policy.can_read(who, conv, await store.get_members(conv_id)):
+            return None
+        last = after
+        while True:
+            while True:
+                messages, more = await store.history(conv_id, before=None, after=last,
+                                                     limit=RESUME_BATCH)
+                for message in messages:
+                    data = binary_frame(encode(MessageEvent(message=message)))
+                    if not await self.outbox.push_paced(data):
+                        return last  # closing: the client resumes again from what it saw
+                    last = message.seq
+                if not more:
+                    break
+            buffered = self._catchup.get(conv_id)
+            if buffered is None:
+                self._catchup[conv_id] = []  # overflowed: read the store again
+                continue
+            for seq, data in buffered:
+                if seq > last:
+                    self.outbox.push(data)
+                    last = seq
+            return last
+
+    async def _after_logout(self, who: policy.Identity) -> None:
+        if who.role is not Role.AGENT or self.ctx.hub.is_online(who.user):
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            try:
+                await self.ctx.store.write([PutAgent(shop=who.shop, agent=who.user,
+                                                     status=AgentStatusEnum.OFFLINE, ts=now_ms())])
+            except Exception as exc:
+                event(log, "agent_offline_failed", level=logging.WARNING, error=repr(exc))
+                return
+            self.ctx.hub.broadcast_shop(who.shop, Topic.AGENTS, AgentEvent(
+                shop=who.shop, agent=who.user, status=AgentStatusEnum.OFFLINE))
+
+    # -- requests
+
+    def _origin(self, request: Request) -> dict[str, Any]:
+        assert self.identity is not None
+        return {"who": self.identity, "reply": ReplyTo(self.id, request.id)}
+
+    def _submit(self, cmd: AnyCommand) -> None:
+        if not self.ctx.shards.submit(cmd):
+            self._blocked.append(cmd)  # the read loop waits for room before reading on
+
+    def _spawn(self, request: Request, handler: Callable[[Any], Awaitable[ServerFrameType]]) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._guarded, request, handler)
+
+    async def _guarded(self, request: Request, handler: Callable[[Any], Awaitable[ServerFrameType]]) -> None:
+        try:
+            reply = await handler(request)
+        except _Refuse as refusal:
+            reply = Error(code=refusal.code, message=refusal.message, id=request.id)
+        except Exception as exc:
+            event(log, "request_failed", level=logging.ERROR, request=type(request).__name__,
+                  error=repr(exc))
+            reply = Error(code=ErrorCode.INTERNAL, message="internal error", id=request.id)
+        self.send_frame(reply)
+
+    def _ping(self, request: PingRequest) -> None:
+        self.send_frame(Pong(id=request.id, server_time=now_ms()))
+
+    def _send(self, request: Send) -> None:
+        self._submit(SendCmd(conv=request.conv, cmid=request.cmid, body=request.body,
+                             **self._origin(request)))
+
+    def _open(self, request: OpenConversation) -> None:
+        who = self.identity
+        assert who is not None
+        if who.role is not Role.CUSTOMER:
+            self.send_frame(Error(code=ErrorCode.FORBIDDEN, id=request.id,
+                                  message="only customers open direct conversations"))
+            return
+        conv = direct_conversation_id(request.shop, who.user)
+        self._submit(OpenDirectCmd(conv=conv, shop=request.shop, channel=request.channel,
+                                   **self._origin(request)))
+
+    def _create_group(self, request: CreateGroup) -> None:
+        who = self.identity
+        assert who is not None
+        if not policy.can_create_group(who, request.shop):
+            self.send_frame(Error(code=ErrorCode.FORBIDDEN, id=request.id,
+                                  message="only staff of the shop create groups"))
+            return
+        self._submit(CreateGroupCmd(conv=group_conversation_id(), shop=request.shop,
+                                    title=request.title, members=request.members,
+                                    **self._origin(request)))
+
+    async def _history(self, request: History) -> ServerFrameType:
+        who = self.identity
+        assert who is not None
+        store = self.ctx.store
+        conv = await store.get_conversation(request.conv)
+        if conv is None or not policy.can_read(who, conv, await store.get_members(request.conv)):
+            raise _Refuse(ErrorCode.NOT_FOUND, f"no conversation {request.conv!r}")
+        messages, more = await store.history(request.conv, before=request.before,
+                                             after=request.after, limit=request.limit)
+        return HistoryPage(id=request.id, conv=request.conv, messages=messages, has_more=more)
+
+    async def _list(self, request: ListConversations) -> ServerFrameType:
+        who = self.identity
+        assert who is not None
+        convs, more = await self.ctx.store.list_conversations(
+            Scope.for_role(who.role, who.user, who.shop), state=request.state,
+            updated_before=request.updated_before, limit=request.limit,
+        )
+        if who.role is Role.CUSTOMER:
+            convs = [customer_view(c) for c in convs]
+        return ConversationPage(id=request.id, conversations=convs, has_more=more)
+
+    async def _agent_status(self, request: SetAgentStatus) -> ServerFrameType:
+        who = self.identity
+        assert who is not None
+        if who.role not in (Role.AGENT, Role.SUPERVISOR):
+            raise _Refuse(ErrorCode.FORBIDDEN, "only agents have an agent status")
+        await self.ctx.store.write([PutAgent(shop=who.shop, agent=who.user, status=request.status,
+                                             ts=now_ms())])
+        self.ctx.hub.broadcast_shop(who.shop, Topic.AGENTS, AgentEvent(
+            shop=who.shop, agent=who.user, status=request.status))
+        return Ok(id=request.id)
+
+    def _watch(self, request: WatchPresence) -> None:
+        who = self.identity
+        assert who is not None
+        if not who.is_staff:
+            self.send_frame(Error(code=ErrorCode.FORBIDDEN, id=request.id,
+                                  message="customers see their agent through conversation events"))
+            return
+        if self.ctx.hub.watched_count(self) + len(request.users) > MAX_WATCHED_USERS:
+            self.send_frame(Error(code=ErrorCode.TOO_LARGE, id=request.id,
+                                  message=f"more than {MAX_WATCHED_USERS} watched users"))
+            return
+        self.send_frame(PresenceList(id=request.id,
+                                     presences=self.ctx.hub.watch(self, request.users)))
+
+    def _subscribe(self, request: Subscribe) -> None:
+        who = self.identity
+        assert who is not None
+        shop = request.shop or who.shop
+        if shop in ("", "*"):
+            self.send_frame(Error(code=ErrorCode.BAD_FRAME, id=request.id,
+                                  message="name the shop to subscribe to"))
+            return
+        for topic in request.topics:
+            if not policy.can_subscribe(who, topic, shop):
+                self.send_frame(Error(code=ErrorCode.FORBIDDEN, id=request.id,
+                                      message=f"you may not subscribe to {topic} of {shop}"))
+                return
+        for topic in request.topics:
+            self.ctx.hub.subscribe(self, shop, topic)
+        self.send_frame(Ok(id=request.id))
+
+    # -- notices
+
+    def _notice(self, notice: ClientFrameType) -> None:
+        who = self.identity
+        assert who is not None
+        if isinstance(notice, Typing):
+            self._submit(TypingCmd(conv=notice.conv, who=who))
+        elif isinstance(notice, Delivered):
+            self._submit(DeliveredCmd(conv=notice.conv, seq=notice.seq, who=who))
+
+
+class _Refuse(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message

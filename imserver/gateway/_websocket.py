@@ -1,0 +1,214 @@
+"""WebSocket transport on a trio stream: the HTTP upgrade, and a coalescing outbox.
+
+Theory of operation
+-------------------
+``accept`` reads the HTTP request head (bounded size, bounded time by the
+caller). A WebSocket upgrade is completed by wsproto; any other request is
+plain HTTP, answered by h11 through the ``http_handler`` callback
+(``/metrics``, ``/healthz``) or with ``426 Upgrade Required``.
+
+``Outbox`` is the only writer of a connection's socket. Producers (replies,
+fan-out, control frames) append already framed bytes without awaiting; one
+writer task joins whatever has accumulated into a single ``send_all``. Under
+load that coalesces many frames into one system call and one task wake-up.
+The outbox is bounded in bytes and frames: a producer that would overflow
+it marks the peer a slow consumer instead of waiting for it, and the
+connection is closed (4008) -- the client resumes without loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import h11
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Request
+
+from protocol import CloseCode
+
+from ..limits import MAX_HTTP_REQUEST_BYTES, OUTBOUND_BUFFER_BYTES, OUTBOUND_BUFFER_FRAMES, SEND_TIMEOUT_S
+from ..logs import event
+
+log = logging.getLogger("imserver.gateway")
+
+HttpResponse = tuple[int, str, bytes]
+"""(status, content type, body)"""
+
+HttpHandler = Callable[[str], Awaitable[HttpResponse | None]]
+
+
+class HandshakeFailed(Exception):
+    pass
+
+
+def _is_upgrade(request: h11.Request) -> bool:
+    for name, value in request.headers:
+        if name == b"upgrade" and b"websocket" in value.lower():
+            return True
+    return False
+
+
+async def _respond_http(stream: trio.abc.Stream, status: int, content_type: str, body: bytes) -> None:
+    conn = h11.Connection(h11.SERVER)
+    # h11 needs to have seen a request before it will send a response.
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.next_event()
+    headers = [
+        ("content-type", content_type),
+        ("content-length", str(len(body))),
+        ("connection", "close"),
+    ]
+    if status == 426:
+        headers.append(("upgrade", "websocket"))
+    data = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+    data += conn.send(h11.Data(data=body)) or b""
+    data += conn.send(h11.EndOfMessage()) or b""
+    await stream.send_all(data)
+
+
+async def accept(
+    stream: trio.abc.Stream, http_handler: HttpHandler, *, can_accept: bool = True
+) -> tuple[WSConnection, bytes] | None:
+    """Complete a WebSocket upgrade; returns wsproto's connection and the bytes
+    of the 101 response, or None if the request was plain HTTP (answered)."""
+    buffer = bytearray()
+    while b"\r\n\r\n" not in buffer:
+        if len(buffer) > MAX_HTTP_REQUEST_BYTES:
+            await _respond_http(stream, 431, "text/plain", b"request head too large\n")
+            return None
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            raise HandshakeFailed("connection closed during the HTTP request")
+        buffer += chunk
+    parser = h11.Connection(h11.SERVER)
+    parser.receive_data(bytes(buffer))
+    try:
+        request = parser.next_event()
+    except h11.RemoteProtocolError as exc:
+        await _respond_http(stream, 400, "text/plain", b"bad HTTP request\n")
+        raise HandshakeFailed(f"bad HTTP: {exc}") from None
+    if not isinstance(request, h11.Request):
+        await _respond_http(stream, 400, "text/plain", b"bad HTTP request\n")
+        raise HandshakeFailed("no HTTP request")
+    target = request.target.decode("latin-1")
+    if not _is_upgrade(request):
+        answer = await http_handler(target)
+        if answer is None:
+            answer = (426, "text/plain", b"this endpoint speaks WebSocket (binary msgpack frames)\n")
+        await _respond_http(stream, *answer)
+        return None
+    if not can_accept:
+        await _respond_http(stream, 503, "text/plain", b"server full or draining\n")
+        return None
+    ws = WSConnection(ConnectionType.SERVER)
+    ws.receive_data(bytes(buffer))
+    for ev in ws.events():
+        if isinstance(ev, Request):
+            return ws, ws.send(AcceptConnection())
+        break
+    await _respond_http(stream, 400, "text/plain", b"bad WebSocket upgrade\n")
+    raise HandshakeFailed("bad WebSocket upgrade")
+
+
+class Outbox:
+    """Bounded, coalescing writer of one connection. See the module docstring."""
+
+    def __init__(self, stream: trio.abc.Stream, ws: WSConnection, *,
+                 max_bytes: int = OUTBOUND_BUFFER_BYTES,
+                 max_frames: int = OUTBOUND_BUFFER_FRAMES) -> None:
+        self._stream = stream
+        self._ws = ws
+        self._chunks: deque[bytes] = deque()
+        self._bytes = 0
+        self.max_bytes = max_bytes
+        self.max_frames = max_frames
+        self._wakeup = trio.Event()
+        self._drained = trio.Event()
+        self._drained.set()
+        self.closing: CloseCode | None = None
+        self.done = trio.Event()
+        """Set when the writer has finished (close frame written, or the socket died)."""
+        self.on_overflow: Callable[[], None] = lambda: None
+        self.failed = False
+        """The socket broke or a write timed out (nothing more can be sent)."""
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._bytes
+
+    def push(self, data: bytes) -> bool:
+        """Queue framed bytes; False if the connection is closing or overflowed."""
+        if self.closing is not None:
+            return False
+        if self._bytes + len(data) > self.max_bytes or len(self._chunks) >= self.max_frames:
+            self.on_overflow()
+            self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outbound buffer full")
+            return False
+        self._chunks.append(data)
+        self._bytes += len(data)
+        if self._drained.is_set():
+            self._drained = trio.Event()
+        self._wakeup.set()
+        return True
+
+    async def push_paced(self, data: bytes) -> bool:
+        """Queue bytes, first waiting for the buffer to drain below half (for
+        bulk replays that must not trip the slow-consumer cut-off)."""
+        while self.closing is None and self._bytes > self.max_bytes // 2:
+            await self._drained.wait()
+        return self.push(data)
+
+    def close(self, code: CloseCode, reason: str = "") -> None:
+        """Discard what is queued if the peer is not reading; send a close frame."""
+        if self.closing is not None:
+            return
+        self.closing = code
+        if code == CloseCode.SLOW_CONSUMER:
+            self._chunks.clear()
+            self._bytes = 0
+        try:
+            self._chunks.append(self._ws.send(CloseConnection(code=int(code), reason=reason[:100])))
+        except Exception:  # wsproto refuses if the peer already closed: nothing to say
+            pass
+        self._wakeup.set()
+
+    def answer_close(self, peer_close: CloseConnection) -> None:
+        """The peer sent a close frame (or wsproto saw a protocol error): echo it and finish."""
+        if self.closing is not None:
+            return
+        self.closing = CloseCode.NORMAL
+        try:
+            self._chunks.append(self._ws.send(peer_close.response()))
+        except Exception:  # wsproto already answered on its own
+            pass
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """The writer task. Returns after the close frame is written, or when the socket fails."""
+        try:
+            while True:
+                if not self._chunks:
+                    if self.closing is not None:
+                        return
+                    self._wakeup = trio.Event()
+                    await self._wakeup.wait()
+                    continue
+                data = b"".join(self._chunks)
+                self._chunks.clear()
+                self._bytes = 0
+                with trio.fail_after(SEND_TIMEOUT_S):
+                    await self._stream.send_all(data)
+                if not self._chunks:
+                    self._drained.set()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.failed = True
+        except trio.TooSlowError:
+            event(log, "send_timeout", level=logging.WARNING)
+            self.failed = True
+            self.closing = self.closing or CloseCode.SLOW_CONSUMER
+        finally:
+            self._drained.set()
+            self.done.set()

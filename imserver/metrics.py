@@ -1,0 +1,65 @@
+"""Prometheus metrics of one server process, served at ``GET /metrics``.
+
+One registry per process (not the library's global default, so tests can run
+several servers without collisions of collectors... they share METRICS, which is
+fine: figures are per process in production).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_COMMIT_BUCKETS: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge("imserver_connections", "Open WebSocket connections", registry=r)
+        self.sessions = Gauge("imserver_sessions", "Authenticated sessions", registry=r)
+        self.connections_total = Counter(
+            "imserver_accepted_connections", "Accepted TCP connections", registry=r
+        )
+        self.frames_in = Counter("imserver_frames_in_total", "Frames received", registry=r)
+        self.frames_out = Counter("imserver_frames_out_total", "Frames queued to clients", registry=r)
+        self.messages = Counter("imserver_messages_total", "Messages stored", registry=r)
+        self.errors = Counter(
+            "imserver_errors_total", "Error frames sent, by code", ["code"], registry=r
+        )
+        self.closes = Counter(
+            "imserver_closes_total", "Connections closed by the server, by close code", ["code"],
+            registry=r,
+        )
+        self.actors = Gauge("imserver_actors", "Live conversation actors", registry=r)
+        self.actor_crashes = Counter(
+            "imserver_actor_crashes_total", "Conversation actor crashes (restarted)", registry=r
+        )
+        self.shard_depth = Gauge(
+            "imserver_shard_queue_depth", "Commands waiting per shard", ["shard"], registry=r
+        )
+        self.store_pending = Gauge(
+            "imserver_store_pending_ops", "Write operations waiting for a commit", registry=r
+        )
+        self.commit_seconds = Histogram(
+            "imserver_commit_seconds", "Store transaction latency", buckets=_COMMIT_BUCKETS,
+            registry=r,
+        )
+        self.commit_ops = Counter("imserver_commit_ops_total", "Operations committed", registry=r)
+        self.commits = Counter("imserver_commits_total", "Store transactions", registry=r)
+        self.slow_consumers = Counter(
+            "imserver_slow_consumers_total", "Connections cut off for not reading", registry=r
+        )
+
+    def on_commit(self, seconds: float, ops: int, callers: int) -> None:
+        self.commit_seconds.observe(seconds)
+        self.commit_ops.inc(ops)
+        self.commits.inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+METRICS: Final = Metrics()

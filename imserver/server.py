@@ -1,0 +1,211 @@
+"""Wiring of one server process: store -> shards/actors -> hub -> gateway.
+
+Theory of operation
+-------------------
+``Server.serve`` opens everything in dependency order inside one nursery
+tree and tears it down in reverse:
+
+    root nursery
+      store (committer)          -- last to stop: flushes every pending write
+      shards (actors)            -- stop after the gateway has drained
+      retention sweep
+      connections nursery
+        listener                 -- first to stop on drain
+        one task per connection
+
+``stop()`` (SIGTERM, SIGINT) drains: stop accepting, refuse new requests
+with ``unavailable``, wait (bounded) for queued commands and in-flight
+requests to be answered, close every connection with 1001, then stop the
+actors and let the store commit what it holds. Nothing acknowledged is ever
+lost because acknowledgements are sent only after commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import ssl
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from protocol import CloseCode
+
+from .auth import TokenVerifier
+from .fanout import Hub
+from .gateway._session import GatewayContext, Session
+from .gateway._websocket import HandshakeFailed, HttpResponse, Outbox, accept
+from .limits import (
+    DRAIN_TIMEOUT_S,
+    HANDSHAKE_TIMEOUT_S,
+    MAX_CONNECTIONS,
+    RETENTION_DAYS,
+    RETENTION_SWEEP_S,
+    SHARD_COUNT,
+)
+from .logs import event, now_ms
+from .metrics import METRICS
+from .shards import LocalShards
+from .store import SqliteStore
+
+log = logging.getLogger("imserver.server")
+
+DB_FILE = "imserver.db"
+SECRET_FILE = "secret"
+
+
+def load_or_create_secret(data_dir: Path) -> bytes:
+    """The token secret kept beside the database (created 0600 on first use)."""
+    path = data_dir / SECRET_FILE
+    if path.exists():
+        return path.read_bytes().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_hex(32).encode()
+    path.touch(mode=0o600)
+    path.write_bytes(secret)
+    return secret
+
+
+@dataclass
+class ServerConfig:
+    data_dir: Path
+    secret: bytes
+    host: str = "127.0.0.1"
+    port: int = 8080
+    cert: Path | None = None
+    key: Path | None = None
+    retention_days: int = RETENTION_DAYS
+    synchronous: str = "FULL"
+    shards: int = SHARD_COUNT
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Server:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.port = 0
+        self.url = ""
+        self._stop = trio.Event()
+        self._ssl: ssl.SSLContext | None = None
+        if config.cert and config.key:
+            self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._ssl.load_cert_chain(config.cert, config.key)
+        self.ctx: GatewayContext | None = None
+        self.shards: LocalShards | None = None
+        self.store: SqliteStore | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        store = SqliteStore(config.data_dir / DB_FILE, synchronous=config.synchronous,
+                            on_commit=METRICS.on_commit)
+        self.store = store
+        async with trio.open_nursery() as root:
+            await root.start(store.run)
+            hub = Hub()
+            shards = LocalShards(store, hub, count=config.shards)
+            self.shards = shards
+            shards_scope = trio.CancelScope()
+            root.start_soon(self._run_in_scope, shards_scope, shards.run)
+            ctx = GatewayContext(store=store, shards=shards, hub=hub,
+                                 verifier=TokenVerifier(config.secret))
+            self.ctx = ctx
+            root.start_soon(self._retention_sweep, store)
+            async with trio.open_nursery() as connections:
+                listen_scope = trio.CancelScope()
+                listeners = await connections.start(self._listen, listen_scope, connections)
+                sockname = listeners[0].socket.getsockname()
+                self.port = sockname[1]
+                scheme = "wss" if self._ssl else "ws"
+                self.url = f"{scheme}://{config.host}:{self.port}/ws"
+                event(log, "listening", url=self.url)
+                task_status.started(self.url)
+                await self._stop.wait()
+                await self._drain(ctx, shards, listen_scope, connections)
+            shards_scope.cancel()
+            root.cancel_scope.cancel()  # retention sweep; the store flushes on its way out
+
+    async def _run_in_scope(self, scope: trio.CancelScope, fn: partial[object] | object) -> None:
+        with scope:
+            await fn()  # type: ignore[operator]
+
+    async def _listen(self, scope: trio.CancelScope, connections: trio.Nursery, *,
+                      task_status: trio.TaskStatus[list[trio.SocketListener]]) -> None:
+        with scope:
+            await trio.serve_tcp(self._handle, self.config.port, host=self.config.host,
+                                 handler_nursery=connections, task_status=task_status)
+
+    async def _drain(self, ctx: GatewayContext, shards: LocalShards, listen_scope: trio.CancelScope,
+                     connections: trio.Nursery) -> None:
+        event(log, "draining", sessions=len(ctx.sessions))
+        listen_scope.cancel()
+        ctx.draining = True
+        with trio.move_on_after(DRAIN_TIMEOUT_S):
+            await shards.drain()
+            while any(s.conn.inflight for s in ctx.sessions):
+                await trio.sleep(0.01)
+        for session in list(ctx.sessions):
+            session.close(CloseCode.GOING_AWAY, "server shutting down")
+        with trio.move_on_after(2):
+            while ctx.sessions:
+                await trio.sleep(0.01)
+        connections.cancel_scope.cancel()
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        METRICS.connections_total.inc()
+        ctx = self.ctx
+        assert ctx is not None
+        try:
+            if self._ssl is not None:
+                stream = trio.SSLStream(stream, self._ssl, server_side=True)
+            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                accepted = await accept(
+                    stream, self._http,
+                    can_accept=not ctx.draining and len(ctx.sessions) < MAX_CONNECTIONS,
+                )
+                if accepted is None:
+                    return
+                ws, response = accepted
+                await stream.send_all(response)
+            session = Session(ctx, stream, ws, Outbox(stream, ws))
+            ctx.sessions.add(session)
+            await session.run()
+        except (HandshakeFailed, trio.TooSlowError, trio.BrokenResourceError,
+                trio.ClosedResourceError, ssl.SSLError):
+            pass
+        except Exception as exc:  # one connection's bug never takes the server down
+            event(log, "connection_failed", level=logging.ERROR, error=repr(exc))
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _http(self, target: str) -> HttpResponse | None:
+        path = target.split("?", 1)[0]
+        if path == "/metrics":
+            if self.store is not None:
+                METRICS.store_pending.set(self.store.pending_ops)
+            if self.shards is not None:
+                for index in range(self.shards.count):
+                    METRICS.shard_depth.labels(shard=str(index)).set(self.shards.depth(index))
+            return 200, "text/plain; version=0.0.4", METRICS.render()
+        if path == "/healthz":
+            if self.ctx is not None and self.ctx.draining:
+                return 503, "text/plain", b"draining\n"
+            return 200, "text/plain", b"ok\n"
+        return None
+
+    async def _retention_sweep(self, store: SqliteStore) -> None:
+        while True:
+            cutoff = now_ms() - self.config.retention_days * 86_400_000
+            try:
+                removed = await store.prune(cutoff)
+                if removed:
+                    event(log, "retention", removed=removed)
+            except Exception as exc:
+                event(log, "retention_failed", level=logging.ERROR, error=repr(exc))
+            await trio.sleep(RETENTION_SWEEP_S)

@@ -1,0 +1,144 @@
+"""The sharded command queue between the gateway and the conversation actors.
+
+Theory of operation
+-------------------
+A conversation id maps to one of ``SHARD_COUNT`` shards by CRC-32 (stable
+across processes and restarts, so a cluster engine can lease shards to
+processes). Each shard is a bounded FIFO and one task that moves commands
+into the mailbox of the conversation's actor, spawning the actor on first
+use. FIFO per shard keeps each sender's commands to a conversation in the
+order they were submitted; the actor assigns seqs in that order.
+
+Backpressure, not rejection: a full shard queue makes the *submitting
+session* wait (``put``), so that session stops reading its socket while
+everyone else carries on; rejecting instead would let a client's retry
+overtake its later, accepted messages and break its send order. The shard
+task in turn waits for room in a full actor mailbox, which delays only the
+conversations of that shard, and only while one of them is flooded beyond
+``ACTOR_MAILBOX_DEPTH``. Every buffer on the way is bounded. Actors live in
+the shard's nursery; they passivate themselves when idle (see ``_actor``).
+
+The embedded engine below is in-process. A cluster engine keeps the same
+``submit`` and replaces the FIFO with a durable per-shard stream.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from protocol import Error, ErrorCode
+
+from ..limits import ACTOR_MAILBOX_DEPTH, SHARD_COUNT, SHARD_QUEUE_DEPTH
+from ..metrics import METRICS
+from ._actor import ConversationActor
+from ._commands import AnyCommand
+
+if TYPE_CHECKING:
+    from ..fanout import Hub
+    from ..store import Store
+
+OVERLOAD_RETRY_MS = 200
+"""Retry hint sent with ``unavailable`` when a queue is full."""
+
+
+def shard_of(conv: str, count: int = SHARD_COUNT) -> int:
+    return zlib.crc32(conv.encode("utf-8")) % count
+
+
+class ShardQueue(Protocol):
+    def submit(self, cmd: AnyCommand) -> bool:
+        """Queue a command for its conversation's actor if there is room now;
+        False when the shard is full (the caller then ``put``s it)."""
+
+    async def put(self, cmd: AnyCommand) -> None:
+        """Queue a command, waiting for room."""
+
+
+class LocalShards:
+    """The embedded engine: in-memory bounded FIFOs, actors in this process."""
+
+    def __init__(self, store: Store, hub: Hub, *, count: int = SHARD_COUNT,
+                 depth: int = SHARD_QUEUE_DEPTH, mailbox_depth: int = ACTOR_MAILBOX_DEPTH) -> None:
+        self.store = store
+        self.hub = hub
+        self.count = count
+        self.mailbox_depth = mailbox_depth
+        self._channels = [trio.open_memory_channel[AnyCommand](depth) for _ in range(count)]
+        self.actors: dict[str, ConversationActor] = {}
+        self._nursery: trio.Nursery | None = None
+
+    def submit(self, cmd: AnyCommand) -> bool:
+        send, _ = self._channels[shard_of(cmd.conv, self.count)]
+        try:
+            send.send_nowait(cmd)
+        except trio.WouldBlock:
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self._overloaded(cmd, "server stopping")
+        return True
+
+    async def put(self, cmd: AnyCommand) -> None:
+        send, _ = self._channels[shard_of(cmd.conv, self.count)]
+        try:
+            await send.send(cmd)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self._overloaded(cmd, "server stopping")
+
+    def depth(self, shard: int) -> int:
+        return self._channels[shard][0].statistics().current_buffer_used
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for index, (_, receive) in enumerate(self._channels):
+                nursery.start_soon(self._run_shard, index, receive)
+            task_status.started()
+
+    async def drain(self) -> None:
+        """Wait until every queue and mailbox is empty (SIGTERM drain)."""
+        while any(self.depth(i) for i in range(self.count)) or any(
+            a.send_channel.statistics().current_buffer_used or a._batch for a in self.actors.values()
+        ):
+            await trio.sleep(0.01)
+
+    async def _run_shard(self, index: int, receive: trio.MemoryReceiveChannel[AnyCommand]) -> None:
+        gauge = METRICS.shard_depth.labels(shard=str(index))
+        async for cmd in receive:
+            actor = self.actors.get(cmd.conv)
+            if actor is None:
+                actor = self._spawn(cmd.conv)
+            try:
+                actor.send_channel.send_nowait(cmd)
+            except trio.WouldBlock:
+                await actor.send_channel.send(cmd)
+            gauge.set(receive.statistics().current_buffer_used)
+
+    def _spawn(self, conv: str) -> ConversationActor:
+        assert self._nursery is not None
+        actor = ConversationActor(conv, store=self.store, hub=self.hub,
+                                  on_passivate=self._passivate, mailbox_depth=self.mailbox_depth)
+        self.actors[conv] = actor
+        METRICS.actors.set(len(self.actors))
+        self._nursery.start_soon(actor.run)
+        return actor
+
+    def _passivate(self, actor: ConversationActor, force: bool) -> bool:
+        """Called by an idle (or failed, ``force``) actor; synchronous, so no
+        command can slip in between the emptiness check and the removal."""
+        if not force and actor.send_channel.statistics().current_buffer_used:
+            return False
+        if self.actors.get(actor.conv_id) is actor:
+            del self.actors[actor.conv_id]
+        METRICS.actors.set(len(self.actors))
+        return True
+
+    def _overloaded(self, cmd: AnyCommand, why: str) -> None:
+        if cmd.reply is not None:
+            METRICS.errors.labels(code=ErrorCode.UNAVAILABLE.value).inc()
+            self.hub.reply(cmd.reply, Error(
+                code=ErrorCode.UNAVAILABLE, message=why, id=cmd.reply.request,
+                retry_after_ms=OVERLOAD_RETRY_MS,
+            ))
