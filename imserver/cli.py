@@ -7,6 +7,7 @@ same binary runs under systemd, containers and tests unchanged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -141,15 +142,13 @@ def _export(args: argparse.Namespace) -> int:
     if not db.exists():
         print(f"no database at {db}", file=sys.stderr)
         return 2
-    out = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout
-    try:
+    with contextlib.ExitStack() as stack:
+        out = (stack.enter_context(open(args.out, "w", newline="", encoding="utf-8"))
+               if args.out else sys.stdout)
         if args.conv:
             count = export_conversation(db, args.conv, out, args.format)
         else:
             count = export_shop(db, args.shop, out, args.format, since_ms=args.since_ms)
-    finally:
-        if args.out:
-            out.close()
     print(f"exported {count} messages", file=sys.stderr)
     return 0
 

@@ -8,25 +8,25 @@ from this module; change a number here and nowhere else.
 
 from typing import Final
 
-from protocol._limits import (
-    FRAMES_BURST,
-    FRAMES_PER_SECOND,
-    HEARTBEAT_INTERVAL_MS,
-    IDLE_TIMEOUT_MS,
-    MAX_BATCH_IDS,
-    MAX_CONVERSATION_PAGE,
-    MAX_FRAME_BYTES,
-    MAX_GROUP_MEMBERS,
-    MAX_HISTORY_PAGE,
-    MAX_ID_CHARS,
-    MAX_INFLIGHT_REQUESTS,
-    MAX_RESUME_POINTS,
-    MAX_TAGS,
-    MAX_TEXT_CHARS,
-    MAX_TOKEN_CHARS,
-    RECALL_WINDOW_MS,
-    WORKER_FRAMES_BURST,
-    WORKER_FRAMES_PER_SECOND,
+from protocol._limits import (  # re-exported: one table for every bound
+    FRAMES_BURST as FRAMES_BURST,
+    FRAMES_PER_SECOND as FRAMES_PER_SECOND,
+    HEARTBEAT_INTERVAL_MS as HEARTBEAT_INTERVAL_MS,
+    IDLE_TIMEOUT_MS as IDLE_TIMEOUT_MS,
+    MAX_BATCH_IDS as MAX_BATCH_IDS,
+    MAX_CONVERSATION_PAGE as MAX_CONVERSATION_PAGE,
+    MAX_FRAME_BYTES as MAX_FRAME_BYTES,
+    MAX_GROUP_MEMBERS as MAX_GROUP_MEMBERS,
+    MAX_HISTORY_PAGE as MAX_HISTORY_PAGE,
+    MAX_ID_CHARS as MAX_ID_CHARS,
+    MAX_INFLIGHT_REQUESTS as MAX_INFLIGHT_REQUESTS,
+    MAX_RESUME_POINTS as MAX_RESUME_POINTS,
+    MAX_TAGS as MAX_TAGS,
+    MAX_TEXT_CHARS as MAX_TEXT_CHARS,
+    MAX_TOKEN_CHARS as MAX_TOKEN_CHARS,
+    RECALL_WINDOW_MS as RECALL_WINDOW_MS,
+    WORKER_FRAMES_BURST as WORKER_FRAMES_BURST,
+    WORKER_FRAMES_PER_SECOND as WORKER_FRAMES_PER_SECOND,
 )
 
 # ---------------------------------------------------------------- gateway
@@ -65,8 +65,15 @@ MAX_DEVICES_PER_USER: Final = 20
 RESUME_BATCH: Final = 500
 """Messages read from the store per query while replaying a resume."""
 
-MAX_RESUME_MESSAGES: Final = 10_000
-"""Most messages replayed per conversation on resume; past it the client pages History."""
+CATCHUP_BUFFER: Final = 1000
+"""Live events buffered per conversation while its resume replay runs; past it the
+session re-reads the store instead (never drops)."""
+
+CLOSE_LINGER_S: Final = 2.0
+"""After sending our close frame, how long we read on for the peer's before dropping TCP."""
+
+OVERLOAD_RETRY_MS: Final = 200
+"""Retry hint sent with ``unavailable`` while the server stops."""
 
 TOKEN_REPLAY_CACHE: Final = 200_000
 """Single-use token ids remembered (until their expiry) to refuse replays."""
@@ -80,10 +87,11 @@ SHARD_COUNT: Final = 16
 """Shards of the conversation space (conversation id -> crc32 % SHARD_COUNT)."""
 
 SHARD_QUEUE_DEPTH: Final = 4096
-"""Commands waiting in one shard's queue; past it submitters get ``unavailable``."""
+"""Commands waiting in one shard's queue; past it the submitting connection waits
+(its socket is not read meanwhile: backpressure on that client only)."""
 
 ACTOR_MAILBOX_DEPTH: Final = 1024
-"""Commands waiting for one conversation actor; past it ``unavailable``."""
+"""Commands waiting for one conversation actor; past it the shard waits for room."""
 
 ACTOR_BATCH: Final = 256
 """Most commands an actor takes from its mailbox into one store commit."""
@@ -94,11 +102,12 @@ ACTOR_IDLE_S: Final = 120.0
 ACTOR_RESTARTS: Final = 5
 """Crashes in a row after which an actor gives up and fails its mailbox with ``internal``."""
 
-DEDUP_WINDOW: Final = 10_000
-"""Client message ids remembered per conversation: a retry of one of the last
+DEDUP_WINDOW: Final = 2_000
+"""Client message ids remembered per conversation (in memory while its actor is
+live, reloaded from the store on activation): a retry of one of the last
 DEDUP_WINDOW messages returns its original seq."""
 
-APPLIED_KEYS_WINDOW: Final = 10_000
+APPLIED_KEYS_WINDOW: Final = 2_000
 """Idempotency keys of conversation updates remembered per conversation."""
 
 # ------------------------------------------------------------------ store
@@ -121,10 +130,31 @@ RETENTION_SWEEP_S: Final = 3600.0
 RETENTION_DELETE_BATCH: Final = 5000
 """Rows deleted per retention transaction, so the sweep never blocks commits long."""
 
-__all__ = [name for name in dir() if name.isupper()]
-_WIRE = (
-    FRAMES_BURST, FRAMES_PER_SECOND, HEARTBEAT_INTERVAL_MS, IDLE_TIMEOUT_MS, MAX_BATCH_IDS,
-    MAX_CONVERSATION_PAGE, MAX_FRAME_BYTES, MAX_GROUP_MEMBERS, MAX_HISTORY_PAGE, MAX_ID_CHARS,
-    MAX_INFLIGHT_REQUESTS, MAX_RESUME_POINTS, MAX_TAGS, MAX_TEXT_CHARS, MAX_TOKEN_CHARS,
-    RECALL_WINDOW_MS, WORKER_FRAMES_BURST, WORKER_FRAMES_PER_SECOND,
-)
+
+
+def markdown_table() -> str:
+    """The README's limits table, made from the docstrings in this module and the
+    protocol's (``python -m imserver.limits``)."""
+    import ast
+    import importlib
+    import inspect
+
+    rows = []
+    for module_name in ("protocol._limits", "imserver.limits"):
+        module = importlib.import_module(module_name)
+        tree = ast.parse(inspect.getsource(module))
+        body = tree.body
+        for node, after in zip(body, [*body[1:], None], strict=True):
+            if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
+                continue
+            doc = ""
+            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                doc = " ".join(str(after.value.value).split())
+            value = getattr(module, node.target.id)
+            shown = f"{sorted(value)}" if isinstance(value, frozenset) else f"{value:,}" if isinstance(value, int) else str(value)
+            rows.append(f"| `{node.target.id}` | {shown} | {doc} |")
+    return "\n".join(["| limit | value | meaning |", "|---|---|---|", *rows])
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -119,7 +119,7 @@ def check_update(
         )
         if not (mine or claiming):
             return "agents may only claim open conversations or change their own"
-    if new_state is not None and new_state is not conv.state or new_state is ConvState.ASSIGNED:
+    if (new_state is not None and new_state is not conv.state) or new_state is ConvState.ASSIGNED:
         target = new_state if new_state is not None else conv.state
         roles = STATE_TRANSITIONS.get((conv.state, target))
         if roles is None or who.role not in roles:

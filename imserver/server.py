@@ -26,7 +26,7 @@ import logging
 import secrets
 import ssl
 from dataclasses import dataclass, field
-from functools import partial
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -38,9 +38,12 @@ from .fanout import Hub
 from .gateway._session import GatewayContext, Session
 from .gateway._websocket import HandshakeFailed, HttpResponse, Outbox, accept
 from .limits import (
+    CLOSE_LINGER_S,
     DRAIN_TIMEOUT_S,
     HANDSHAKE_TIMEOUT_S,
+    IDLE_TIMEOUT_MS,
     MAX_CONNECTIONS,
+    OUTBOUND_BUFFER_BYTES,
     RETENTION_DAYS,
     RETENTION_SWEEP_S,
     SHARD_COUNT,
@@ -79,6 +82,8 @@ class ServerConfig:
     retention_days: int = RETENTION_DAYS
     synchronous: str = "FULL"
     shards: int = SHARD_COUNT
+    idle_timeout_ms: int = IDLE_TIMEOUT_MS
+    outbound_buffer_bytes: int = OUTBOUND_BUFFER_BYTES
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -113,7 +118,9 @@ class Server:
             shards_scope = trio.CancelScope()
             root.start_soon(self._run_in_scope, shards_scope, shards.run)
             ctx = GatewayContext(store=store, shards=shards, hub=hub,
-                                 verifier=TokenVerifier(config.secret))
+                                 verifier=TokenVerifier(config.secret),
+                                 idle_timeout_ms=config.idle_timeout_ms,
+                                 outbound_buffer_bytes=config.outbound_buffer_bytes)
             self.ctx = ctx
             root.start_soon(self._retention_sweep, store)
             async with trio.open_nursery() as connections:
@@ -130,9 +137,10 @@ class Server:
             shards_scope.cancel()
             root.cancel_scope.cancel()  # retention sweep; the store flushes on its way out
 
-    async def _run_in_scope(self, scope: trio.CancelScope, fn: partial[object] | object) -> None:
+    async def _run_in_scope(self, scope: trio.CancelScope,
+                            fn: Callable[[], Awaitable[object]]) -> None:
         with scope:
-            await fn()  # type: ignore[operator]
+            await fn()
 
     async def _listen(self, scope: trio.CancelScope, connections: trio.Nursery, *,
                       task_status: trio.TaskStatus[list[trio.SocketListener]]) -> None:
@@ -147,14 +155,12 @@ class Server:
         ctx.draining = True
         with trio.move_on_after(DRAIN_TIMEOUT_S):
             await shards.drain()
-            while any(s.conn.inflight for s in ctx.sessions):
-                await trio.sleep(0.01)
+            for session in list(ctx.sessions):
+                await session.wait_quiet()
         for session in list(ctx.sessions):
             session.close(CloseCode.GOING_AWAY, "server shutting down")
-        with trio.move_on_after(2):
-            while ctx.sessions:
-                await trio.sleep(0.01)
-        connections.cancel_scope.cancel()
+        # Sessions finish their close handshakes on their own; stragglers are cut off.
+        connections.cancel_scope.deadline = trio.current_time() + CLOSE_LINGER_S + 1
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         METRICS.connections_total.inc()
@@ -172,7 +178,8 @@ class Server:
                     return
                 ws, response = accepted
                 await stream.send_all(response)
-            session = Session(ctx, stream, ws, Outbox(stream, ws))
+            session = Session(ctx, stream, ws,
+                              Outbox(stream, ws, max_bytes=ctx.outbound_buffer_bytes))
             ctx.sessions.add(session)
             await session.run()
         except (HandshakeFailed, trio.TooSlowError, trio.BrokenResourceError,

@@ -13,6 +13,7 @@ PROTOCOL_VERSION: Final = 1
 """The version this package speaks. Hello carries it; a mismatch is refused."""
 
 SUPPORTED_VERSIONS: Final = frozenset({1})
+"""Versions a server of this package accepts in Hello."""
 
 MAX_FRAME_BYTES: Final = 64 * 1024
 """Largest WebSocket message (one protocol frame) either side may send.
@@ -67,6 +68,7 @@ WORKER_FRAMES_PER_SECOND: Final = 5000
 """Sustained inbound rate for ``worker`` and ``admin`` connections (bots, routing, load tests)."""
 
 WORKER_FRAMES_BURST: Final = 20000
+"""Token bucket depth for ``worker`` and ``admin`` connections."""
 
 MAX_INFLIGHT_REQUESTS: Final = 256
 """Requests a connection may have awaiting their reply; more is ``rate_limited``."""

@@ -17,6 +17,7 @@ what was missed. ``ReconnectingClient`` does that by itself.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import uuid
 from collections.abc import AsyncIterator
@@ -84,9 +85,10 @@ class PendingReply:
         self.done = trio.Event()
         self.slot: list[ServerFrameType] = []
 
-    async def result(self, timeout: float = REQUEST_TIMEOUT_S) -> Any:
+    async def result(self) -> Any:
+        """The reply (``REQUEST_TIMEOUT_S`` at most; wrap in ``trio.fail_after`` for less)."""
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_after(REQUEST_TIMEOUT_S):
                 await self.done.wait()
         finally:
             self.client._waiting.pop(self.id, None)
@@ -130,11 +132,11 @@ class Client:
         """Send a notice (Typing, Delivered): no reply."""
         await self._send_raw(self._conn.send(frame))
 
-    async def request(self, frame: Any, *, timeout: float = REQUEST_TIMEOUT_S) -> Any:
+    async def request(self, frame: Any) -> Any:
         """Send a request (its ``id`` is assigned here) and return its reply.
         Raises ``ServerError`` for an Error reply."""
         pending = await self.start_request(frame)
-        return await pending.result(timeout)
+        return await pending.result()
 
     async def start_request(self, frame: Any) -> PendingReply:
         """Send a request now and return a handle to await its reply later:
@@ -169,11 +171,9 @@ class Client:
 
     async def aclose(self, code: int = 1000) -> None:
         if not self.closed.is_set():
-            try:
+            with contextlib.suppress(Exception):  # already gone: nothing to say
                 async with self._send_lock:
                     await self._stream.send_all(self._ws.send(CloseConnection(code=code)))
-            except Exception:
-                pass
         await self._stream.aclose()
 
     # -- receiving
@@ -198,7 +198,7 @@ class Client:
                 data = await self._stream.receive_some(65536)
                 if not data:
                     return
-                self._ws.receive_data(data)
+                self._ws.receive_data(data)  # type: ignore[arg-type]  # bytearray is fine
                 for ev in self._ws.events():
                     if isinstance(ev, BytesMessage):
                         pending += ev.data
@@ -212,11 +212,9 @@ class Client:
                             await self._stream.send_all(self._ws.send(ev.response()))
                     elif isinstance(ev, CloseConnection):
                         self.close_code, self.close_reason = ev.code, ev.reason or ""
-                        try:
+                        with contextlib.suppress(Exception):
                             async with self._send_lock:
                                 await self._stream.send_all(self._ws.send(ev.response()))
-                        except Exception:
-                            pass
                         return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
@@ -246,7 +244,7 @@ async def connect(
     device: str = "py-client",
     resume: dict[str, int] | None = None,
     ssl_context: ssl.SSLContext | None = None,
-    timeout: float = 10.0,
+    handshake_timeout_s: float = 10.0,
 ) -> AsyncIterator[Client]:
     """Connect, authenticate, and run the reader for the duration of the block.
     Raises ``ServerError`` if the Hello is refused."""
@@ -254,7 +252,7 @@ async def connect(
     try:
         ws = WSConnection(ConnectionType.CLIENT)
         conn = ClientConnection()
-        with trio.fail_after(timeout):
+        with trio.fail_after(handshake_timeout_s):
             await stream.send_all(ws.send(Request(host=netloc, target=path)))
             await _await_upgrade(stream, ws)
             await stream.send_all(ws.send(Message(data=conn.hello(Hello(
@@ -286,7 +284,7 @@ async def _await_upgrade(stream: trio.abc.Stream, ws: WSConnection) -> None:
         data = await stream.receive_some(65536)
         if not data:
             raise ConnectionClosed(None, "closed during the upgrade")
-        ws.receive_data(data)
+        ws.receive_data(data)  # type: ignore[arg-type]  # bytearray is fine
         for ev in ws.events():
             if isinstance(ev, RejectConnection):
                 raise ConnectionClosed(ev.status_code, "upgrade rejected")
@@ -303,7 +301,7 @@ async def _await_welcome(stream: trio.abc.Stream, ws: WSConnection,
         data = await stream.receive_some(65536)
         if not data:
             raise ConnectionClosed(None, "closed during handshake")
-        ws.receive_data(data)
+        ws.receive_data(data)  # type: ignore[arg-type]  # bytearray is fine
         for ev in ws.events():
             if isinstance(ev, RejectConnection):
                 raise ConnectionClosed(ev.status_code, "upgrade rejected")

@@ -56,7 +56,6 @@ from protocol import (
     NoticeReceived,
     Ok,
     OpenConversation,
-    Ping as PingRequest,
     Pong,
     PresenceList,
     Read,
@@ -81,10 +80,15 @@ from protocol import (
     encode,
 )
 from protocol import AgentStatus as AgentStatusEnum
+from protocol import (
+    Ping as PingRequest,
+)
 
 from .. import policy
 from ..auth import TokenError, TokenVerifier
 from ..limits import (
+    CATCHUP_BUFFER,
+    CLOSE_LINGER_S,
     FRAMES_BURST,
     FRAMES_PER_SECOND,
     HANDSHAKE_TIMEOUT_S,
@@ -96,6 +100,7 @@ from ..limits import (
     MAX_INFLIGHT_REQUESTS,
     MAX_TEXT_CHARS,
     MAX_WATCHED_USERS,
+    OUTBOUND_BUFFER_BYTES,
     RECALL_WINDOW_MS,
     RECEIVE_CHUNK_BYTES,
     RESUME_BATCH,
@@ -130,11 +135,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("imserver.session")
 
-CATCHUP_BUFFER = 1000
-"""Live events buffered per conversation while its resume replay runs."""
 
-CLOSE_LINGER_S = 2.0
-"""After our close frame, how long we wait for the peer's before dropping TCP."""
 
 
 @dataclass
@@ -145,6 +146,8 @@ class GatewayContext:
     shards: ShardQueue
     hub: Hub
     verifier: TokenVerifier
+    idle_timeout_ms: int = IDLE_TIMEOUT_MS
+    outbound_buffer_bytes: int = OUTBOUND_BUFFER_BYTES
     draining: bool = False
     sessions: set[Session] = field(default_factory=set)
 
@@ -164,6 +167,9 @@ class Session:
         self._catchup: dict[str, list[tuple[int, bytes]] | None] = {}
         self._reading = True
         self._blocked: list[AnyCommand] = []
+        self.authenticated = trio.Event()
+        self.quiet = trio.Event()
+        """Set when no request awaits its reply (drain waits for it)."""
         outbox.on_overflow = METRICS.slow_consumers.inc
         self._request_handlers: dict[type, Callable[[Any], None]] = {
             PingRequest: self._ping,
@@ -196,6 +202,14 @@ class Session:
         if isinstance(frame, Error):
             METRICS.errors.labels(code=str(frame.code)).inc()
         self.outbox.push(binary_frame(self.conn.send(frame)))
+        if not self.conn.inflight:
+            self.quiet.set()
+
+    async def wait_quiet(self) -> None:
+        """Until every request received so far has its reply queued."""
+        while self.conn.inflight:
+            self.quiet = trio.Event()
+            await self.quiet.wait()
 
     def push_event(self, conv: str, seq: int, data: bytes) -> None:
         if seq and conv in self._catchup:
@@ -256,15 +270,14 @@ class Session:
                     return
                 if not data:
                     return
-                self.ws.receive_data(data)
+                self.ws.receive_data(data)  # type: ignore[arg-type]  # bytearray is fine
                 if any(isinstance(ev, CloseConnection) for ev in self.ws.events()):
                     return
 
     async def _watchdog(self) -> None:
-        idle = IDLE_TIMEOUT_MS / 1000
+        idle = self.ctx.idle_timeout_ms / 1000
         with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
-            while self.identity is None:
-                await trio.sleep(0.05 * HANDSHAKE_TIMEOUT_S)
+            await self.authenticated.wait()
         if self.identity is None:
             self.close(CloseCode.BAD_HANDSHAKE, "no hello in time")
             return
@@ -286,7 +299,7 @@ class Session:
             if not data:
                 return True
             self.last_inbound = trio.current_time()
-            self.ws.receive_data(data)
+            self.ws.receive_data(data)  # type: ignore[arg-type]  # bytearray is fine
             for ws_event in self.ws.events():
                 if isinstance(ws_event, Message):
                     if isinstance(ws_event, TextMessage):
@@ -304,7 +317,7 @@ class Session:
                         self._handle(self.conn.receive(frame_bytes, trio.current_time()))
                         while self._blocked:  # backpressure: stop reading until queued
                             await self.ctx.shards.put(self._blocked.pop(0))
-                        if not self._reading:
+                        if self.outbox.closing is not None:  # we refused and closed
                             return False
                 elif isinstance(ws_event, Ping):
                     self.outbox.push(self.ws.send(ws_event.response()))
@@ -336,6 +349,8 @@ class Session:
         elif isinstance(ev, Refused):
             METRICS.errors.labels(code=str(ev.error.code)).inc()
             self.outbox.push(binary_frame(ev.data))
+            if not self.conn.inflight:
+                self.quiet.set()
             if ev.close is not None:
                 self.close(ev.close, ev.error.message)
 
@@ -351,12 +366,13 @@ class Session:
         who = policy.Identity(user=claims.sub, role=claims.role, shop=claims.shop,
                               session=self.id, device=hello.device)
         self.identity = who
+        self.authenticated.set()
         if who.role in (Role.WORKER, Role.ADMIN):
             self.conn.set_rate(WORKER_FRAMES_PER_SECOND, WORKER_FRAMES_BURST, trio.current_time())
         welcome = Welcome(
             v=PROTOCOL_VERSION, session=self.id, user=who.user, role=who.role, shop=who.shop,
             server_time=now_ms(), heartbeat_ms=HEARTBEAT_INTERVAL_MS,
-            idle_timeout_ms=IDLE_TIMEOUT_MS,
+            idle_timeout_ms=self.ctx.idle_timeout_ms,
             limits=Limits(
                 max_frame_bytes=MAX_FRAME_BYTES, max_text_chars=MAX_TEXT_CHARS,
                 frames_per_second=self.conn.bucket.rate if who.role in (Role.WORKER, Role.ADMIN) else FRAMES_PER_SECOND,  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ connection is closed (4008) -- the client resumes without loss.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -29,7 +30,12 @@ from wsproto.events import AcceptConnection, CloseConnection, Request
 
 from protocol import CloseCode
 
-from ..limits import MAX_HTTP_REQUEST_BYTES, OUTBOUND_BUFFER_BYTES, OUTBOUND_BUFFER_FRAMES, SEND_TIMEOUT_S
+from ..limits import (
+    MAX_HTTP_REQUEST_BYTES,
+    OUTBOUND_BUFFER_BYTES,
+    OUTBOUND_BUFFER_FRAMES,
+    SEND_TIMEOUT_S,
+)
 from ..logs import event
 
 log = logging.getLogger("imserver.gateway")
@@ -169,10 +175,9 @@ class Outbox:
         if code == CloseCode.SLOW_CONSUMER:
             self._chunks.clear()
             self._bytes = 0
-        try:
+        # wsproto refuses if the peer already closed: then there is nothing to say.
+        with contextlib.suppress(Exception):
             self._chunks.append(self._ws.send(CloseConnection(code=int(code), reason=reason[:100])))
-        except Exception:  # wsproto refuses if the peer already closed: nothing to say
-            pass
         self._wakeup.set()
 
     def answer_close(self, peer_close: CloseConnection) -> None:
@@ -180,10 +185,8 @@ class Outbox:
         if self.closing is not None:
             return
         self.closing = CloseCode.NORMAL
-        try:
+        with contextlib.suppress(Exception):  # wsproto already answered on its own
             self._chunks.append(self._ws.send(peer_close.response()))
-        except Exception:  # wsproto already answered on its own
-            pass
         self._wakeup.set()
 
     async def run(self) -> None:

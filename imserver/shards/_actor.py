@@ -52,9 +52,9 @@ from protocol import (
     Message,
     MessageEvent,
     Ok,
+    RecallBody,
     ReceiptEvent,
     ReceiptKind,
-    RecallBody,
     Role,
     Sent,
     ServerFrameType,
@@ -105,7 +105,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("imserver.actor")
 
-Effect = Callable[[], None]
+Effect = Callable[[], object]
 
 
 class Refusal(Exception):
@@ -128,12 +128,14 @@ class ConversationActor:
         store: Store,
         hub: Hub,
         on_passivate: Callable[[ConversationActor, bool], bool],
+        on_processed: Callable[[int], None] = lambda count: None,
         mailbox_depth: int,
     ) -> None:
         self.conv_id = conv_id
         self.store = store
         self.hub = hub
         self._on_passivate = on_passivate
+        self._on_processed = on_processed
         self.send_channel, self._receive_channel = trio.open_memory_channel[AnyCommand](mailbox_depth)
         self.conversation: Conversation | None = None
         self.members: dict[str, MemberRole] = {}
@@ -171,6 +173,7 @@ class ConversationActor:
                       error=repr(exc))
                 for cmd in self._batch:
                     self._reply_error(cmd, ErrorCode.INTERNAL, "internal error; retry")
+                self._on_processed(len(self._batch))
                 self._batch = []
                 if crashes > ACTOR_RESTARTS:
                     self._give_up()
@@ -184,6 +187,7 @@ class ConversationActor:
             except (trio.WouldBlock, trio.EndOfChannel):
                 return
             self._reply_error(cmd, ErrorCode.INTERNAL, "conversation unavailable; retry")
+            self._on_processed(1)
 
     async def _load(self) -> None:
         snap = await self.store.load_actor(
@@ -213,6 +217,7 @@ class ConversationActor:
             self._batch = batch
             await self._process(batch)
             self._batch = []
+            self._on_processed(len(batch))
 
     async def _process(self, batch: Sequence[AnyCommand]) -> None:
         ops: list[WriteOp] = []
@@ -566,5 +571,5 @@ def _change_name(old: Conversation, new: Conversation) -> str:
     return "updated"
 
 
-def _bind(fn: Callable[..., None], *args: object) -> Effect:
+def _bind(fn: Callable[..., object], *args: object) -> Effect:
     return lambda: fn(*args)

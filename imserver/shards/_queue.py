@@ -31,7 +31,7 @@ import trio
 
 from protocol import Error, ErrorCode
 
-from ..limits import ACTOR_MAILBOX_DEPTH, SHARD_COUNT, SHARD_QUEUE_DEPTH
+from ..limits import ACTOR_MAILBOX_DEPTH, OVERLOAD_RETRY_MS, SHARD_COUNT, SHARD_QUEUE_DEPTH
 from ..metrics import METRICS
 from ._actor import ConversationActor
 from ._commands import AnyCommand
@@ -40,8 +40,6 @@ if TYPE_CHECKING:
     from ..fanout import Hub
     from ..store import Store
 
-OVERLOAD_RETRY_MS = 200
-"""Retry hint sent with ``unavailable`` when a queue is full."""
 
 
 def shard_of(conv: str, count: int = SHARD_COUNT) -> int:
@@ -69,6 +67,9 @@ class LocalShards:
         self._channels = [trio.open_memory_channel[AnyCommand](depth) for _ in range(count)]
         self.actors: dict[str, ConversationActor] = {}
         self._nursery: trio.Nursery | None = None
+        self._pending = 0  # accepted commands not yet processed by their actor
+        self._idle = trio.Event()
+        self._idle.set()
 
     def submit(self, cmd: AnyCommand) -> bool:
         send, _ = self._channels[shard_of(cmd.conv, self.count)]
@@ -78,6 +79,8 @@ class LocalShards:
             return False
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             self._overloaded(cmd, "server stopping")
+            return True
+        self._accepted()
         return True
 
     async def put(self, cmd: AnyCommand) -> None:
@@ -86,6 +89,20 @@ class LocalShards:
             await send.send(cmd)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             self._overloaded(cmd, "server stopping")
+            return
+        self._accepted()
+
+    def _accepted(self) -> None:
+        self._pending += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    def _processed(self, count: int) -> None:
+        """An actor finished ``count`` commands (answered, refused or failed)."""
+        self._pending -= count
+        if self._pending <= 0:
+            self._pending = 0
+            self._idle.set()
 
     def depth(self, shard: int) -> int:
         return self._channels[shard][0].statistics().current_buffer_used
@@ -98,11 +115,8 @@ class LocalShards:
             task_status.started()
 
     async def drain(self) -> None:
-        """Wait until every queue and mailbox is empty (SIGTERM drain)."""
-        while any(self.depth(i) for i in range(self.count)) or any(
-            a.send_channel.statistics().current_buffer_used or a._batch for a in self.actors.values()
-        ):
-            await trio.sleep(0.01)
+        """Wait until every accepted command has been processed (SIGTERM drain)."""
+        await self._idle.wait()
 
     async def _run_shard(self, index: int, receive: trio.MemoryReceiveChannel[AnyCommand]) -> None:
         gauge = METRICS.shard_depth.labels(shard=str(index))
@@ -119,7 +133,8 @@ class LocalShards:
     def _spawn(self, conv: str) -> ConversationActor:
         assert self._nursery is not None
         actor = ConversationActor(conv, store=self.store, hub=self.hub,
-                                  on_passivate=self._passivate, mailbox_depth=self.mailbox_depth)
+                                  on_passivate=self._passivate, on_processed=self._processed,
+                                  mailbox_depth=self.mailbox_depth)
         self.actors[conv] = actor
         METRICS.actors.set(len(self.actors))
         self._nursery.start_soon(actor.run)

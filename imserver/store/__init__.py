@@ -1,0 +1,47 @@
+"""Durable storage of conversations, messages, members, read points and agents.
+
+``Store`` (in ``_base``) is the interface the server is written against;
+``SqliteStore`` is the embedded engine; ``export_conversation`` and
+``export_shop`` dump messages to JSONL or CSV for the CLI.
+"""
+
+from ._base import (
+    ActorSnapshot,
+    AgentRecord,
+    MarkRecalled,
+    PutAgent,
+    PutAppliedKey,
+    PutConversation,
+    PutMessage,
+    Scope,
+    ScopeKind,
+    SetMembers,
+    SetReadPoint,
+    Store,
+    WriteOp,
+)
+from ._export import ExportFormat, export_conversation, export_shop
+from ._schema import SCHEMA_VERSION, SchemaError
+from ._sqlite import SqliteStore
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ActorSnapshot",
+    "AgentRecord",
+    "ExportFormat",
+    "MarkRecalled",
+    "PutAgent",
+    "PutAppliedKey",
+    "PutConversation",
+    "PutMessage",
+    "SchemaError",
+    "Scope",
+    "ScopeKind",
+    "SetMembers",
+    "SetReadPoint",
+    "SqliteStore",
+    "Store",
+    "WriteOp",
+    "export_conversation",
+    "export_shop",
+]

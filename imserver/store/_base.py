@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import msgspec
+import trio
 
 from protocol import AgentStatus, Conversation, ConvState, MemberRole, Message, Role
 
@@ -136,10 +137,18 @@ class Store(Protocol):
     in the sense that a cancelled ``write`` may or may not have committed."""
 
     async def open(self) -> None:
-        """Create or migrate the schema; start the committer."""
+        """Create or migrate the schema and open the connections (idempotent).
+        Reads work after it; writes need ``run()``, which calls it."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open, report started, then run the committer until ``aclose()`` or
+        cancellation; on exit commit everything pending and close. Start it
+        with ``await nursery.start(store.run)`` (a trio task needs a nursery,
+        which ``open()`` does not have)."""
 
     async def aclose(self) -> None:
-        """Commit everything pending, then close all connections."""
+        """Refuse new writes, commit everything pending, then close all
+        connections (waits for ``run()`` to finish when it is running)."""
 
     async def write(self, ops: Sequence[WriteOp]) -> None:
         """Apply ``ops`` atomically; return once durable."""

@@ -10,7 +10,14 @@ import msgspec
 import pytest
 import trio
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Message, Request, TextMessage
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Message,
+    Request,
+    TextMessage,
+)
 
 from imserver.client import ServerError
 from protocol import (
@@ -19,8 +26,8 @@ from protocol import (
     Error,
     ErrorCode,
     GetConversation,
-    History,
     Hello,
+    History,
     OpenConversation,
     Ping,
     Pong,

@@ -1,0 +1,889 @@
+"""The embedded SQLite engine of the store: one database file, WAL, group commit.
+
+Theory of operation
+-------------------
+Lifecycle. The committer is a trio task, so it needs a nursery; the store
+does not hide one. The server starts it with::
+
+    store = SqliteStore(path)
+    await nursery.start(store.run)      # opens + migrates, then returns
+    ...
+    await store.aclose()                # or cancel the nursery
+
+``run()`` opens the database (``open()``: WAL, pragmas, migrations, one
+writer and ``STORE_READERS`` read-only connections), reports itself started,
+then commits writes until ``aclose()`` is called or it is cancelled. On the way
+out, cancelled or not, it commits every write still pending (shielded), fails
+anything it could not commit with ``trio.ClosedResourceError`` and closes
+every connection. ``open()`` on its own is enough for reads (tools, tests);
+``write()`` and ``prune()`` raise ``RuntimeError`` until ``run()`` is running
+and ``trio.ClosedResourceError`` once the store is closing or closed. A store
+is used once: after ``aclose()`` it cannot be reopened (make a new one).
+
+Writes (group commit). ``write(ops)`` wraps the ops in a job, enqueues it
+without yielding, and waits for the job's event. A single committer task
+takes every queued job (up to ``max_batch_ops`` operations, never splitting a
+job; a larger job goes alone), runs them as ONE transaction on the writer
+connection in a worker thread, then wakes their callers. While that thread
+runs, new jobs pile up for the next transaction, so under load the fsync cost
+is shared by everybody who arrived during the previous commit. Jobs are
+committed in arrival order, so the calls of one task apply in call order.
+
+Backpressure. Operations admitted but not yet committed (queued or in the
+running transaction) are ``pending_ops``. A job that would push it past
+``max_pending_ops`` waits in a FIFO admission line (a job bigger than the
+bound is admitted alone when nothing is pending, so it cannot deadlock).
+Memory is therefore bounded by the bound plus the waiting callers' own
+op lists, which they already hold.
+
+Failure isolation. If the shared transaction raises (one caller's
+IntegrityError, say), it is rolled back and each job is retried in its own
+transaction, in order: only the faulty caller gets the exception (the raw
+``sqlite3`` one). ``on_commit(seconds, ops, callers)`` is called in the trio
+thread once per *committed* transaction (retries included); rolled-back
+attempts are not reported.
+
+Cancellation. A caller cancelled while waiting for admission is removed from
+the line and nothing of it is written. Once admitted, its job is committed
+regardless (the ``Store`` contract: a cancelled write may or may not have
+committed); the committer never depends on a caller still waiting. Worker
+threads are never abandoned, so a transaction is never left half way; if the
+committer is cancelled before its thread starts, the batch goes back to the
+head of the queue for the final flush.
+
+Reads. ``STORE_READERS`` read-only (``mode=ro``) connections form a pool:
+a semaphore hands each one to one thread at a time. With WAL, readers see the
+last committed snapshot and never wait for the writer. Multi-query reads
+(``load_actor``) run in one read transaction so they see one snapshot.
+Store threads use their own ``CapacityLimiter`` so the rest of the process
+cannot starve the committer of threads.
+
+Durability. ``synchronous=FULL`` (default) fsyncs the WAL on every commit:
+an acknowledged write survives power loss. ``NORMAL`` survives a process
+crash but may lose the last commits on power loss; it is cheaper.
+
+Retention. ``prune()`` deletes ``RETENTION_DELETE_BATCH`` rows per
+transaction, each one a job of its own through the committer, so other
+writers interleave between batches and the write lock is never held long.
+It also forgets idempotency keys older than the cutoff (not counted).
+
+Semantics the interface leaves open, decided here:
+``PutConversation`` upserts, but ``last_seq`` and ``updated_at`` never go
+down (the same MAX rule as ``PutMessage``); ``SetMembers`` applies ``add``
+then ``remove``; ``PutAgent`` is ignored if older (``ts``) than the stored
+row; a repeated ``PutAppliedKey`` is a no-op; ``MarkRecalled`` of a missing
+message is a no-op. ``list_conversations`` pages strictly below
+``updated_before``: rows sharing the boundary timestamp with the last row of a
+page are skipped (the interface has no tie-breaker cursor). In the AGENT
+scope "assigned to user" means ``agent == user`` in any state, so an agent
+also sees the conversations they closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar
+
+import trio
+
+from protocol import (
+    AgentStatus,
+    Channel,
+    Conversation,
+    ConvKind,
+    ConvState,
+    MemberRole,
+    Message,
+    Role,
+    TextBody,
+)
+
+from ..limits import (
+    RETENTION_DELETE_BATCH,
+    STORE_MAX_BATCH_OPS,
+    STORE_MAX_PENDING_OPS,
+    STORE_READERS,
+)
+from ._base import (
+    ActorSnapshot,
+    AgentRecord,
+    MarkRecalled,
+    PutAgent,
+    PutAppliedKey,
+    PutConversation,
+    PutMessage,
+    Scope,
+    ScopeKind,
+    SetMembers,
+    SetReadPoint,
+    WriteOp,
+)
+from ._schema import BODY_KIND, body_decoder, body_encoder, migrate, tags_decoder, tags_encoder
+
+__all__ = ["SqliteStore"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_S: Final = 5.0
+"""How long a statement waits for a lock held by another connection. This
+process is the only writer, so only outside readers (export, the sqlite3 CLI)
+and WAL checkpoints ever contend; they hold locks for milliseconds."""
+
+_SYNCHRONOUS_MODES: Final = frozenset({"FULL", "EXTRA", "NORMAL"})
+"""OFF is refused: write() promises durability."""
+
+_NO_BOUND: Final = 2**62
+"""Stands for "no upper bound" in seq / updated_at comparisons (Seq <= 2**53)."""
+
+_OP_TYPES: Final = (
+    PutConversation,
+    PutMessage,
+    SetMembers,
+    SetReadPoint,
+    MarkRecalled,
+    PutAgent,
+    PutAppliedKey,
+)
+
+OnCommit = Callable[[float, int, int], None]
+
+
+# --------------------------------------------------------------------- jobs
+
+
+@dataclass(frozen=True, slots=True)
+class _PruneStep:
+    """Delete at most ``limit`` rows of ``table`` with ts < ``cutoff``."""
+
+    table: Literal["messages", "applied_keys"]
+    cutoff: int
+    limit: int
+
+
+_Work = list[WriteOp] | _PruneStep
+
+
+class _Job:
+    __slots__ = ("admitted", "done", "error", "result", "solo", "weight", "work")
+
+    def __init__(self, work: _Work, weight: int, *, solo: bool = False) -> None:
+        self.work = work
+        self.weight = weight
+        """Operations it counts for in batching and backpressure."""
+        self.solo = solo
+        """Never share a transaction (prune steps)."""
+        self.admitted = False
+        self.done = trio.Event()
+        self.result = 0
+        self.error: BaseException | None = None
+
+
+_Stat = tuple[float, int, int]
+"""(seconds, ops, callers) of one committed transaction."""
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+# ---------------------------------------------------------------------- SQL
+
+_CONV_COLUMNS: Final = (
+    "c.id, c.kind, c.shop, c.customer, c.channel, c.state, c.agent, c.priority, c.tags,"
+    " c.title, c.last_seq, c.created_at, c.updated_at"
+)
+
+_SQL_PUT_CONVERSATION: Final = """
+INSERT INTO conversations (id, kind, shop, customer, channel, state, agent, priority, tags,
+                           title, last_seq, created_at, updated_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET
+    kind = excluded.kind, shop = excluded.shop, customer = excluded.customer,
+    channel = excluded.channel, state = excluded.state, agent = excluded.agent,
+    priority = excluded.priority, tags = excluded.tags, title = excluded.title,
+    created_at = excluded.created_at,
+    last_seq = MAX(last_seq, excluded.last_seq),
+    updated_at = MAX(updated_at, excluded.updated_at)
+"""
+_SQL_PUT_MESSAGE: Final = """
+INSERT INTO messages (conv, seq, sender, sender_role, cmid, ts, kind, body, recalled)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_SQL_BUMP_CONVERSATION: Final = """
+UPDATE conversations SET last_seq = MAX(last_seq, ?), updated_at = MAX(updated_at, ?)
+WHERE id = ?
+"""
+_SQL_PUT_MEMBER: Final = """
+INSERT INTO members (conv, user, role) VALUES (?, ?, ?)
+ON CONFLICT (conv, user) DO UPDATE SET role = excluded.role
+"""
+_SQL_DELETE_MEMBER: Final = "DELETE FROM members WHERE conv = ? AND user = ?"
+_SQL_READ_POINT: Final = """
+INSERT INTO read_points (conv, user, seq) VALUES (?, ?, ?)
+ON CONFLICT (conv, user) DO UPDATE SET seq = MAX(seq, excluded.seq)
+"""
+_SQL_RECALL: Final = "UPDATE messages SET recalled = 1, body = X'' WHERE conv = ? AND seq = ?"
+_SQL_PUT_AGENT: Final = """
+INSERT INTO agents (shop, agent, status, ts) VALUES (?, ?, ?, ?)
+ON CONFLICT (shop, agent) DO UPDATE SET status = excluded.status, ts = excluded.ts
+WHERE excluded.ts >= agents.ts
+"""
+_SQL_PUT_KEY: Final = """
+INSERT INTO applied_keys (conv, key, ts) VALUES (?, ?, ?)
+ON CONFLICT (conv, key) DO NOTHING
+"""
+_SQL_PRUNE: Final = {
+    "messages": """
+        DELETE FROM messages WHERE (conv, seq) IN
+            (SELECT conv, seq FROM messages WHERE ts < ? ORDER BY ts LIMIT ?)""",
+    "applied_keys": """
+        DELETE FROM applied_keys WHERE id IN
+            (SELECT id FROM applied_keys WHERE ts < ? ORDER BY ts LIMIT ?)""",
+}
+
+_MESSAGE_COLUMNS: Final = "seq, sender, sender_role, cmid, ts, kind, body, recalled"
+SQL_HISTORY_BEFORE: Final = f"""
+SELECT {_MESSAGE_COLUMNS} FROM messages
+WHERE conv = ? AND seq < ? ORDER BY seq DESC LIMIT ?
+"""
+SQL_HISTORY_AFTER: Final = f"""
+SELECT {_MESSAGE_COLUMNS} FROM messages
+WHERE conv = ? AND seq > ? AND seq < ? ORDER BY seq ASC LIMIT ?
+"""
+SQL_GET_CONVERSATION: Final = f"SELECT {_CONV_COLUMNS} FROM conversations AS c WHERE c.id = ?"
+SQL_GET_MEMBERS: Final = "SELECT user, role FROM members WHERE conv = ? ORDER BY user"
+SQL_RECENT_CMIDS: Final = """
+SELECT sender, cmid, seq, ts FROM messages WHERE conv = ? ORDER BY seq DESC LIMIT ?
+"""
+SQL_RECENT_KEYS: Final = "SELECT key FROM applied_keys WHERE conv = ? ORDER BY id DESC LIMIT ?"
+# The literal kind/state terms must match conv_open_direct's WHERE for the
+# partial index to apply; INDEXED BY because the ORDER BY (a tie-break that
+# should never be needed) would otherwise lure the planner to conv_by_customer.
+SQL_FIND_OPEN_DIRECT: Final = f"""
+SELECT {_CONV_COLUMNS} FROM conversations AS c INDEXED BY conv_open_direct
+WHERE c.shop = ? AND c.customer = ? AND c.kind = 'direct' AND c.state <> 'closed'
+ORDER BY c.updated_at DESC, c.id DESC LIMIT 1
+"""
+SQL_READ_POINT: Final = "SELECT seq FROM read_points WHERE conv = ? AND user = ?"
+SQL_LIST_AGENTS: Final = "SELECT shop, agent, status, ts FROM agents WHERE shop = ? ORDER BY agent"
+
+
+def list_conversations_sql(kind: ScopeKind, with_state: bool) -> str:
+    """The page query of ``list_conversations`` (named parameters :user,
+    :shop, :state, :before, :n).
+
+    A scope is a union of "branches", each served in page order by one index
+    and cut at :n rows, so a page reads O(branches * limit) index entries
+    whatever the table size; membership branches read the user's memberships
+    (bounded by the groups they belong to)."""
+    state = " AND c.state = :state" if with_state else ""
+
+    def direct(condition: str) -> str:
+        where = f"{condition} AND " if condition else ""
+        return (
+            "SELECT c.id, c.updated_at FROM conversations AS c"
+            f" WHERE {where}c.updated_at < :before{state}"
+            " ORDER BY c.updated_at DESC, c.id DESC LIMIT :n"
+        )
+
+    def membership(condition: str) -> str:
+        # CROSS JOIN pins members as the outer loop: without statistics the
+        # planner may prefer walking every conversation of a state or shop.
+        return (
+            "SELECT c.id, c.updated_at FROM members AS m"
+            " CROSS JOIN conversations AS c ON c.id = m.conv"
+            f" WHERE m.user = :user{condition} AND c.updated_at < :before{state}"
+            " ORDER BY c.updated_at DESC, c.id DESC LIMIT :n"
+        )
+
+    if kind is ScopeKind.CUSTOMER:
+        branches = [direct("c.customer = :user"), membership("")]
+    elif kind is ScopeKind.AGENT:
+        branches = [
+            direct("c.shop = :shop AND c.agent = :user"),
+            direct("c.shop = :shop AND c.state = 'bot'"),
+            direct("c.shop = :shop AND c.state = 'queued'"),
+            membership(" AND c.shop = :shop AND c.kind = 'group'"),
+        ]
+    elif kind is ScopeKind.SHOP:
+        branches = [direct("c.shop = :shop")]
+    else:
+        branches = [direct("")]
+    union = "\n    UNION\n    ".join(f"SELECT id, updated_at FROM ({b})" for b in branches)
+    return f"""
+WITH page (id, updated_at) AS (
+    {union}
+)
+SELECT {_CONV_COLUMNS}, COALESCE(r.seq, 0)
+FROM page AS p
+JOIN conversations AS c ON c.id = p.id
+LEFT JOIN read_points AS r ON r.conv = c.id AND r.user = :user
+ORDER BY p.updated_at DESC, p.id DESC
+LIMIT :n
+"""
+
+
+_LIST_SQL: Final = {
+    (kind, with_state): list_conversations_sql(kind, with_state)
+    for kind in ScopeKind
+    for with_state in (False, True)
+}
+
+
+# ------------------------------------------------------------ row mapping
+
+
+def _conversation(row: Sequence[Any], read_seq: int | None = None) -> Conversation:
+    last_seq = int(row[10])
+    return Conversation(
+        id=row[0],
+        kind=ConvKind(row[1]),
+        shop=row[2],
+        customer=row[3],
+        channel=Channel(row[4]),
+        state=ConvState(row[5]),
+        agent=row[6],
+        priority=row[7],
+        tags=tags_decoder.decode(row[8]),
+        title=row[9],
+        last_seq=last_seq,
+        created_at=row[11],
+        updated_at=row[12],
+        read_seq=read_seq or 0,
+        unread=max(0, last_seq - read_seq) if read_seq is not None else 0,
+    )
+
+
+def _message(conv: str, row: Sequence[Any]) -> Message:
+    seq, sender, sender_role, cmid, ts, _kind, body, recalled = row
+    return Message(
+        conv=conv,
+        seq=seq,
+        sender=sender,
+        sender_role=Role(sender_role),
+        cmid=cmid,
+        ts=ts,
+        body=TextBody(text="") if recalled else body_decoder.decode(body),
+        recalled=bool(recalled),
+    )
+
+
+# ------------------------------------------------------- the write thread
+
+
+def _apply_ops(cur: sqlite3.Cursor, ops: list[WriteOp]) -> None:
+    for op in ops:
+        if isinstance(op, PutMessage):
+            m = op.message
+            body = b"" if m.recalled else body_encoder.encode(m.body)
+            cur.execute(
+                _SQL_PUT_MESSAGE,
+                (m.conv, m.seq, m.sender, m.sender_role.value, m.cmid, m.ts,
+                 BODY_KIND[type(m.body)], body, int(m.recalled)),
+            )
+            cur.execute(_SQL_BUMP_CONVERSATION, (m.seq, m.ts, m.conv))
+        elif isinstance(op, PutConversation):
+            c = op.conversation
+            cur.execute(
+                _SQL_PUT_CONVERSATION,
+                (c.id, c.kind.value, c.shop, c.customer, c.channel.value, c.state.value,
+                 c.agent, c.priority, tags_encoder.encode(c.tags).decode(), c.title,
+                 c.last_seq, c.created_at, c.updated_at),
+            )
+        elif isinstance(op, SetReadPoint):
+            cur.execute(_SQL_READ_POINT, (op.conv, op.user, op.seq))
+        elif isinstance(op, SetMembers):
+            for user, role in op.add.items():
+                cur.execute(_SQL_PUT_MEMBER, (op.conv, user, role.value))
+            for user in op.remove:
+                cur.execute(_SQL_DELETE_MEMBER, (op.conv, user))
+        elif isinstance(op, MarkRecalled):
+            cur.execute(_SQL_RECALL, (op.conv, op.seq))
+        elif isinstance(op, PutAgent):
+            cur.execute(_SQL_PUT_AGENT, (op.shop, op.agent, op.status.value, op.ts))
+        elif isinstance(op, PutAppliedKey):
+            cur.execute(_SQL_PUT_KEY, (op.conv, op.key, op.ts))
+        else:  # pragma: no cover - write() checks types before enqueueing
+            raise TypeError(f"not a store write op: {op!r}")
+
+
+def _apply_work(cur: sqlite3.Cursor, work: _Work) -> tuple[int, int]:
+    """Apply one job's work; return (result, ops for on_commit)."""
+    if isinstance(work, _PruneStep):
+        cur.execute(_SQL_PRUNE[work.table], (work.cutoff, work.limit))
+        return cur.rowcount, cur.rowcount
+    _apply_ops(cur, work)
+    return 0, len(work)
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # SQLite may already have rolled back (e.g. SQLITE_FULL); never mask the cause.
+    with contextlib.suppress(sqlite3.Error):
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
+def _in_transaction(conn: sqlite3.Connection, works: list[_Work]) -> list[tuple[int, int]]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        cur = conn.cursor()
+        out = [_apply_work(cur, work) for work in works]
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+    return out
+
+
+def _transact(
+    conn: sqlite3.Connection, works: list[_Work]
+) -> tuple[list[int | Exception], list[_Stat]]:
+    """Run in a worker thread: commit ``works`` together, or, if that fails,
+    each on its own. Returns one result (or exception) per work, and the
+    stats of each committed transaction."""
+    started = time.perf_counter()
+    try:
+        out = _in_transaction(conn, works)
+    except Exception as exc:
+        if len(works) == 1:
+            return [exc], []
+    else:
+        stat = (time.perf_counter() - started, sum(ops for _, ops in out), len(works))
+        return [result for result, _ in out], [stat]
+    results: list[int | Exception] = []
+    stats: list[_Stat] = []
+    for work in works:
+        started = time.perf_counter()
+        try:
+            ((result, ops),) = _in_transaction(conn, [work])
+        except Exception as exc:
+            results.append(exc)
+        else:
+            results.append(result)
+            stats.append((time.perf_counter() - started, ops, 1))
+    return results, stats
+
+
+# --------------------------------------------------------- read functions
+
+
+def _q_load_actor(
+    conn: sqlite3.Connection, conv: str, dedup_window: int, keys_window: int
+) -> ActorSnapshot:
+    conn.execute("BEGIN")  # one snapshot for the four queries
+    try:
+        row = conn.execute(SQL_GET_CONVERSATION, (conv,)).fetchone()
+        members = {u: MemberRole(r) for u, r in conn.execute(SQL_GET_MEMBERS, (conv,))}
+        recent = conn.execute(SQL_RECENT_CMIDS, (conv, max(dedup_window, 0))).fetchall()
+        keys = {k for (k,) in conn.execute(SQL_RECENT_KEYS, (conv, max(keys_window, 0)))}
+    finally:
+        _rollback(conn)
+    cmids: dict[tuple[str, str], tuple[int, int]] = {}
+    for sender, cmid, seq, ts in reversed(recent):  # oldest first: keep the original seq
+        cmids.setdefault((sender, cmid), (seq, ts))
+    return ActorSnapshot(
+        conversation=_conversation(row) if row is not None else None,
+        members=members,
+        recent_cmids=cmids,
+        applied_keys=keys,
+    )
+
+
+def _q_history(
+    conn: sqlite3.Connection, conv: str, before: int | None, after: int | None, limit: int
+) -> tuple[list[Message], bool]:
+    limit = max(limit, 0)
+    upper = _NO_BOUND if before is None else before
+    if after is None:
+        rows = conn.execute(SQL_HISTORY_BEFORE, (conv, upper, limit + 1)).fetchall()
+        page = rows[:limit]
+        page.reverse()
+    else:
+        rows = conn.execute(SQL_HISTORY_AFTER, (conv, after, upper, limit + 1)).fetchall()
+        page = rows[:limit]
+    return [_message(conv, row) for row in page], len(rows) > limit
+
+
+def _q_list_conversations(
+    conn: sqlite3.Connection, scope: Scope, state: ConvState | None, before: int | None, limit: int
+) -> tuple[list[Conversation], bool]:
+    limit = max(limit, 0)
+    params = {
+        "user": scope.user,
+        "shop": scope.shop,
+        "state": state.value if state is not None else None,
+        "before": _NO_BOUND if before is None else before,
+        "n": limit + 1,
+    }
+    rows = conn.execute(_LIST_SQL[scope.kind, state is not None], params).fetchall()
+    return [_conversation(row, row[13]) for row in rows[:limit]], len(rows) > limit
+
+
+def _q_get_conversation(conn: sqlite3.Connection, conv: str) -> Conversation | None:
+    row = conn.execute(SQL_GET_CONVERSATION, (conv,)).fetchone()
+    return _conversation(row) if row is not None else None
+
+
+def _q_get_members(conn: sqlite3.Connection, conv: str) -> dict[str, MemberRole]:
+    return {u: MemberRole(r) for u, r in conn.execute(SQL_GET_MEMBERS, (conv,))}
+
+
+def _q_find_open_direct(conn: sqlite3.Connection, shop: str, customer: str) -> Conversation | None:
+    row = conn.execute(SQL_FIND_OPEN_DIRECT, (shop, customer)).fetchone()
+    return _conversation(row) if row is not None else None
+
+
+def _q_read_point(conn: sqlite3.Connection, conv: str, user: str) -> int:
+    row = conn.execute(SQL_READ_POINT, (conv, user)).fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+def _q_list_agents(conn: sqlite3.Connection, shop: str) -> list[AgentRecord]:
+    return [
+        AgentRecord(shop=s, agent=a, status=AgentStatus(st), ts=ts)
+        for s, a, st, ts in conn.execute(SQL_LIST_AGENTS, (shop,))
+    ]
+
+
+# -------------------------------------------------------------- the store
+
+
+class SqliteStore:
+    """``Store`` on one SQLite file. See the module docstring."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str = "FULL",
+        on_commit: OnCommit | None = None,
+        max_batch_ops: int = STORE_MAX_BATCH_OPS,
+        max_pending_ops: int = STORE_MAX_PENDING_OPS,
+        readers: int = STORE_READERS,
+    ) -> None:
+        mode = synchronous.upper()
+        if mode not in _SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous must be one of {sorted(_SYNCHRONOUS_MODES)}")
+        if min(max_batch_ops, max_pending_ops, readers) < 1:
+            raise ValueError("max_batch_ops, max_pending_ops and readers must be >= 1")
+        self.path = Path(path)
+        self.synchronous = mode
+        self._on_commit = on_commit
+        self._max_batch = max_batch_ops
+        self._max_pending = max_pending_ops
+        self._n_readers = readers
+
+        self._state = _State.NEW
+        self._closing = False
+        self._closed = trio.Event()
+        self._open_lock = trio.Lock()
+        self._limiter = trio.CapacityLimiter(readers + 1)  # readers + the committer
+
+        self._writer: sqlite3.Connection | None = None
+        self._idle_readers: list[sqlite3.Connection] = []
+        self._reader_slots = trio.Semaphore(readers)
+        self._readers_closed = False
+
+        self._queue: deque[_Job] = deque()  # admitted, not yet taken by the committer
+        self._waiting: deque[_Job] = deque()  # the admission line (backpressure)
+        self._pending_ops = 0  # admitted and not yet committed (queue + in flight)
+        self._wakeup = trio.Event()
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def pending_ops(self) -> int:
+        """Write operations accepted and not yet committed (for metrics)."""
+        return self._pending_ops
+
+    async def open(self) -> None:
+        """Create or migrate the schema and open the connections (idempotent).
+        Reads work from here on; writes need ``run()``."""
+        async with self._open_lock:
+            if self._state is _State.CLOSED:
+                raise trio.ClosedResourceError("the store is closed")
+            if self._state is not _State.NEW:
+                return
+            self._writer, self._idle_readers = await trio.to_thread.run_sync(
+                self._open_sync, limiter=self._limiter
+            )
+            self._state = _State.OPEN
+
+    def _open_sync(self) -> tuple[sqlite3.Connection, list[sqlite3.Connection]]:
+        if sqlite3.sqlite_version_info < (3, 24, 0):  # UPSERT
+            raise RuntimeError(f"SQLite >= 3.24 is required, found {sqlite3.sqlite_version}")
+        opened: list[sqlite3.Connection] = []
+        try:
+            writer = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+            opened.append(writer)
+            (journal,) = writer.execute("PRAGMA journal_mode = WAL").fetchone()
+            if str(journal).lower() != "wal":
+                raise RuntimeError(f"{self.path}: cannot use WAL mode (got {journal!r})")
+            # The mode is one of a fixed set, so formatting it in is safe.
+            writer.execute(f"PRAGMA synchronous = {self.synchronous}")
+            writer.execute("PRAGMA foreign_keys = ON")
+            migrate(writer)
+            uri = self.path.resolve().as_uri() + "?mode=ro"
+            readers = []
+            for _ in range(self._n_readers):
+                reader = sqlite3.connect(
+                    uri,
+                    uri=True,
+                    timeout=BUSY_TIMEOUT_S,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+                opened.append(reader)
+                readers.append(reader)
+        except BaseException:
+            for conn in opened:
+                conn.close()
+            raise
+        return writer, readers
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open, report started, commit writes until ``aclose()`` or
+        cancellation; then commit what is pending and close."""
+        if self._state is _State.RUNNING:
+            raise RuntimeError("SqliteStore.run() is already running")
+        await self.open()
+        self._state = _State.RUNNING
+        try:
+            task_status.started()
+            await self._commit_loop()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._shutdown()
+
+    async def aclose(self) -> None:
+        """Refuse new writes, commit everything pending, close all connections.
+        Idempotent; with ``run()`` running, waits for it to finish."""
+        if self._state is _State.RUNNING:
+            self._closing = True
+            self._wakeup.set()
+            await self._closed.wait()
+            return
+        async with self._open_lock:
+            if self._state is not _State.CLOSED:
+                self._state = _State.CLOSED
+                with trio.CancelScope(shield=True):
+                    await self._close_connections()
+                self._closed.set()
+        await trio.lowlevel.checkpoint()
+
+    async def _shutdown(self) -> None:
+        self._closing = True
+        try:
+            while self._queue or self._waiting:
+                self._admit()
+                await self._commit(self._take_batch())
+        finally:
+            leftovers = [*self._queue, *self._waiting]
+            self._queue.clear()
+            self._waiting.clear()
+            for job in leftovers:
+                job.error = trio.ClosedResourceError("the store closed before this write committed")
+                job.done.set()
+            self._state = _State.CLOSED
+            await self._close_connections()
+            self._closed.set()
+
+    async def _close_connections(self) -> None:
+        self._readers_closed = True
+        # Take every reader slot: waits for reads in flight to hand theirs back.
+        for _ in range(self._n_readers):
+            await self._reader_slots.acquire()
+        conns = [*self._idle_readers]
+        self._idle_readers.clear()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            conns.append(writer)  # last: closing it checkpoints and removes the WAL
+
+        def close_all() -> None:
+            if writer is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    writer.execute("PRAGMA optimize")
+            for conn in conns:
+                conn.close()
+
+        await trio.to_thread.run_sync(close_all, limiter=self._limiter)
+
+    # --------------------------------------------------------------- writes
+
+    def _check_writable(self) -> None:
+        if self._closing or self._state is _State.CLOSED:
+            raise trio.ClosedResourceError("the store is closed")
+        if self._state is not _State.RUNNING:
+            raise RuntimeError("SqliteStore.run() is not running")
+
+    async def write(self, ops: Sequence[WriteOp]) -> None:
+        """Apply ``ops`` atomically; return once committed (see module doc)."""
+        work = list(ops)
+        for op in work:
+            if not isinstance(op, _OP_TYPES):
+                raise TypeError(f"not a store write op: {op!r}")
+        if not work:
+            self._check_writable()
+            await trio.lowlevel.checkpoint()
+            return
+        await self._submit(_Job(work, len(work)))
+
+    async def _submit(self, job: _Job) -> int:
+        self._check_writable()
+        # No await before the job is queued: concurrent callers that start in
+        # the same scheduling round all land in the same transaction.
+        if not self._waiting and self._fits(job.weight):
+            self._admit_job(job)
+        else:
+            self._waiting.append(job)
+        try:
+            await job.done.wait()
+        except BaseException:
+            if not job.admitted and not job.done.is_set():
+                self._waiting.remove(job)
+                self._admit()  # it may have been the head blocking smaller jobs
+            raise
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _fits(self, weight: int) -> bool:
+        return self._pending_ops == 0 or self._pending_ops + weight <= self._max_pending
+
+    def _admit_job(self, job: _Job) -> None:
+        job.admitted = True
+        self._queue.append(job)
+        self._pending_ops += job.weight
+        self._wakeup.set()
+
+    def _admit(self) -> None:
+        while self._waiting and self._fits(self._waiting[0].weight):
+            self._admit_job(self._waiting.popleft())
+
+    def _take_batch(self) -> list[_Job]:
+        batch = [self._queue.popleft()]
+        if batch[0].solo:
+            return batch
+        ops = batch[0].weight
+        while self._queue:
+            head = self._queue[0]
+            if head.solo or ops + head.weight > self._max_batch:
+                break
+            batch.append(self._queue.popleft())
+            ops += head.weight
+        return batch
+
+    async def _commit_loop(self) -> None:
+        while True:
+            if not self._queue:
+                # Invariant: the admission line is empty whenever the queue is
+                # (nothing pending means its head fits), so this is "idle".
+                if self._closing:
+                    return
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+                continue
+            await self._commit(self._take_batch())
+
+    async def _commit(self, batch: list[_Job]) -> None:
+        writer = self._writer
+        assert writer is not None
+        try:
+            results, stats = await trio.to_thread.run_sync(
+                _transact, writer, [job.work for job in batch], limiter=self._limiter
+            )
+        except trio.Cancelled:
+            # The thread never started (it is not abandonable once it has):
+            # keep the batch for the final flush.
+            self._queue.extendleft(reversed(batch))
+            raise
+        except Exception as exc:  # a bug in _transact, not a caller's fault
+            log.exception("store commit failed")
+            results, stats = [exc] * len(batch), []
+        for job, result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                job.error = result
+            else:
+                job.result = result
+            job.done.set()
+        self._pending_ops -= sum(job.weight for job in batch)
+        self._admit()
+        if self._on_commit is not None:
+            for seconds, ops, callers in stats:
+                try:
+                    self._on_commit(seconds, ops, callers)
+                except Exception:
+                    log.exception("on_commit callback failed")
+
+    async def prune(self, older_than_ms: int) -> int:
+        """Delete messages with ts < ``older_than_ms`` (and idempotency keys
+        as old), ``RETENTION_DELETE_BATCH`` rows per transaction."""
+        deleted = 0
+        for table in ("messages", "applied_keys"):
+            while True:
+                step = _PruneStep(table, older_than_ms, RETENTION_DELETE_BATCH)
+                n = await self._submit(_Job(step, 1, solo=True))
+                if table == "messages":
+                    deleted += n
+                if n < RETENTION_DELETE_BATCH:
+                    break
+        return deleted
+
+    # ---------------------------------------------------------------- reads
+
+    async def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        async with self._reader_slots:
+            if self._readers_closed:
+                raise trio.ClosedResourceError("the store is closed")
+            if not self._idle_readers:
+                raise RuntimeError("SqliteStore is not open")
+            conn = self._idle_readers.pop()
+            try:
+                return await trio.to_thread.run_sync(query, conn, limiter=self._limiter)
+            finally:
+                self._idle_readers.append(conn)
+
+    async def load_actor(self, conv: str, *, dedup_window: int, keys_window: int) -> ActorSnapshot:
+        return await self._read(lambda c: _q_load_actor(c, conv, dedup_window, keys_window))
+
+    async def get_conversation(self, conv: str) -> Conversation | None:
+        return await self._read(lambda c: _q_get_conversation(c, conv))
+
+    async def get_members(self, conv: str) -> dict[str, MemberRole]:
+        return await self._read(lambda c: _q_get_members(c, conv))
+
+    async def find_open_direct(self, shop: str, customer: str) -> Conversation | None:
+        return await self._read(lambda c: _q_find_open_direct(c, shop, customer))
+
+    async def history(
+        self, conv: str, *, before: int | None, after: int | None, limit: int
+    ) -> tuple[list[Message], bool]:
+        return await self._read(lambda c: _q_history(c, conv, before, after, limit))
+
+    async def list_conversations(
+        self, scope: Scope, *, state: ConvState | None, updated_before: int | None, limit: int
+    ) -> tuple[list[Conversation], bool]:
+        return await self._read(
+            lambda c: _q_list_conversations(c, scope, state, updated_before, limit)
+        )
+
+    async def read_point(self, conv: str, user: str) -> int:
+        return await self._read(lambda c: _q_read_point(c, conv, user))
+
+    async def list_agents(self, shop: str) -> list[AgentRecord]:
+        return await self._read(lambda c: _q_list_agents(c, shop))
