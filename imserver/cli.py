@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -67,6 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"shard count (default {SHARD_COUNT})")
     serve.add_argument("--log-level", default=_env("IMSERVER_LOG_LEVEL", "info"),
                        help="debug, info, warning, error (env IMSERVER_LOG_LEVEL)")
+    serve.add_argument("--workers", default=_env("IMSERVER_WORKERS", ""),
+                       help="comma-separated worker plugins to run as supervised child processes, "
+                            "e.g. bot,routing,crm (env IMSERVER_WORKERS)")
+    serve.add_argument("--workers-config", type=Path, default=_env("IMSERVER_WORKERS_CONFIG"),
+                       help="YAML file with per-plugin settings (env IMSERVER_WORKERS_CONFIG)")
+
+    worker = sub.add_parser("worker", help="run one worker plugin (asyncio + uvloop)")
+    _add_data(worker)
+    worker.add_argument("name", help="plugin name (entry point in group imserver.workers), "
+                                     "or package.module:Class")
+    worker.add_argument("--server", default=_env("IMSERVER_URL", "ws://127.0.0.1:8080/ws"),
+                        help="server URL (env IMSERVER_URL)")
+    worker.add_argument("--token", default=_env("IMSERVER_WORKER_TOKEN"),
+                        help="worker token (env IMSERVER_WORKER_TOKEN); default: minted from the secret")
+    worker.add_argument("--config", type=Path, default=_env("IMSERVER_WORKERS_CONFIG"),
+                        help="YAML file with per-plugin settings")
+    worker.add_argument("--log-level", default=_env("IMSERVER_LOG_LEVEL", "info"))
+    sub.add_parser("plugins", help="list installed worker plugins")
 
     token = sub.add_parser("token", help="mint a development token")
     _add_data(token)
@@ -106,6 +125,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "export":
         return _export(args)
+    if args.command == "worker":
+        return _worker(args)
+    if args.command == "plugins":
+        from workers.sdk import available
+
+        for name, target in sorted(available().items()):
+            print(f"{name}\t{target}")
+        return 0
     if args.command == "chat":
         from .chat import run_chat
 
@@ -122,16 +149,70 @@ def _serve(args: argparse.Namespace) -> int:
     )
     server = Server(config)
 
+    plugins = [name.strip() for name in args.workers.split(",") if name.strip()]
+
     async def run() -> None:
+        from .supervisor import supervise
+
         async with trio.open_nursery() as nursery:
             url = await nursery.start(server.serve)
             print(f"imserver listening on {url}", flush=True)
+            workers = trio.CancelScope()
+
+            async def run_workers() -> None:
+                with workers:
+                    async with trio.open_nursery() as children:
+                        for name in plugins:
+                            children.start_soon(partial(
+                                supervise, name, url=url, secret=config.secret,
+                                data_dir=args.data, config=args.workers_config))
+
+            nursery.start_soon(run_workers)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
+                    workers.cancel()
                     server.stop()
                     break
 
     trio.run(run)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from workers.sdk import WorkerRunner, load
+
+    logs.setup(args.log_level)
+    logging.getLogger("imserver.worker").setLevel(args.log_level.upper())
+    plugin_cls = load(args.name)
+    config: dict[str, object] = {}
+    if args.config:
+        import yaml
+
+        loaded = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+        config = dict(loaded.get(args.name, {})) if isinstance(loaded, dict) else {}
+    if args.token:
+        token = str(args.token)
+
+        def token_provider() -> str:
+            return token
+    else:
+        secret = _secret(args)
+
+        def token_provider() -> str:
+            return mint_token(secret, user=f"worker:{args.name}", role="worker", shop="*",
+                              ttl_s=24 * 3600)
+
+    runner = WorkerRunner(plugin_cls(), url=args.server, token=token_provider,
+                          data_dir=args.data / "workers" / plugin_cls.name, config=config)
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional outside Linux/macOS
+        asyncio.run(runner.run())
+    else:
+        uvloop.run(runner.run())
     return 0
 
 

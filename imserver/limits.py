@@ -10,22 +10,56 @@ from typing import Final
 
 from protocol._limits import (  # re-exported: one table for every bound
     FRAMES_BURST as FRAMES_BURST,
+)
+from protocol._limits import (
     FRAMES_PER_SECOND as FRAMES_PER_SECOND,
+)
+from protocol._limits import (
     HEARTBEAT_INTERVAL_MS as HEARTBEAT_INTERVAL_MS,
+)
+from protocol._limits import (
     IDLE_TIMEOUT_MS as IDLE_TIMEOUT_MS,
+)
+from protocol._limits import (
     MAX_BATCH_IDS as MAX_BATCH_IDS,
+)
+from protocol._limits import (
     MAX_CONVERSATION_PAGE as MAX_CONVERSATION_PAGE,
+)
+from protocol._limits import (
     MAX_FRAME_BYTES as MAX_FRAME_BYTES,
+)
+from protocol._limits import (
     MAX_GROUP_MEMBERS as MAX_GROUP_MEMBERS,
+)
+from protocol._limits import (
     MAX_HISTORY_PAGE as MAX_HISTORY_PAGE,
+)
+from protocol._limits import (
     MAX_ID_CHARS as MAX_ID_CHARS,
+)
+from protocol._limits import (
     MAX_INFLIGHT_REQUESTS as MAX_INFLIGHT_REQUESTS,
+)
+from protocol._limits import (
     MAX_RESUME_POINTS as MAX_RESUME_POINTS,
+)
+from protocol._limits import (
     MAX_TAGS as MAX_TAGS,
+)
+from protocol._limits import (
     MAX_TEXT_CHARS as MAX_TEXT_CHARS,
+)
+from protocol._limits import (
     MAX_TOKEN_CHARS as MAX_TOKEN_CHARS,
+)
+from protocol._limits import (
     RECALL_WINDOW_MS as RECALL_WINDOW_MS,
+)
+from protocol._limits import (
     WORKER_FRAMES_BURST as WORKER_FRAMES_BURST,
+)
+from protocol._limits import (
     WORKER_FRAMES_PER_SECOND as WORKER_FRAMES_PER_SECOND,
 )
 
@@ -109,6 +143,29 @@ DEDUP_WINDOW messages returns its original seq."""
 
 APPLIED_KEYS_WINDOW: Final = 2_000
 """Idempotency keys of conversation updates remembered per conversation."""
+
+# ---------------------------------------------------------------- workers
+
+WORKER_ACK_TIMEOUT_S: Final = 15.0
+"""An event a worker has not acked after this long is delivered again."""
+
+WORKER_CURSOR_SAVE_S: Final = 1.0
+"""How often each plugin's acked watermark is saved (replay starts there after a restart)."""
+
+WORKER_MAX_INFLIGHT: Final = 10_000
+"""Unacked events held in memory per plugin; beyond it the plugin is fed from the log."""
+
+WORKER_REPLAY_BATCH: Final = 500
+"""Events read from the log per query when catching a plugin up."""
+
+WORKER_HEARTBEAT_MS: Final = 2_000
+"""Heartbeat interval announced to workers: a dead worker is noticed within seconds."""
+
+WORKER_IDLE_TIMEOUT_MS: Final = 6_000
+"""Idle timeout for worker connections; their shards move to the survivors after it."""
+
+WORKER_EVENT_RETENTION_MS: Final = 3 * 86_400_000
+"""Worker events older than this are pruned from the log (acked or not)."""
 
 # ------------------------------------------------------------------ store
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 import logging
 import secrets
 import ssl
-from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -34,6 +34,7 @@ import trio
 from protocol import CloseCode
 
 from .auth import TokenVerifier
+from .dispatch import WorkerDispatcher
 from .fanout import Hub
 from .gateway._session import GatewayContext, Session
 from .gateway._websocket import HandshakeFailed, HttpResponse, Outbox, accept
@@ -100,6 +101,7 @@ class Server:
         self.ctx: GatewayContext | None = None
         self.shards: LocalShards | None = None
         self.store: SqliteStore | None = None
+        self.dispatcher: WorkerDispatcher | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -113,11 +115,14 @@ class Server:
         async with trio.open_nursery() as root:
             await root.start(store.run)
             hub = Hub()
-            shards = LocalShards(store, hub, count=config.shards)
+            dispatcher = WorkerDispatcher(store, shard_count=config.shards)
+            self.dispatcher = dispatcher
+            shards = LocalShards(store, hub, dispatcher, count=config.shards)
             self.shards = shards
             shards_scope = trio.CancelScope()
             root.start_soon(self._run_in_scope, shards_scope, shards.run)
-            ctx = GatewayContext(store=store, shards=shards, hub=hub,
+            root.start_soon(dispatcher.run)
+            ctx = GatewayContext(store=store, shards=shards, hub=hub, dispatcher=dispatcher,
                                  verifier=TokenVerifier(config.secret),
                                  idle_timeout_ms=config.idle_timeout_ms,
                                  outbound_buffer_bytes=config.outbound_buffer_bytes)

@@ -26,7 +26,7 @@ decode both parses and validates: a frame that decodes is well formed.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Final
+from typing import Annotated, Any, Final
 
 from msgspec import Meta, Struct
 
@@ -119,6 +119,19 @@ class Topic(enum.StrEnum):
     """Every message of every conversation of the shop."""
     AGENTS = "agents"
     """Agent status changes."""
+    DASHBOARD = "dashboard"
+    """Live figures published by workers (queue lengths, waits, agent loads)."""
+
+
+class WorkerEventKind(enum.StrEnum):
+    """What a worker plugin can ask to be told about (see WorkerJoin)."""
+
+    MESSAGE = "message"
+    """A message was stored in a conversation of the worker's shards."""
+    CONVERSATION = "conversation"
+    """A conversation was opened, reopened, queued, assigned, transferred, closed or updated."""
+    AGENT = "agent"
+    """An agent's status changed (sent to every instance of the plugin)."""
 
 
 class ReceiptKind(enum.StrEnum):
@@ -417,6 +430,33 @@ class Subscribe(Request, tag="subscribe"):
     """Admin and global workers name the shop; others get their own."""
 
 
+class WorkerJoin(Request, tag="worker_join"):
+    """Worker role only: join the instances of ``plugin``. The server splits the
+    shards among the live instances of a plugin and delivers each event of the
+    requested kinds to the instance owning its shard, at least once, until acked."""
+
+    plugin: Id
+    kinds: Annotated[list[WorkerEventKind], Meta(min_length=1, max_length=8)]
+
+
+class Notify(Request, tag="notify"):
+    """Worker role only: push an ephemeral plugin event (not stored) to the
+    participants of ``conv``, to the devices of ``user``, or to the dashboard
+    subscribers of ``shop``. Exactly one target must be given."""
+
+    kind: ShortText
+    data: Annotated[dict[ShortText, Any], Meta(max_length=64)] = {}
+    conv: ConvId | None = None
+    user: UserId | None = None
+    shop: Id | None = None
+
+
+class WorkerAck(ClientFrame, tag="worker_ack"):
+    """Worker notice: these events are handled; they will not be delivered again."""
+
+    ids: Annotated[list[Annotated[int, Meta(ge=0)]], Meta(max_length=1000)]
+
+
 class Typing(ClientFrame, tag="typing"):
     conv: ConvId
 
@@ -442,6 +482,9 @@ ClientFrameType = (
     | SetAgentStatus
     | WatchPresence
     | Subscribe
+    | WorkerJoin
+    | Notify
+    | WorkerAck
     | Typing
     | Delivered
 )
@@ -520,6 +563,47 @@ class PresenceList(Reply, tag="presence_list"):
     presences: list[Presence]
 
 
+class WorkerJoined(Reply, tag="worker_joined"):
+    instance: str
+    shards: list[int]
+    """The shards this instance owns now (it changes: see WorkerAssignment)."""
+    shard_count: int
+
+
+class WorkerAssignment(ServerFrame, tag="worker_assignment"):
+    """The instance's shards changed (an instance joined or left)."""
+
+    shards: list[int]
+    shard_count: int
+
+
+class WorkerEvent(ServerFrame, tag="worker_event"):
+    """One event for a worker; ack its ``event_id`` once handled. Delivery is at
+    least once: after a worker or server failure an event may come again
+    (``attempt`` > 1), so actions carry idempotency keys derived from ``event_id``."""
+
+    event_id: int
+    shard: int
+    kind: WorkerEventKind
+    ts: Millis
+    conversation: Conversation | None = None
+    message: Message | None = None
+    change: ShortText = ""
+    agent: UserId | None = None
+    agent_status: AgentStatus | None = None
+    shop: str = ""
+    attempt: int = 1
+
+
+class PluginEvent(ServerFrame, tag="plugin"):
+    """An ephemeral event from a worker plugin (queue position, CRM sidebar, dashboard)."""
+
+    plugin: str
+    kind: ShortText
+    data: dict[str, Any] = {}
+    conv: str | None = None
+
+
 class MessageEvent(ServerFrame, tag="msg"):
     message: Message
 
@@ -575,6 +659,10 @@ ServerFrameType = (
     | HistoryPage
     | ConversationPage
     | PresenceList
+    | WorkerJoined
+    | WorkerAssignment
+    | WorkerEvent
+    | PluginEvent
     | MessageEvent
     | ReceiptEvent
     | TypingEvent
@@ -585,7 +673,7 @@ ServerFrameType = (
 )
 
 REQUEST_TYPES: Final = tuple(t for t in ClientFrameType.__args__ if issubclass(t, Request))
-NOTICE_TYPES: Final = (Typing, Delivered)
+NOTICE_TYPES: Final = (Typing, Delivered, WorkerAck)
 
 # A literal list, so that type checkers see the re-exports of ``protocol``
 # (mypy cannot evaluate a computed __all__ and then exports none of these names).
@@ -635,10 +723,12 @@ __all__ = [
     "Message",
     "MessageEvent",
     "Millis",
+    "Notify",
     "Ok",
     "OpenConversation",
     "OrderCardBody",
     "Ping",
+    "PluginEvent",
     "Pong",
     "Presence",
     "PresenceEvent",
@@ -678,4 +768,10 @@ __all__ = [
     "VoiceBody",
     "WatchPresence",
     "Welcome",
+    "WorkerAck",
+    "WorkerAssignment",
+    "WorkerEvent",
+    "WorkerEventKind",
+    "WorkerJoin",
+    "WorkerJoined",
 ]

@@ -14,13 +14,15 @@ submitted to the shard queue and answered later by the actor through the
 hub (``send_frame``); store reads (history, lists) run as tasks in the
 session's nursery, bounded by the protocol's in-flight request cap.
 
-Resume. On Hello the session registers with the hub *first*, marks each
-resumed conversation as catching up (live events for it are buffered), then
+Resume. On Hello the session marks each resumed conversation as catching
+up (live events for it are buffered) and registers with the hub, then
 replays from the store everything after the client's seq, then flushes the
 buffered live events above the last replayed seq, then sends ``Synced``.
 Every message is committed before it is fanned out, so the store read plus
-the buffer cover everything exactly once; if the buffer overflows, the
-session re-reads the store instead.
+the buffer cover everything; if the buffer overflows, the session re-reads
+the store instead. The converse also holds -- a message can be committed
+(and replayed) before its live event arrives -- so live events at or below
+the last replayed seq are dropped until the live stream passes it.
 """
 
 from __future__ import annotations
@@ -54,8 +56,10 @@ from protocol import (
     ListConversations,
     MessageEvent,
     NoticeReceived,
+    Notify,
     Ok,
     OpenConversation,
+    PluginEvent,
     Pong,
     PresenceList,
     Read,
@@ -77,6 +81,11 @@ from protocol import (
     UpdateMembers,
     WatchPresence,
     Welcome,
+    WorkerAck,
+    WorkerEvent,
+    WorkerEventKind,
+    WorkerJoin,
+    WorkerJoined,
     encode,
 )
 from protocol import AgentStatus as AgentStatusEnum
@@ -86,6 +95,7 @@ from protocol import (
 
 from .. import policy
 from ..auth import TokenError, TokenVerifier
+from ..dispatch import Instance
 from ..limits import (
     CATCHUP_BUFFER,
     CLOSE_LINGER_S,
@@ -106,6 +116,8 @@ from ..limits import (
     RESUME_BATCH,
     WORKER_FRAMES_BURST,
     WORKER_FRAMES_PER_SECOND,
+    WORKER_HEARTBEAT_MS,
+    WORKER_IDLE_TIMEOUT_MS,
 )
 from ..logs import event, now_ms
 from ..metrics import METRICS
@@ -131,6 +143,7 @@ from ._ids import direct_conversation_id, group_conversation_id
 from ._websocket import Outbox
 
 if TYPE_CHECKING:
+    from ..dispatch import WorkerDispatcher
     from ..fanout import Hub
 
 log = logging.getLogger("imserver.session")
@@ -146,6 +159,7 @@ class GatewayContext:
     shards: ShardQueue
     hub: Hub
     verifier: TokenVerifier
+    dispatcher: WorkerDispatcher
     idle_timeout_ms: int = IDLE_TIMEOUT_MS
     outbound_buffer_bytes: int = OUTBOUND_BUFFER_BYTES
     draining: bool = False
@@ -163,11 +177,16 @@ class Session:
         self.identity: policy.Identity | None = None
         self.conn = ServerConnection(now=trio.current_time())
         self.last_inbound = trio.current_time()
+        self.idle_timeout_ms = ctx.idle_timeout_ms
+        self.heartbeat_ms = min(HEARTBEAT_INTERVAL_MS, ctx.idle_timeout_ms // 3)
         self._nursery: trio.Nursery | None = None
         self._catchup: dict[str, list[tuple[int, bytes]] | None] = {}
+        self._replayed: dict[str, int] = {}
+        """conv -> last seq replayed, until the live stream has passed it."""
         self._reading = True
         self._blocked: list[AnyCommand] = []
         self.authenticated = trio.Event()
+        self._worker: Instance | None = None
         self.quiet = trio.Event()
         """Set when no request awaits its reply (drain waits for it)."""
         outbox.on_overflow = METRICS.slow_consumers.inc
@@ -190,6 +209,8 @@ class Session:
             SetAgentStatus: lambda r: self._spawn(r, self._agent_status),
             WatchPresence: self._watch,
             Subscribe: self._subscribe,
+            WorkerJoin: lambda r: self._spawn(r, self._worker_join),
+            Notify: lambda r: self._spawn(r, self._notify),
         }
 
     # -- Peer interface (used by the hub)
@@ -220,6 +241,12 @@ class Session:
                 else:
                     self._catchup[conv] = None  # overflow: re-read the store instead
             return
+        if seq and (floor := self._replayed.get(conv)) is not None:
+            # Fan-out runs after the commit, so the replay may have read messages
+            # whose live events arrive only now: drop those, once.
+            if seq <= floor:
+                return
+            del self._replayed[conv]  # live events come in seq order: no more late ones
         self.outbox.push(data)
 
     # -- lifecycle
@@ -241,6 +268,8 @@ class Session:
         finally:
             METRICS.connections.dec()
             self.ctx.sessions.discard(self)
+            if self._worker is not None:
+                self.ctx.dispatcher.leave(self)
             if self.identity is not None:
                 self.ctx.hub.unregister(self)
                 await self._after_logout(self.identity)
@@ -275,14 +304,14 @@ class Session:
                     return
 
     async def _watchdog(self) -> None:
-        idle = self.ctx.idle_timeout_ms / 1000
+        idle_s = self.idle_timeout_ms / 1000
         with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
             await self.authenticated.wait()
         if self.identity is None:
             self.close(CloseCode.BAD_HANDSHAKE, "no hello in time")
             return
         while True:
-            deadline = self.last_inbound + idle
+            deadline = self.last_inbound + idle_s
             if trio.current_time() >= deadline:
                 self.close(CloseCode.IDLE_TIMEOUT, "idle timeout")
                 return
@@ -369,10 +398,13 @@ class Session:
         self.authenticated.set()
         if who.role in (Role.WORKER, Role.ADMIN):
             self.conn.set_rate(WORKER_FRAMES_PER_SECOND, WORKER_FRAMES_BURST, trio.current_time())
+        if who.role is Role.WORKER:
+            self.idle_timeout_ms = min(self.idle_timeout_ms, WORKER_IDLE_TIMEOUT_MS)
+            self.heartbeat_ms = min(self.heartbeat_ms, WORKER_HEARTBEAT_MS)
         welcome = Welcome(
             v=PROTOCOL_VERSION, session=self.id, user=who.user, role=who.role, shop=who.shop,
-            server_time=now_ms(), heartbeat_ms=HEARTBEAT_INTERVAL_MS,
-            idle_timeout_ms=self.ctx.idle_timeout_ms,
+            server_time=now_ms(), heartbeat_ms=self.heartbeat_ms,
+            idle_timeout_ms=self.idle_timeout_ms,
             limits=Limits(
                 max_frame_bytes=MAX_FRAME_BYTES, max_text_chars=MAX_TEXT_CHARS,
                 frames_per_second=self.conn.bucket.rate if who.role in (Role.WORKER, Role.ADMIN) else FRAMES_PER_SECOND,  # type: ignore[arg-type]
@@ -441,6 +473,7 @@ class Session:
                 if seq > last:
                     self.outbox.push(data)
                     last = seq
+            self._replayed[conv_id] = last
             return last
 
     async def _after_logout(self, who: policy.Identity) -> None:
@@ -453,8 +486,7 @@ class Session:
             except Exception as exc:
                 event(log, "agent_offline_failed", level=logging.WARNING, error=repr(exc))
                 return
-            self.ctx.hub.broadcast_shop(who.shop, Topic.AGENTS, AgentEvent(
-                shop=who.shop, agent=who.user, status=AgentStatusEnum.OFFLINE))
+            self._agent_changed(who, AgentStatusEnum.OFFLINE)
 
     # -- requests
 
@@ -539,9 +571,15 @@ class Session:
             raise _Refuse(ErrorCode.FORBIDDEN, "only agents have an agent status")
         await self.ctx.store.write([PutAgent(shop=who.shop, agent=who.user, status=request.status,
                                              ts=now_ms())])
-        self.ctx.hub.broadcast_shop(who.shop, Topic.AGENTS, AgentEvent(
-            shop=who.shop, agent=who.user, status=request.status))
+        self._agent_changed(who, request.status)
         return Ok(id=request.id)
+
+    def _agent_changed(self, who: policy.Identity, status: AgentStatusEnum) -> None:
+        self.ctx.hub.broadcast_shop(who.shop, Topic.AGENTS, AgentEvent(
+            shop=who.shop, agent=who.user, status=status))
+        self.ctx.dispatcher.broadcast(WorkerEventKind.AGENT, WorkerEvent(
+            event_id=0, shard=0, kind=WorkerEventKind.AGENT, ts=now_ms(), agent=who.user,
+            agent_status=status, shop=who.shop))
 
     def _watch(self, request: WatchPresence) -> None:
         who = self.identity
@@ -583,6 +621,46 @@ class Session:
             self._submit(TypingCmd(conv=notice.conv, who=who))
         elif isinstance(notice, Delivered):
             self._submit(DeliveredCmd(conv=notice.conv, seq=notice.seq, who=who))
+        elif isinstance(notice, WorkerAck):
+            self.ctx.dispatcher.ack(self, notice.ids)
+
+    # -- workers
+
+    async def _worker_join(self, request: WorkerJoin) -> ServerFrameType:
+        who = self.identity
+        assert who is not None
+        if who.role is not Role.WORKER:
+            raise _Refuse(ErrorCode.FORBIDDEN, "only worker connections join plugins")
+        if self._worker is not None:
+            raise _Refuse(ErrorCode.CONFLICT, "this connection already joined a plugin")
+        self._worker = await self.ctx.dispatcher.join(self, request.plugin, request.kinds)
+        return WorkerJoined(id=request.id, instance=self._worker.id, shards=self._worker.shards,
+                            shard_count=self.ctx.dispatcher.shard_count)
+
+    async def _notify(self, request: Notify) -> ServerFrameType:
+        who = self.identity
+        assert who is not None
+        if who.role not in (Role.WORKER, Role.ADMIN):
+            raise _Refuse(ErrorCode.FORBIDDEN, "only workers send plugin events")
+        targets = [t for t in (request.conv, request.user, request.shop) if t is not None]
+        if len(targets) != 1:
+            raise _Refuse(ErrorCode.BAD_FRAME, "name exactly one of conv, user, shop")
+        plugin = self._worker.plugin if self._worker else who.user
+        frame = PluginEvent(plugin=plugin, kind=request.kind, data=request.data, conv=request.conv)
+        hub = self.ctx.hub
+        if request.conv is not None:
+            conv = await self.ctx.store.get_conversation(request.conv)
+            if conv is None or not who.in_shop(conv.shop):
+                raise _Refuse(ErrorCode.NOT_FOUND, f"no conversation {request.conv!r}")
+            hub.publish(conv, await self.ctx.store.get_members(conv.id), frame, topic=None)
+        elif request.user is not None:
+            hub.send_to_user(request.user, frame)
+        else:
+            assert request.shop is not None
+            if not who.in_shop(request.shop):
+                raise _Refuse(ErrorCode.FORBIDDEN, "not a worker of that shop")
+            hub.broadcast_shop(request.shop, Topic.DASHBOARD, frame)
+        return Ok(id=request.id)
 
 
 class _Refuse(Exception):

@@ -61,6 +61,8 @@ from protocol import (
     SystemBody,
     Topic,
     TypingEvent,
+    WorkerEvent,
+    WorkerEventKind,
 )
 
 from .. import policy
@@ -80,6 +82,7 @@ from ..store import (
     MarkRecalled,
     PutAppliedKey,
     PutConversation,
+    PutEvent,
     PutMessage,
     SetMembers,
     SetReadPoint,
@@ -101,6 +104,7 @@ from ._commands import (
 )
 
 if TYPE_CHECKING:
+    from ..dispatch import WorkerDispatcher
     from ..fanout import Hub
 
 log = logging.getLogger("imserver.actor")
@@ -130,8 +134,12 @@ class ConversationActor:
         on_passivate: Callable[[ConversationActor, bool], bool],
         on_processed: Callable[[int], None] = lambda count: None,
         mailbox_depth: int,
+        dispatcher: WorkerDispatcher,
+        shard: int,
     ) -> None:
         self.conv_id = conv_id
+        self.dispatcher = dispatcher
+        self.shard = shard
         self.store = store
         self.hub = hub
         self._on_passivate = on_passivate
@@ -252,14 +260,17 @@ class ConversationActor:
             raise Refusal(ErrorCode.NOT_FOUND, f"no conversation {cmd.conv!r}")
         return conv
 
-    def _publish_conversation(self, conv: Conversation, change: str, *, also: str = "") -> Effect:
-        """Tell participants (customer without internal fields) and the shop's
-        conversation watchers what changed; ``also`` is a user who just left
-        (a previous agent) and must hear it too."""
+    def _publish_conversation(self, ops: list[WriteOp], conv: Conversation, change: str, *,
+                              also: str = "") -> Effect:
+        """Tell participants (customer without internal fields), the shop's
+        conversation watchers and the worker plugins what changed; ``also`` is a
+        user who just left (a previous agent) and must hear it too."""
         members = dict(self.members)
         staff_frame = ConversationEvent(conversation=conv, change=change)
+        logged = self._log_event(ops, WorkerEventKind.CONVERSATION, conv, change=change)
 
         def effect() -> None:
+            self.dispatcher.publish(logged.stored())
             self.hub.publish(conv, members, staff_frame, topic=Topic.CONVERSATIONS,
                              exclude_user=conv.customer or "")
             if conv.customer:
@@ -293,6 +304,7 @@ class ConversationActor:
         )
         ops.append(PutMessage(message=message))
         self.conversation = conv = replace(conv, last_seq=seq, updated_at=ts)
+        logged = self._log_event(ops, WorkerEventKind.MESSAGE, conv, message=message)
         self._remember(who.user, cmid, seq, ts)
         members = dict(self.members)
         frame = MessageEvent(message=message)
@@ -300,7 +312,18 @@ class ConversationActor:
         effects.append(lambda: self.hub.publish(
             conv, members, frame, topic=Topic.MESSAGES, seq=seq, exclude_session=exclude_session,
         ))
+        effects.append(lambda: self.dispatcher.publish(logged.stored()))
         return message
+
+    def _log_event(self, ops: list[WriteOp], kind: WorkerEventKind, conv: Conversation, *,
+                   message: Message | None = None, change: str = "") -> PutEvent:
+        """Log a worker event in the same transaction as the change it describes."""
+        op = PutEvent(shard=self.shard, kind=kind, event=WorkerEvent(
+            event_id=0, shard=self.shard, kind=kind, ts=message.ts if message else now_ms(),
+            conversation=conv, message=message, change=change, shop=conv.shop,
+        ))
+        ops.append(op)
+        return op
 
     def _remember(self, user: str, cmid: str, seq: int, ts: int) -> None:
         self.recent[user, cmid] = (seq, ts)
@@ -343,7 +366,7 @@ class ConversationActor:
             # A customer writing into a closed conversation opens a new service session.
             self.conversation = replace(conv, state=ConvState.BOT, agent=None, priority=0)
             ops.append(PutConversation(conversation=self.conversation))
-            effects.append(self._publish_conversation(self.conversation, "reopened"))
+            effects.append(self._publish_conversation(ops, self.conversation, "reopened"))
         message = self._append(ops, effects, who, cmd.cmid, cmd.body, exclude_session=who.session)
         self._raise_read_point(ops, who.user, message.seq)
         effects.append(_bind(self._reply, cmd, Sent(
@@ -451,7 +474,7 @@ class ConversationActor:
         if change:
             self.conversation = conv
             ops.append(PutConversation(conversation=conv))
-            effects.append(self._publish_conversation(conv, change))
+            effects.append(self._publish_conversation(ops, conv, change))
         read_seq = self.read_points.get(who.user, conv.last_seq if change == "opened" else 0)
         effects.append(_bind(self._reply, cmd, self._info(cmd, conv, read_seq)))
 
@@ -473,7 +496,7 @@ class ConversationActor:
         self.members = members
         ops.append(PutConversation(conversation=conv))
         ops.append(SetMembers(conv=conv.id, add=members))
-        effects.append(self._publish_conversation(conv, "created"))
+        effects.append(self._publish_conversation(ops, conv, "created"))
         effects.append(_bind(self._reply, cmd, self._info(cmd, conv, 0)))
 
     def _members(self, cmd: MembersCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
@@ -547,7 +570,7 @@ class ConversationActor:
                 data["from"] = conv.agent
             self._system(ops, effects, cmd.who, change, **data)
         effects.append(self._publish_conversation(
-            self.conversation, change, also=conv.agent or ""
+            ops, self.conversation, change, also=conv.agent or ""
         ))
         if cmd.note and new.agent:
             # The note is for staff: it goes to the receiving agent, never into the stream.

@@ -37,6 +37,7 @@ from ._actor import ConversationActor
 from ._commands import AnyCommand
 
 if TYPE_CHECKING:
+    from ..dispatch import WorkerDispatcher
     from ..fanout import Hub
     from ..store import Store
 
@@ -58,10 +59,12 @@ class ShardQueue(Protocol):
 class LocalShards:
     """The embedded engine: in-memory bounded FIFOs, actors in this process."""
 
-    def __init__(self, store: Store, hub: Hub, *, count: int = SHARD_COUNT,
+    def __init__(self, store: Store, hub: Hub, dispatcher: WorkerDispatcher, *,
+                 count: int = SHARD_COUNT,
                  depth: int = SHARD_QUEUE_DEPTH, mailbox_depth: int = ACTOR_MAILBOX_DEPTH) -> None:
         self.store = store
         self.hub = hub
+        self.dispatcher = dispatcher
         self.count = count
         self.mailbox_depth = mailbox_depth
         self._channels = [trio.open_memory_channel[AnyCommand](depth) for _ in range(count)]
@@ -134,7 +137,8 @@ class LocalShards:
         assert self._nursery is not None
         actor = ConversationActor(conv, store=self.store, hub=self.hub,
                                   on_passivate=self._passivate, on_processed=self._processed,
-                                  mailbox_depth=self.mailbox_depth)
+                                  mailbox_depth=self.mailbox_depth, dispatcher=self.dispatcher,
+                                  shard=shard_of(conv, self.count))
         self.actors[conv] = actor
         METRICS.actors.set(len(self.actors))
         self._nursery.start_soon(actor.run)

@@ -1,4 +1,5 @@
-"""Durable storage of conversations, messages, members, read points and agents.
+"""Durable storage of conversations, messages, members, read points, agents
+and the worker event log.
 
 ``Store`` (in ``_base``) is the interface the server is written against;
 ``SqliteStore`` is the embedded engine; ``export_conversation`` and
@@ -12,12 +13,15 @@ from ._base import (
     PutAgent,
     PutAppliedKey,
     PutConversation,
+    PutCursor,
+    PutEvent,
     PutMessage,
     Scope,
     ScopeKind,
     SetMembers,
     SetReadPoint,
     Store,
+    StoredEvent,
     WriteOp,
 )
 from ._export import ExportFormat, export_conversation, export_shop
@@ -33,6 +37,8 @@ __all__ = [
     "PutAgent",
     "PutAppliedKey",
     "PutConversation",
+    "PutCursor",
+    "PutEvent",
     "PutMessage",
     "SchemaError",
     "Scope",
@@ -41,6 +47,7 @@ __all__ = [
     "SetReadPoint",
     "SqliteStore",
     "Store",
+    "StoredEvent",
     "WriteOp",
     "export_conversation",
     "export_shop",

@@ -25,7 +25,16 @@ from typing import Protocol
 import msgspec
 import trio
 
-from protocol import AgentStatus, Conversation, ConvState, MemberRole, Message, Role
+from protocol import (
+    AgentStatus,
+    Conversation,
+    ConvState,
+    MemberRole,
+    Message,
+    Role,
+    WorkerEvent,
+    WorkerEventKind,
+)
 
 # ---------------------------------------------------------------- write ops
 
@@ -79,7 +88,42 @@ class PutAppliedKey(msgspec.Struct, kw_only=True, tag="applied_key"):
     ts: int
 
 
-WriteOp = PutConversation | PutMessage | SetMembers | SetReadPoint | MarkRecalled | PutAgent | PutAppliedKey
+class PutEvent(msgspec.Struct, kw_only=True, tag="event"):
+    """Append a worker event to the log. The store numbers events in commit
+    order and writes the number into ``id`` before ``write`` returns."""
+
+    shard: int
+    kind: WorkerEventKind
+    event: WorkerEvent
+    id: int = 0
+
+    def stored(self) -> StoredEvent:
+        return StoredEvent(id=self.id, shard=self.shard, kind=self.kind, event=self.event)
+
+
+class PutCursor(msgspec.Struct, kw_only=True, tag="cursor"):
+    """A worker plugin has acked every event up to ``event_id``."""
+
+    plugin: str
+    event_id: int
+
+
+WriteOp = (
+    PutConversation | PutMessage | SetMembers | SetReadPoint | MarkRecalled | PutAgent
+    | PutAppliedKey | PutEvent | PutCursor
+)
+
+
+class StoredEvent(msgspec.Struct, kw_only=True, frozen=True):
+    """A worker event as logged: ``event`` without its id and attempt."""
+
+    id: int
+    shard: int
+    kind: WorkerEventKind
+    event: WorkerEvent
+
+    def frame(self, *, attempt: int) -> WorkerEvent:
+        return msgspec.structs.replace(self.event, event_id=self.id, attempt=attempt)
 
 
 # ------------------------------------------------------------- read records
@@ -178,6 +222,18 @@ class Store(Protocol):
     async def read_point(self, conv: str, user: str) -> int: ...
 
     async def list_agents(self, shop: str) -> list[AgentRecord]: ...
+
+    async def worker_cursor(self, plugin: str) -> int | None:
+        """The saved watermark of ``plugin``, or None if it never saved one."""
+
+    async def last_event_id(self) -> int:
+        """The highest event id in the log (0 if empty)."""
+
+    async def events_after(self, after: int, limit: int) -> list[StoredEvent]:
+        """Logged events with id > ``after``, ascending, at most ``limit``."""
+
+    async def prune_events(self, older_than_ms: int) -> int:
+        """Delete worker events with ts < older_than_ms; return how many."""
 
     async def prune(self, older_than_ms: int) -> int:
         """Delete messages with ts < older_than_ms; return how many."""

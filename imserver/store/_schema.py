@@ -19,6 +19,8 @@ Layout notes
   query returns them (``updated_at DESC, id DESC``), so a page costs O(limit)
   rather than a sort of the whole candidate set. ``tests/imserver/store``
   checks the query plans.
+* Worker events are msgpack blobs of ``protocol.WorkerEvent`` as the actor
+  built it (``event_id`` 0); the row id is the event id.
 * Message bodies are msgpack (msgspec) blobs of the ``protocol.AnyBody``
   union, tag included; ``kind`` repeats the tag so exports and ad-hoc SQL can
   filter without decoding. A recalled message keeps its ``kind`` but its body
@@ -35,12 +37,14 @@ from typing import Final, get_args
 
 import msgspec
 
-from protocol import AnyBody, Body
+from protocol import AnyBody, Body, WorkerEvent
 
 # ------------------------------------------------------------------ codecs
 
 body_encoder: Final = msgspec.msgpack.Encoder()
 body_decoder: Final = msgspec.msgpack.Decoder(AnyBody)
+event_encoder: Final = body_encoder  # msgpack encoders are untyped: one serves all
+event_decoder: Final = msgspec.msgpack.Decoder(WorkerEvent)
 tags_encoder: Final = msgspec.json.Encoder()
 tags_decoder: Final = msgspec.json.Decoder(list[str])
 
@@ -145,7 +149,28 @@ CREATE INDEX applied_keys_by_conv ON applied_keys(conv, id);
 CREATE INDEX applied_keys_by_ts   ON applied_keys(ts);
 """
 
-MIGRATIONS: Final[tuple[Migration, ...]] = (Migration(1, "initial schema", _V1_SQL),)
+_V2_SQL: Final = """
+-- The worker event log. AUTOINCREMENT: ids are never reused, even after the
+-- newest rows are pruned, because plugin watermarks compare ids.
+CREATE TABLE worker_events (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    shard  INTEGER NOT NULL,
+    kind   TEXT    NOT NULL,
+    ts     INTEGER NOT NULL,
+    event  BLOB    NOT NULL   -- msgpack of protocol.WorkerEvent
+);
+CREATE INDEX worker_events_by_ts ON worker_events(ts);
+
+CREATE TABLE worker_cursors (
+    plugin    TEXT    NOT NULL PRIMARY KEY,
+    event_id  INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration(1, "initial schema", _V1_SQL),
+    Migration(2, "worker event log", _V2_SQL),
+)
 
 SCHEMA_VERSION: Final = MIGRATIONS[-1].version
 """The version this code reads and writes."""

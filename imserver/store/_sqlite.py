@@ -40,8 +40,8 @@ Failure isolation. If the shared transaction raises (one caller's
 IntegrityError, say), it is rolled back and each job is retried in its own
 transaction, in order: only the faulty caller gets the exception (the raw
 ``sqlite3`` one). ``on_commit(seconds, ops, callers)`` is called in the trio
-thread once per *committed* transaction (retries included); rolled-back
-attempts are not reported.
+thread once per *committed* transaction (retries included), with the
+time from BEGIN to COMMIT; rolled-back attempts are not reported.
 
 Cancellation. A caller cancelled while waiting for admission is removed from
 the line and nothing of it is written. Once admitted, its job is committed
@@ -66,6 +66,11 @@ Retention. ``prune()`` deletes ``RETENTION_DELETE_BATCH`` rows per
 transaction, each one a job of its own through the committer, so other
 writers interleave between batches and the write lock is never held long.
 It also forgets idempotency keys older than the cutoff (not counted).
+
+Worker event log. ``PutEvent`` appends to ``worker_events`` (AUTOINCREMENT
+row id = event id: ids grow in commit order and a committed id is never
+reused, even after pruning) and the id is written into the op after its
+transaction commits, before ``write()`` returns. ``PutCursor`` saves a plugin's watermark (never lowered).
 
 Semantics the interface leaves open, decided here:
 ``PutConversation`` upserts, but ``last_seq`` and ``updated_at`` never go
@@ -104,6 +109,7 @@ from protocol import (
     Message,
     Role,
     TextBody,
+    WorkerEventKind,
 )
 
 from ..limits import (
@@ -119,14 +125,26 @@ from ._base import (
     PutAgent,
     PutAppliedKey,
     PutConversation,
+    PutCursor,
+    PutEvent,
     PutMessage,
     Scope,
     ScopeKind,
     SetMembers,
     SetReadPoint,
+    StoredEvent,
     WriteOp,
 )
-from ._schema import BODY_KIND, body_decoder, body_encoder, migrate, tags_decoder, tags_encoder
+from ._schema import (
+    BODY_KIND,
+    body_decoder,
+    body_encoder,
+    event_decoder,
+    event_encoder,
+    migrate,
+    tags_decoder,
+    tags_encoder,
+)
 
 __all__ = ["SqliteStore"]
 
@@ -153,6 +171,8 @@ _OP_TYPES: Final = (
     MarkRecalled,
     PutAgent,
     PutAppliedKey,
+    PutEvent,
+    PutCursor,
 )
 
 OnCommit = Callable[[float, int, int], None]
@@ -165,7 +185,7 @@ OnCommit = Callable[[float, int, int], None]
 class _PruneStep:
     """Delete at most ``limit`` rows of ``table`` with ts < ``cutoff``."""
 
-    table: Literal["messages", "applied_keys"]
+    table: Literal["messages", "applied_keys", "worker_events"]
     cutoff: int
     limit: int
 
@@ -245,6 +265,11 @@ _SQL_PUT_KEY: Final = """
 INSERT INTO applied_keys (conv, key, ts) VALUES (?, ?, ?)
 ON CONFLICT (conv, key) DO NOTHING
 """
+_SQL_PUT_EVENT: Final = "INSERT INTO worker_events (shard, kind, ts, event) VALUES (?, ?, ?, ?)"
+_SQL_PUT_CURSOR: Final = """
+INSERT INTO worker_cursors (plugin, event_id) VALUES (?, ?)
+ON CONFLICT (plugin) DO UPDATE SET event_id = MAX(event_id, excluded.event_id)
+"""
 _SQL_PRUNE: Final = {
     "messages": """
         DELETE FROM messages WHERE (conv, seq) IN
@@ -252,6 +277,9 @@ _SQL_PRUNE: Final = {
     "applied_keys": """
         DELETE FROM applied_keys WHERE id IN
             (SELECT id FROM applied_keys WHERE ts < ? ORDER BY ts LIMIT ?)""",
+    "worker_events": """
+        DELETE FROM worker_events WHERE id IN
+            (SELECT id FROM worker_events WHERE ts < ? ORDER BY ts LIMIT ?)""",
 }
 
 _MESSAGE_COLUMNS: Final = "seq, sender, sender_role, cmid, ts, kind, body, recalled"
@@ -279,6 +307,12 @@ ORDER BY c.updated_at DESC, c.id DESC LIMIT 1
 """
 SQL_READ_POINT: Final = "SELECT seq FROM read_points WHERE conv = ? AND user = ?"
 SQL_LIST_AGENTS: Final = "SELECT shop, agent, status, ts FROM agents WHERE shop = ? ORDER BY agent"
+SQL_WORKER_CURSOR: Final = "SELECT event_id FROM worker_cursors WHERE plugin = ?"
+# The highest id ever committed, so it stays right after the newest rows are pruned.
+SQL_LAST_EVENT_ID: Final = "SELECT seq FROM sqlite_sequence WHERE name = 'worker_events'"
+SQL_EVENTS_AFTER: Final = """
+SELECT id, shard, kind, event FROM worker_events WHERE id > ? ORDER BY id LIMIT ?
+"""
 
 
 def list_conversations_sql(kind: ScopeKind, with_state: bool) -> str:
@@ -384,7 +418,11 @@ def _message(conv: str, row: Sequence[Any]) -> Message:
 # ------------------------------------------------------- the write thread
 
 
-def _apply_ops(cur: sqlite3.Cursor, ops: list[WriteOp]) -> None:
+_Numbered = list[tuple[PutEvent, int]]
+"""Event ids to write into the ops once their transaction has committed."""
+
+
+def _apply_ops(cur: sqlite3.Cursor, ops: list[WriteOp], numbered: _Numbered) -> None:
     for op in ops:
         if isinstance(op, PutMessage):
             m = op.message
@@ -416,16 +454,25 @@ def _apply_ops(cur: sqlite3.Cursor, ops: list[WriteOp]) -> None:
             cur.execute(_SQL_PUT_AGENT, (op.shop, op.agent, op.status.value, op.ts))
         elif isinstance(op, PutAppliedKey):
             cur.execute(_SQL_PUT_KEY, (op.conv, op.key, op.ts))
+        elif isinstance(op, PutEvent):
+            cur.execute(
+                _SQL_PUT_EVENT,
+                (op.shard, op.kind.value, op.event.ts, event_encoder.encode(op.event)),
+            )
+            assert cur.lastrowid is not None
+            numbered.append((op, cur.lastrowid))
+        elif isinstance(op, PutCursor):
+            cur.execute(_SQL_PUT_CURSOR, (op.plugin, op.event_id))
         else:  # pragma: no cover - write() checks types before enqueueing
             raise TypeError(f"not a store write op: {op!r}")
 
 
-def _apply_work(cur: sqlite3.Cursor, work: _Work) -> tuple[int, int]:
+def _apply_work(cur: sqlite3.Cursor, work: _Work, numbered: _Numbered) -> tuple[int, int]:
     """Apply one job's work; return (result, ops for on_commit)."""
     if isinstance(work, _PruneStep):
         cur.execute(_SQL_PRUNE[work.table], (work.cutoff, work.limit))
         return cur.rowcount, cur.rowcount
-    _apply_ops(cur, work)
+    _apply_ops(cur, work, numbered)
     return 0, len(work)
 
 
@@ -437,14 +484,19 @@ def _rollback(conn: sqlite3.Connection) -> None:
 
 
 def _in_transaction(conn: sqlite3.Connection, works: list[_Work]) -> list[tuple[int, int]]:
+    numbered: _Numbered = []
     conn.execute("BEGIN IMMEDIATE")
     try:
         cur = conn.cursor()
-        out = [_apply_work(cur, work) for work in works]
+        out = [_apply_work(cur, work, numbered) for work in works]
         conn.execute("COMMIT")
     except BaseException:
         _rollback(conn)
         raise
+    # Only now: an id from a rolled-back attempt must never reach the caller.
+    # (The caller reads it after write() returns, i.e. after this thread is done.)
+    for op, event_id in numbered:
+        op.id = event_id
     return out
 
 
@@ -558,6 +610,25 @@ def _q_list_agents(conn: sqlite3.Connection, shop: str) -> list[AgentRecord]:
     ]
 
 
+def _q_worker_cursor(conn: sqlite3.Connection, plugin: str) -> int | None:
+    row = conn.execute(SQL_WORKER_CURSOR, (plugin,)).fetchone()
+    return int(row[0]) if row is not None else None
+
+
+def _q_last_event_id(conn: sqlite3.Connection) -> int:
+    row = conn.execute(SQL_LAST_EVENT_ID).fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+def _q_events_after(conn: sqlite3.Connection, after: int, limit: int) -> list[StoredEvent]:
+    return [
+        StoredEvent(
+            id=event_id, shard=shard, kind=WorkerEventKind(kind), event=event_decoder.decode(blob)
+        )
+        for event_id, shard, kind, blob in conn.execute(SQL_EVENTS_AFTER, (after, max(limit, 0)))
+    ]
+
+
 # -------------------------------------------------------------- the store
 
 
@@ -587,6 +658,7 @@ class SqliteStore:
         self._n_readers = readers
 
         self._state = _State.NEW
+        self._run_called = False
         self._closing = False
         self._closed = trio.Event()
         self._open_lock = trio.Lock()
@@ -659,8 +731,9 @@ class SqliteStore:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open, report started, commit writes until ``aclose()`` or
         cancellation; then commit what is pending and close."""
-        if self._state is _State.RUNNING:
-            raise RuntimeError("SqliteStore.run() is already running")
+        if self._run_called:
+            raise RuntimeError("SqliteStore.run() was already called")
+        self._run_called = True  # before any await: two run()s must not both pass
         await self.open()
         self._state = _State.RUNNING
         try:
@@ -673,18 +746,19 @@ class SqliteStore:
     async def aclose(self) -> None:
         """Refuse new writes, commit everything pending, close all connections.
         Idempotent; with ``run()`` running, waits for it to finish."""
+        async with self._open_lock:  # let an open() in progress finish first
+            if self._state in (_State.NEW, _State.OPEN):
+                # No committer, so nothing is pending: just close.
+                self._state = _State.CLOSED
+                try:
+                    with trio.CancelScope(shield=True):
+                        await self._close_connections()
+                finally:
+                    self._closed.set()
         if self._state is _State.RUNNING:
             self._closing = True
             self._wakeup.set()
-            await self._closed.wait()
-            return
-        async with self._open_lock:
-            if self._state is not _State.CLOSED:
-                self._state = _State.CLOSED
-                with trio.CancelScope(shield=True):
-                    await self._close_connections()
-                self._closed.set()
-        await trio.lowlevel.checkpoint()
+        await self._closed.wait()
 
     async def _shutdown(self) -> None:
         self._closing = True
@@ -700,8 +774,10 @@ class SqliteStore:
                 job.error = trio.ClosedResourceError("the store closed before this write committed")
                 job.done.set()
             self._state = _State.CLOSED
-            await self._close_connections()
-            self._closed.set()
+            try:
+                await self._close_connections()
+            finally:
+                self._closed.set()
 
     async def _close_connections(self) -> None:
         self._readers_closed = True
@@ -833,20 +909,31 @@ class SqliteStore:
     async def prune(self, older_than_ms: int) -> int:
         """Delete messages with ts < ``older_than_ms`` (and idempotency keys
         as old), ``RETENTION_DELETE_BATCH`` rows per transaction."""
-        deleted = 0
-        for table in ("messages", "applied_keys"):
-            while True:
-                step = _PruneStep(table, older_than_ms, RETENTION_DELETE_BATCH)
-                n = await self._submit(_Job(step, 1, solo=True))
-                if table == "messages":
-                    deleted += n
-                if n < RETENTION_DELETE_BATCH:
-                    break
+        deleted = await self._prune_table("messages", older_than_ms)
+        await self._prune_table("applied_keys", older_than_ms)
         return deleted
+
+    async def prune_events(self, older_than_ms: int) -> int:
+        """Delete worker events with ts < ``older_than_ms``, acked or not,
+        ``RETENTION_DELETE_BATCH`` rows per transaction."""
+        return await self._prune_table("worker_events", older_than_ms)
+
+    async def _prune_table(
+        self, table: Literal["messages", "applied_keys", "worker_events"], older_than_ms: int
+    ) -> int:
+        deleted = 0
+        while True:
+            step = _PruneStep(table, older_than_ms, RETENTION_DELETE_BATCH)
+            n = await self._submit(_Job(step, 1, solo=True))
+            deleted += n
+            if n < RETENTION_DELETE_BATCH:
+                return deleted
 
     # ---------------------------------------------------------------- reads
 
     async def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        if self._readers_closed:  # closing holds every slot: do not queue for one
+            raise trio.ClosedResourceError("the store is closed")
         async with self._reader_slots:
             if self._readers_closed:
                 raise trio.ClosedResourceError("the store is closed")
@@ -887,3 +974,13 @@ class SqliteStore:
 
     async def list_agents(self, shop: str) -> list[AgentRecord]:
         return await self._read(lambda c: _q_list_agents(c, shop))
+
+    async def worker_cursor(self, plugin: str) -> int | None:
+        return await self._read(lambda c: _q_worker_cursor(c, plugin))
+
+    async def last_event_id(self) -> int:
+        """The highest event id ever committed (0 if none), even if pruned."""
+        return await self._read(_q_last_event_id)
+
+    async def events_after(self, after: int, limit: int) -> list[StoredEvent]:
+        return await self._read(lambda c: _q_events_after(c, after, limit))

@@ -1,0 +1,5 @@
+"""Sharded, acked, at-least-once delivery of events to worker plugins."""
+
+from ._dispatcher import Instance, WorkerDispatcher, WorkerPeer
+
+__all__ = ["Instance", "WorkerDispatcher", "WorkerPeer"]

@@ -1,0 +1,336 @@
+"""SqliteStore write path: group commit, isolation of failures, backpressure,
+cancellation, durability and lifecycle."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from imserver.store import (
+    MarkRecalled,
+    PutAgent,
+    PutAppliedKey,
+    SetMembers,
+    SetReadPoint,
+    SqliteStore,
+    Store,
+    WriteOp,
+)
+from protocol import AgentStatus, MemberRole
+
+from .conftest import Commits, StoreFactory, WriteLock, put_conv, put_msg
+
+
+def test_sqlite_store_is_a_store(db_path: Path) -> None:
+    store: Store = SqliteStore(db_path)  # checked by mypy
+    assert store is not None
+
+
+def test_bad_arguments(db_path: Path) -> None:
+    with pytest.raises(ValueError, match="synchronous"):
+        SqliteStore(db_path, synchronous="OFF")
+    with pytest.raises(ValueError, match=">= 1"):
+        SqliteStore(db_path, max_pending_ops=0)
+    assert SqliteStore(db_path, synchronous="normal").synchronous == "NORMAL"
+
+
+async def test_group_commit_batches_concurrent_writers(
+    make_store: StoreFactory, db_path: Path
+) -> None:
+    commits = Commits()
+    store = await make_store(on_commit=commits)
+    await store.write([put_conv(f"c{i}") for i in range(200)])
+    commits.clear()
+
+    # 200 callers arriving together share one transaction (or two, if the
+    # committer wakes between them).
+    async with trio.open_nursery() as nursery:
+        for i in range(200):
+            nursery.start_soon(store.write, [put_msg(f"c{i}", 1)])
+    assert sum(commits.ops) == 200
+    assert sum(commits.callers) == 200
+    assert len(commits.calls) <= 2
+
+    # While a transaction is in flight, everything arriving meanwhile goes
+    # into the next one: exactly two transactions here.
+    commits.clear()
+    with WriteLock(db_path) as lock:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.write, [put_msg("c0", 2)])
+            await trio.testing.wait_all_tasks_blocked()  # its thread waits for the lock
+            for i in range(1, 200):
+                nursery.start_soon(store.write, [put_msg(f"c{i}", 2)])
+            await trio.testing.wait_all_tasks_blocked()
+            assert store.pending_ops == 200
+            lock.release()
+    assert commits.callers == [1, 199]
+    assert store.pending_ops == 0
+
+
+async def test_batches_respect_max_batch_ops_without_splitting_a_call(
+    make_store: StoreFactory, db_path: Path
+) -> None:
+    commits = Commits()
+    store = await make_store(on_commit=commits, max_batch_ops=50)
+    await store.write([put_conv("c")])
+    commits.clear()
+    big = [put_msg("c", seq) for seq in range(1000, 1120)]  # 120 ops > 50
+    with WriteLock(db_path) as lock:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.write, [put_msg("c", 1)])
+            await trio.testing.wait_all_tasks_blocked()
+            for seq in range(2, 62):  # 60 single-op calls
+                nursery.start_soon(store.write, [put_msg("c", seq)])
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(store.write, big)
+            await trio.testing.wait_all_tasks_blocked()
+            lock.release()
+    assert commits.ops == [1, 50, 10, 120]
+    history, _ = await store.history("c", before=None, after=None, limit=200)
+    assert len(history) == 181
+
+
+async def test_failing_caller_does_not_fail_the_others(
+    make_store: StoreFactory, db_path: Path, raw: sqlite3.Connection
+) -> None:
+    commits = Commits()
+    store = await make_store(on_commit=commits)
+    await store.write([put_conv("c"), put_msg("c", 1)])
+    commits.clear()
+    outcome: dict[str, BaseException | None] = {}
+
+    async def writer(name: str, ops: Sequence[WriteOp]) -> None:
+        try:
+            await store.write(ops)
+        except Exception as exc:
+            outcome[name] = exc
+        else:
+            outcome[name] = None
+
+    with WriteLock(db_path) as lock:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer, "first", [put_msg("c", 2)])
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(writer, "good-1", [put_msg("c", 3)])
+            # duplicate seq 1, after a valid op that must be rolled back too
+            nursery.start_soon(writer, "bad", [put_msg("c", 4), put_msg("c", 1)])
+            nursery.start_soon(writer, "orphan", [put_msg("no-such-conv", 1)])  # foreign key
+            nursery.start_soon(writer, "good-2", [put_msg("c", 5)])
+            await trio.testing.wait_all_tasks_blocked()
+            lock.release()
+    assert outcome["first"] is None
+    assert outcome["good-1"] is None
+    assert outcome["good-2"] is None
+    assert isinstance(outcome["bad"], sqlite3.IntegrityError)
+    assert isinstance(outcome["orphan"], sqlite3.IntegrityError)
+    seqs = [s for (s,) in raw.execute("SELECT seq FROM messages WHERE conv = 'c' ORDER BY seq")]
+    assert seqs == [1, 2, 3, 5]
+    # The shared attempt is rolled back and not reported; each retry is.
+    assert commits.callers == [1, 1, 1]
+    assert store.pending_ops == 0
+    # and the committer is still healthy
+    await store.write([put_msg("c", 6)])
+
+
+async def test_backpressure_bounds_pending_ops(make_store: StoreFactory, db_path: Path) -> None:
+    commits = Commits()
+    store = await make_store(on_commit=commits, max_pending_ops=10)
+    await store.write([put_conv("c")])
+    commits.clear()
+    with WriteLock(db_path) as lock:
+        async with trio.open_nursery() as nursery:
+            for seq in range(1, 101):
+                nursery.start_soon(store.write, [put_msg("c", seq)])
+            await trio.testing.wait_all_tasks_blocked()
+            # 10 admitted (in flight or queued); 90 callers wait their turn.
+            assert store.pending_ops == 10
+            lock.release()
+    assert sum(commits.ops) == 100
+    assert max(commits.ops) <= 10
+    assert len(commits.calls) >= 10
+    assert store.pending_ops == 0
+    # A single call larger than the bound is admitted alone, not deadlocked.
+    await store.write([put_msg("c", seq) for seq in range(101, 131)])
+    assert commits.ops[-1] == 30
+
+
+async def test_cancelled_waiting_write_is_dropped_and_committer_survives(
+    make_store: StoreFactory, db_path: Path, raw: sqlite3.Connection
+) -> None:
+    store = await make_store(max_pending_ops=2)
+    await store.write([put_conv("c")])
+    with WriteLock(db_path) as lock:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.write, [put_msg("c", 1)])  # in flight
+            await trio.testing.wait_all_tasks_blocked()
+            queued = trio.CancelScope()
+            waiting = trio.CancelScope()
+
+            async def write_in(scope: trio.CancelScope, seq: int) -> None:
+                with scope:
+                    await store.write([put_msg("c", seq)])
+
+            nursery.start_soon(write_in, queued, 2)  # admitted (2 pending)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(write_in, waiting, 3)  # waits for admission
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(store.write, [put_msg("c", 4)])  # waits behind it
+            await trio.testing.wait_all_tasks_blocked()
+            assert store.pending_ops == 2
+            queued.cancel()
+            waiting.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            lock.release()
+    seqs = [s for (s,) in raw.execute("SELECT seq FROM messages ORDER BY seq")]
+    # 2 was admitted before its caller gave up: committed anyway (allowed).
+    # 3 was still waiting for admission: never written.
+    assert seqs == [1, 2, 4]
+    assert store.pending_ops == 0
+    await store.write([put_msg("c", 5)])
+
+
+async def test_durable_and_visible_to_a_fresh_connection(
+    make_store: StoreFactory, db_path: Path
+) -> None:
+    store = await make_store()
+    assert store.synchronous == "FULL"
+    await store.write([put_conv("c"), put_msg("c", 1)])
+    # While the store is open: a new connection reads the WAL.
+    fresh = sqlite3.connect(db_path)
+    try:
+        assert fresh.execute("SELECT seq FROM messages").fetchall() == [(1,)]
+        assert fresh.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        fresh.close()
+    await store.aclose()
+    # After close: the WAL is checkpointed into the main file.
+    assert not db_path.with_name(db_path.name + "-wal").exists()
+    conn = sqlite3.connect(db_path)
+    try:
+        assert conn.execute("SELECT last_seq FROM conversations").fetchall() == [(1,)]
+    finally:
+        conn.close()
+
+
+async def test_aclose_commits_pending_and_refuses_new_writes(make_store: StoreFactory) -> None:
+    store = await make_store()
+    await store.write([put_conv("c")])
+    results: list[int] = []
+
+    async def write(seq: int) -> None:
+        await store.write([put_msg("c", seq)])
+        results.append(seq)
+
+    async with trio.open_nursery() as nursery:
+        for seq in range(1, 21):
+            nursery.start_soon(write, seq)
+        await trio.testing.wait_all_tasks_blocked()
+        await store.aclose()
+    assert sorted(results) == list(range(1, 21))
+    with pytest.raises(trio.ClosedResourceError):
+        await store.write([put_msg("c", 99)])
+    with pytest.raises(trio.ClosedResourceError):
+        await store.history("c", before=None, after=None, limit=10)
+    with pytest.raises(trio.ClosedResourceError):
+        await store.open()
+    await store.aclose()  # idempotent
+
+
+async def test_cancelling_run_flushes_pending_writes(db_path: Path) -> None:
+    commits = Commits()
+    store = SqliteStore(db_path, on_commit=commits)
+    acked: list[int] = []
+
+    async def write(seq: int) -> None:
+        await store.write([put_msg("c", seq)])
+        acked.append(seq)
+
+    async with trio.open_nursery() as outer, trio.open_nursery() as store_nursery:
+        await store_nursery.start(store.run)
+        await store.write([put_conv("c")])
+        with WriteLock(db_path) as lock:
+            outer.start_soon(write, 1)  # in flight, waiting for the lock
+            await trio.testing.wait_all_tasks_blocked()
+            for seq in range(2, 11):  # queued behind it
+                outer.start_soon(write, seq)
+            await trio.testing.wait_all_tasks_blocked()
+            store_nursery.cancel_scope.cancel()
+            lock.release()
+    # The in-flight transaction finished; the queued ones were committed by
+    # the shielded flush on the way out of run().
+    assert sorted(acked) == list(range(1, 11))
+    assert commits.ops == [1, 1, 9]
+    conn = sqlite3.connect(db_path)
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM messages").fetchone() == (10,)
+    finally:
+        conn.close()
+    with pytest.raises(trio.ClosedResourceError):
+        await store.write([put_msg("c", 11)])
+
+
+async def test_lifecycle_errors(db_path: Path) -> None:
+    store = SqliteStore(db_path)
+    with pytest.raises(RuntimeError, match="not open"):
+        await store.get_conversation("c")
+    await store.open()
+    await store.open()  # idempotent
+    assert await store.get_conversation("c") is None  # reads work without run()
+    with pytest.raises(RuntimeError, match="not running"):
+        await store.write([put_conv("c")])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        with pytest.raises(RuntimeError, match="already called"):
+            await store.run()
+        with pytest.raises(TypeError):
+            await store.write(["not an op"])  # type: ignore[list-item]
+        await store.write([])
+        await store.aclose()
+    # closing a store that never ran
+    other = SqliteStore(db_path.with_name("other.db"))
+    await other.open()
+    await other.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await other.get_conversation("c")
+
+
+async def test_reads_do_not_wait_for_the_write_lock(
+    store: SqliteStore, db_path: Path
+) -> None:
+    await store.write([put_conv("c"), put_msg("c", 1)])
+    writer = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("UPDATE messages SET cmid = 'uncommitted'")
+        with trio.fail_after(2):  # well under the 5 s busy timeout
+            page, _ = await store.history("c", before=None, after=None, limit=10)
+        assert [m.cmid for m in page] == ["c1"]
+        writer.execute("ROLLBACK")
+    finally:
+        writer.close()
+
+
+async def test_every_op_kind_round_trips(store: SqliteStore) -> None:
+    ops: list[WriteOp] = [
+        put_conv("g", customer=None),
+        SetMembers(conv="g", add={"u1": MemberRole.OWNER, "u2": MemberRole.MEMBER}),
+        put_msg("g", 1),
+        SetReadPoint(conv="g", user="u1", seq=1),
+        MarkRecalled(conv="g", seq=1),
+        PutAgent(shop="s", agent="a1", status=AgentStatus.ONLINE, ts=5),
+        PutAppliedKey(conv="g", key="k1", ts=5),
+    ]
+    await store.write(ops)
+    snap = await store.load_actor("g", dedup_window=10, keys_window=10)
+    assert snap.members == {"u1": MemberRole.OWNER, "u2": MemberRole.MEMBER}
+    assert snap.applied_keys == {"k1"}
+    assert await store.read_point("g", "u1") == 1
+    page, _ = await store.history("g", before=None, after=None, limit=10)
+    assert page[0].recalled
+    [agent] = await store.list_agents("s")
+    assert agent.status is AgentStatus.ONLINE

@@ -1,0 +1,107 @@
+"""What a plugin author writes: a small class with event handlers.
+
+A plugin subclasses ``Plugin``, names itself and the event kinds it wants,
+and implements the handlers it needs. Handlers receive a ``WorkerContext``
+whose actions carry idempotency keys derived from the event being handled,
+so a redelivered event (delivery is at least once) never sends a second
+reply or makes a second assignment. See docs/PLUGINS.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from protocol import (
+    AnyBody,
+    ConvState,
+    History,
+    HistoryPage,
+    Notify,
+    QuickRepliesBody,
+    Send,
+    Sent,
+    TextBody,
+    UpdateConversation,
+    WorkerEvent,
+    WorkerEventKind,
+)
+
+from ._client import AsyncClient
+
+
+@dataclass
+class WorkerContext:
+    """Actions a handler may take. ``key`` scopes idempotency: the runner sets
+    it to the event id being handled; several actions for one event pass a
+    distinct ``part`` each."""
+
+    client: AsyncClient
+    plugin: str
+    data_dir: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    event_key: str = ""
+
+    def key(self, part: str = "") -> str:
+        return f"{self.plugin}:{self.event_key}:{part}" if self.event_key else ""
+
+    async def send(self, conv: str, body: AnyBody, *, part: str = "") -> Sent:
+        sent: Sent = await self.client.request(Send(id=0, conv=conv, cmid=self.key(part or "send"),
+                                                     body=body))
+        return sent
+
+    async def reply(self, conv: str, text: str, *, quick_replies: list[str] | None = None,
+                    part: str = "") -> Sent:
+        body: AnyBody = (QuickRepliesBody(text=text, options=quick_replies) if quick_replies
+                         else TextBody(text=text))
+        return await self.send(conv, body, part=part or "reply")
+
+    async def update(self, conv: str, *, state: ConvState | None = None, agent: str | None = None,
+                     priority: int | None = None, tags_add: list[str] | None = None,
+                     tags_remove: list[str] | None = None, note: str = "", part: str = "") -> None:
+        await self.client.request(UpdateConversation(
+            id=0, conv=conv, state=state, agent=agent, priority=priority,
+            tags_add=tags_add or [], tags_remove=tags_remove or [], note=note,
+            key=self.key(part or "update"),
+        ))
+
+    async def notify(self, kind: str, data: dict[str, Any], *, conv: str | None = None,
+                     user: str | None = None, shop: str | None = None) -> None:
+        await self.client.request(Notify(id=0, kind=kind, data=data, conv=conv, user=user, shop=shop))
+
+    async def history(self, conv: str, *, limit: int = 20) -> HistoryPage:
+        page: HistoryPage = await self.client.request(History(id=0, conv=conv, limit=limit))
+        return page
+
+
+class Plugin:
+    """Base class of worker plugins."""
+
+    name: ClassVar[str] = ""
+    kinds: ClassVar[frozenset[WorkerEventKind]] = frozenset(
+        {WorkerEventKind.MESSAGE, WorkerEventKind.CONVERSATION}
+    )
+    tick_seconds: ClassVar[float] = 0.0
+    """If > 0, ``on_tick`` runs this often (timers such as SLAs)."""
+
+    async def setup(self, ctx: WorkerContext) -> None:
+        """Open the plugin's own store, load configuration."""
+
+    async def on_message(self, ctx: WorkerContext, event: WorkerEvent) -> None:
+        """A message was stored in a conversation of this instance's shards."""
+
+    async def on_conversation(self, ctx: WorkerContext, event: WorkerEvent) -> None:
+        """A conversation changed (``event.change``)."""
+
+    async def on_agent(self, ctx: WorkerContext, event: WorkerEvent) -> None:
+        """An agent's status changed (every instance gets these)."""
+
+    async def on_tick(self, ctx: WorkerContext, now: float) -> None:
+        """Periodic work; ``now`` is ``time.time()``."""
+
+    async def on_shards(self, ctx: WorkerContext, shards: list[int]) -> None:
+        """This instance's shards changed."""
+
+    async def teardown(self) -> None:
+        """Close what ``setup`` opened."""
