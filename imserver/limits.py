@@ -45,6 +45,9 @@ from protocol._limits import (
     MAX_RESUME_POINTS as MAX_RESUME_POINTS,
 )
 from protocol._limits import (
+    MAX_SERVER_FRAME_BYTES as MAX_SERVER_FRAME_BYTES,
+)
+from protocol._limits import (
     MAX_TAGS as MAX_TAGS,
 )
 from protocol._limits import (

@@ -48,6 +48,7 @@ from .limits import (
     RETENTION_DAYS,
     RETENTION_SWEEP_S,
     SHARD_COUNT,
+    WORKER_EVENT_RETENTION_MS,
 )
 from .logs import event, now_ms
 from .metrics import METRICS
@@ -216,8 +217,9 @@ class Server:
             cutoff = now_ms() - self.config.retention_days * 86_400_000
             try:
                 removed = await store.prune(cutoff)
-                if removed:
-                    event(log, "retention", removed=removed)
+                events = await store.prune_events(now_ms() - WORKER_EVENT_RETENTION_MS)
+                if removed or events:
+                    event(log, "retention", removed=removed, worker_events=events)
             except Exception as exc:
                 event(log, "retention_failed", level=logging.ERROR, error=repr(exc))
             await trio.sleep(RETENTION_SWEEP_S)

@@ -24,10 +24,11 @@ from ._errors import CloseCode, ErrorCode
 from ._frames import *  # noqa: F403  (the frame catalogue is the API)
 from ._frames import __all__ as _frame_names
 from ._limits import *  # noqa: F403
-from ._limits import PROTOCOL_VERSION, SUPPORTED_VERSIONS
+from ._limits import MAX_SERVER_FRAME_BYTES, PROTOCOL_VERSION, SUPPORTED_VERSIONS
 
 __all__ = [
     "MAX_REFUSALS_IN_A_ROW",
+    "MAX_SERVER_FRAME_BYTES",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
     "ClientConnection",

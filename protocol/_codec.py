@@ -19,11 +19,20 @@ from ._frames import ClientFrameType, ServerFrameType
 class FrameError(Exception):
     """Bytes that are not a valid frame."""
 
-    def __init__(self, code: ErrorCode, message: str, request_id: int | None) -> None:
+    def __init__(self, code: ErrorCode, message: str, request_id: int | None,
+                 hello_version: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.request_id = request_id
+        self.hello_version = hello_version
+        """For an invalid Hello: the version it claims, so that a future-shaped
+        Hello is told ``unsupported_version`` rather than ``bad_frame``."""
+
+
+class _HelloProbe(msgspec.Struct):
+    t: str | None = None
+    v: int | None = None
 
 
 class _IdProbe(msgspec.Struct):
@@ -65,12 +74,23 @@ def _probe_id(data: bytes) -> int | None:
     return request_id
 
 
+def _probe_hello(data: bytes) -> int | None:
+    try:
+        probe = _hello_probe_decoder.decode(data)
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        return None
+    return probe.v if probe.t == "hello" else None
+
+
+_hello_probe_decoder: Final = msgspec.msgpack.Decoder(_HelloProbe)
+
+
 def decode_client_frame(data: bytes) -> ClientFrameType:
     """Decode one frame sent by a client. Raises ``FrameError``."""
     try:
         return _client_decoder.decode(data)
     except msgspec.ValidationError as exc:
-        raise FrameError(_classify(exc), str(exc), _probe_id(data)) from None
+        raise FrameError(_classify(exc), str(exc), _probe_id(data), _probe_hello(data)) from None
     except (msgspec.DecodeError, ValueError) as exc:  # not msgpack at all, or trailing bytes
         raise FrameError(ErrorCode.BAD_FRAME, f"invalid msgpack: {exc}", None) from None
     except RecursionError:  # msgspec bounds nesting depth; a 64 KiB frame can nest deeper

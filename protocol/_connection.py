@@ -267,19 +267,24 @@ class ServerConnection:
     def _on_hello(self, frame: ClientFrameType | FrameError, now: float) -> ServerEvent:
         assert isinstance(frame, Hello)
         if frame.v not in SUPPORTED_VERSIONS:
-            return self._refuse(
-                ErrorCode.UNSUPPORTED_VERSION,
-                f"protocol version {frame.v} is not supported; this server speaks "
-                f"{sorted(SUPPORTED_VERSIONS)}",
-                None,
-                CloseCode.UNSUPPORTED_VERSION,
-                detail={"supported": ",".join(str(v) for v in sorted(SUPPORTED_VERSIONS))},
-            )
+            return self._unsupported(frame.v)
         self.state = ConnectionState.AUTHENTICATING
         return HelloReceived(frame)
 
+    def _unsupported(self, version: int) -> Refused:
+        return self._refuse(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {version} is not supported; this server speaks "
+            f"{sorted(SUPPORTED_VERSIONS)}",
+            None,
+            CloseCode.UNSUPPORTED_VERSION,
+            detail={"supported": ",".join(str(v) for v in sorted(SUPPORTED_VERSIONS))},
+        )
+
     def _before_hello(self, frame: ClientFrameType | FrameError, now: float) -> ServerEvent:
         if isinstance(frame, FrameError):
+            if frame.hello_version is not None and frame.hello_version not in SUPPORTED_VERSIONS:
+                return self._unsupported(frame.hello_version)
             return self._refuse(
                 ErrorCode.BAD_FRAME, f"first frame must be a valid hello: {frame.message}",
                 None, CloseCode.BAD_HANDSHAKE,

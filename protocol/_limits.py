@@ -19,6 +19,10 @@ MAX_FRAME_BYTES: Final = 64 * 1024
 """Largest WebSocket message (one protocol frame) either side may send.
 A larger one is answered with close code 1009 (message too big)."""
 
+MAX_SERVER_FRAME_BYTES: Final = 1024 * 1024
+"""Largest frame a server sends (history pages are cut to fit, with ``has_more``).
+Clients must accept messages up to this size."""
+
 MAX_TEXT_CHARS: Final = 5000
 """Longest text body, in characters (a long customer-service answer fits)."""
 

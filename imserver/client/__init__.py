@@ -1,5 +1,5 @@
 """Python client SDK (trio). See ``_trio`` for the theory of operation."""
 
-from ._trio import Client, ConnectionClosed, ServerError, connect
+from ._trio import Client, ConnectionClosed, PendingReply, ReconnectingClient, ServerError, connect
 
-__all__ = ["Client", "ConnectionClosed", "ServerError", "connect"]
+__all__ = ["Client", "ConnectionClosed", "PendingReply", "ReconnectingClient", "ServerError", "connect"]

@@ -12,7 +12,8 @@ consumer -- backpressure, never unbounded memory.
 
 ``Client`` tracks the last seq it has seen per conversation (``last_seq``):
 pass it as ``resume`` to the next ``connect`` and the server replays exactly
-what was missed. ``ReconnectingClient`` does that by itself.
+what was missed. ``ReconnectingClient`` does that by itself, with backoff,
+and carries sends across reconnects with their client message ids.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from __future__ import annotations
 import contextlib
 import ssl
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
@@ -322,3 +323,93 @@ async def _await_welcome(stream: trio.abc.Stream, ws: WSConnection,
             elif isinstance(ev, CloseConnection):
                 raise ConnectionClosed(ev.code, ev.reason or "")
     return welcome, leftover
+
+
+RECONNECT_BACKOFF_S: Final = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
+MAX_RESUMED_CONVERSATIONS: Final = 1000  # protocol.MAX_RESUME_POINTS
+
+
+class ReconnectingClient:
+    """A client that stays connected: it reconnects with backoff and resumes from
+    the last seq it saw in every conversation, so the application sees one
+    gapless stream across disconnects. ``send`` survives reconnects too (it
+    retries with the same client message id, which the server deduplicates).
+
+    Run it in a nursery: ``await nursery.start(client.run)``.
+    """
+
+    def __init__(self, url: str, token: Callable[[], str], *, device: str = "py-client",
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.url = url
+        self.token = token
+        self.device = device
+        self.ssl_context = ssl_context
+        self.last_seq: dict[str, int] = {}
+        self.connections = 0
+        self._current: Client | None = None
+        self._changed = trio.Event()
+        self._events_in, self.events = trio.open_memory_channel[ServerFrameType](EVENT_BUFFER)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        failures = 0
+        started = False
+        while True:
+            resume = dict(list(self.last_seq.items())[-MAX_RESUMED_CONVERSATIONS:])
+            try:
+                async with connect(self.url, self.token(), device=self.device, resume=resume,
+                                   ssl_context=self.ssl_context) as client:
+                    failures = 0
+                    self.connections += 1
+                    self._set_current(client)
+                    if not started:
+                        started = True
+                        task_status.started()
+                    async for frame in client.events:
+                        if isinstance(frame, MessageEvent):
+                            message = frame.message
+                            if message.seq <= self.last_seq.get(message.conv, 0):
+                                continue  # already seen before a reconnect
+                            self.last_seq[message.conv] = message.seq
+                        await self._events_in.send(frame)
+            except (OSError, ConnectionClosed, trio.BrokenResourceError, trio.TooSlowError):
+                failures += 1
+            except ServerError as exc:
+                if exc.code == "unauthorized":
+                    raise  # a new token will not come from retrying
+                failures += 1
+            finally:
+                self._set_current(None)
+            await trio.sleep(RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S) - 1)])
+
+    def _set_current(self, client: Client | None) -> None:
+        self._current = client
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def client(self) -> Client:
+        """The live connection, waiting for one if needed."""
+        while True:
+            current = self._current
+            if current is not None and not current.closed.is_set():
+                return current
+            await self._changed.wait()
+
+    async def request(self, frame: Any) -> Any:
+        while True:
+            client = await self.client()
+            try:
+                return await client.request(frame)
+            except ConnectionClosed:
+                continue
+
+    async def send(self, conv: str, body: AnyBody, *, cmid: str | None = None) -> Sent:
+        cmid = cmid or uuid.uuid4().hex
+        while True:
+            client = await self.client()
+            try:
+                return await client.send(conv, body, cmid=cmid)
+            except ConnectionClosed:
+                continue  # same cmid on the next connection: never stored twice
+
+    async def send_text(self, conv: str, text: str, *, cmid: str | None = None) -> Sent:
+        return await self.send(conv, TextBody(text=text), cmid=cmid)

@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from wsproto import WSConnection
-from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.events import Message as WsMessage
 
 from protocol import (
     PROTOCOL_VERSION,
@@ -54,6 +55,7 @@ from protocol import (
     HistoryPage,
     Limits,
     ListConversations,
+    Message,
     MessageEvent,
     NoticeReceived,
     Notify,
@@ -108,6 +110,7 @@ from ..limits import (
     MAX_FRAME_BYTES,
     MAX_HISTORY_PAGE,
     MAX_INFLIGHT_REQUESTS,
+    MAX_SERVER_FRAME_BYTES,
     MAX_TEXT_CHARS,
     MAX_WATCHED_USERS,
     OUTBOUND_BUFFER_BYTES,
@@ -330,7 +333,7 @@ class Session:
             self.last_inbound = trio.current_time()
             self.ws.receive_data(data)  # type: ignore[arg-type]  # bytearray is fine
             for ws_event in self.ws.events():
-                if isinstance(ws_event, Message):
+                if isinstance(ws_event, WsMessage):
                     if isinstance(ws_event, TextMessage):
                         self._handle(self.conn.receive_text())
                         return False
@@ -551,7 +554,20 @@ class Session:
             raise _Refuse(ErrorCode.NOT_FOUND, f"no conversation {request.conv!r}")
         messages, more = await store.history(request.conv, before=request.before,
                                              after=request.after, limit=request.limit)
-        return HistoryPage(id=request.id, conv=request.conv, messages=messages, has_more=more)
+        # Long texts can make a full page too big for one frame: cut it at the far end
+        # of the paging direction and say there is more.
+        backwards = request.after is None
+        budget = MAX_SERVER_FRAME_BYTES - 1024
+        kept: list[Message] = []
+        for message in reversed(messages) if backwards else messages:
+            budget -= len(encode(message))
+            if budget < 0:
+                more = True
+                break
+            kept.append(message)
+        if backwards:
+            kept.reverse()
+        return HistoryPage(id=request.id, conv=request.conv, messages=kept, has_more=more)
 
     async def _list(self, request: ListConversations) -> ServerFrameType:
         who = self.identity

@@ -571,3 +571,17 @@ def test_client_and_server_talk() -> None:
     error = client.receive(refused(event).data)
     assert isinstance(error, Error)
     assert (error.code, error.id) == (ErrorCode.TOO_LARGE, 2)
+
+
+def test_future_shaped_hello_is_told_unsupported_version() -> None:
+    """A v2 Hello may have fields v1 cannot validate; it still learns the version is wrong."""
+    import msgspec
+
+    from protocol import CloseCode, ErrorCode, Refused, ServerConnection
+
+    conn = ServerConnection(now=0.0)
+    data = msgspec.msgpack.encode({"t": "hello", "v": 2, "token": 17, "device": ["new", "shape"]})
+    event = conn.receive(data, 0.0)
+    assert isinstance(event, Refused)
+    assert event.error.code == ErrorCode.UNSUPPORTED_VERSION
+    assert event.close == CloseCode.UNSUPPORTED_VERSION

@@ -17,6 +17,7 @@ from protocol import (
     OpenConversation,
     Recall,
     RecallBody,
+    Send,
     Sent,
     SystemBody,
     TextBody,
@@ -171,3 +172,27 @@ async def test_transfer_moves_the_chat_and_tells_both_agents(server: RunningServ
             await a1.send_text(conv, "still here?")
         assert refused.value.code in ("forbidden", "not_found")
         await a2.send_text(conv, "hello, I am taking over")
+
+
+async def test_history_pages_fit_in_one_frame(server: RunningServer) -> None:
+    """200 messages of 5000 CJK characters (15 kB each) cannot go in one frame."""
+    from protocol import MAX_SERVER_FRAME_BYTES, MAX_TEXT_CHARS, encode
+
+    async with server.connect("writer", "worker", "shop1") as writer, server.connect("reader") as reader:
+        conv = (await reader.request(OpenConversation(id=0, shop="shop1"))).conversation.id
+        pending = [await writer.start_request(_send(conv, "w", i)) for i in range(5)]
+        for p in pending:
+            await p.result()
+        long_text = "长" * MAX_TEXT_CHARS
+        pending = [await writer.start_request(
+            Send(id=0, conv=conv, cmid=f"long{i}", body=TextBody(text=long_text))) for i in range(200)]
+        for p in pending:
+            await p.result()
+        newest: HistoryPage = await reader.request(History(id=0, conv=conv, limit=200))
+        assert len(encode(newest)) <= MAX_SERVER_FRAME_BYTES
+        assert newest.has_more and newest.messages[-1].seq == 205
+        seqs = [m.seq for m in newest.messages]
+        assert seqs == list(range(seqs[0], 206))
+        oldest: HistoryPage = await reader.request(History(id=0, conv=conv, after=0, limit=200))
+        assert oldest.messages[0].seq == 1 and oldest.has_more
+        assert len(encode(oldest)) <= MAX_SERVER_FRAME_BYTES
