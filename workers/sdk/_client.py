@@ -20,7 +20,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed as WsClosed
 
 from protocol import (
-    MAX_FRAME_BYTES,
+    MAX_SERVER_FRAME_BYTES,
     PROTOCOL_VERSION,
     ClientConnection,
     Error,
@@ -63,7 +63,7 @@ class AsyncClient:
     @classmethod
     async def connect(cls, url: str, token: str, *, device: str, on_event: EventHandler,
                       resume: dict[str, int] | None = None) -> AsyncClient:
-        ws = await ws_connect(url, max_size=MAX_FRAME_BYTES * 4, compression=None,
+        ws = await ws_connect(url, max_size=MAX_SERVER_FRAME_BYTES, compression=None,
                               ping_interval=None, open_timeout=10)
         conn = ClientConnection()
         await ws.send(conn.hello(Hello(v=PROTOCOL_VERSION, token=token, device=device,

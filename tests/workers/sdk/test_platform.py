@@ -3,47 +3,15 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 
 import trio
 
 from imserver.client import Client
 from protocol import MessageEvent, OpenConversation, TextBody, UpdateConversation
-from tests.conftest import SECRET, RunningServer
-
-
-@asynccontextmanager
-async def worker_process(server: RunningServer, plugin: str, tmp: Path) -> AsyncIterator[trio.Process]:
-    """``imserver worker`` as a child process, ready once it has joined."""
-    async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(partial(
-            trio.run_process,
-            [sys.executable, "-m", "imserver", "worker", plugin, "--server", server.url,
-             "--secret", SECRET.decode(), "--data", str(tmp), "--log-level", "warning"],
-            check=False, stderr=subprocess.DEVNULL))
-        dispatcher = server.server.dispatcher
-        assert dispatcher is not None
-        name = plugin.rsplit(":", 1)[1].removesuffix("Plugin").lower()
-        def instances() -> int:
-            group = dispatcher.groups.get(name)
-            return len(group.instances) if group else 0
-
-        with trio.fail_after(30):
-            before = instances()
-            while instances() <= before:
-                await dispatcher.membership_changed()
-        try:
-            yield process
-        finally:
-            if process.returncode is None:
-                process.kill()
-            nursery.cancel_scope.cancel()
+from tests.conftest import RunningServer
+from tests.workers.conftest import worker_process
 
 
 async def _bot_replies(client: Client, conv: str, count: int) -> list[str]:

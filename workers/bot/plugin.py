@@ -1,0 +1,151 @@
+"""The bot worker plugin: the engine (``engine.py``) wired to conversations.
+
+* A conversation opens (or reopens): the shop's welcome, with quick replies,
+  and outside business hours the away message.
+* A customer writes while the bot owns the conversation (state ``bot``): the
+  engine answers (order status comes from the CRM database), and/or hands off:
+  the conversation goes to ``queued`` with the handoff's priority and tags
+  ``skill:<skill>``, ``intent:<intent>``, ``handoff:<reason>`` for routing,
+  and the reason as a note for the agent.
+* A conversation closes: counted for the deflection rate (closed without a
+  human / closed), published to the shop's dashboard as ``bot_stats``.
+
+Configuration (``bot:`` in the workers YAML): ``knowledge`` maps a shop (or
+``"*"`` for every shop) to a KB file (YAML or CSV; default: the example KB),
+``hours`` maps a shop to ``{timezone, weekly: {mon-fri: "09:00-18:00"}, holidays}``,
+``threshold`` the handoff confidence threshold, ``crm_db`` the CRM database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar, Final, TypeVar
+
+from protocol import ConvState, Role, TextBody, WorkerEvent, WorkerEventKind
+from workers.crm.plugin import DEFAULT_DB
+from workers.crm.repository import CrmRepository
+from workers.sdk import Plugin, WorkerContext
+
+from .engine import DEFAULT_HANDOFF_THRESHOLD, BotEngine
+from .hours import BusinessHours
+from .knowledge import KnowledgeBase
+
+log = logging.getLogger("imserver.worker.bot")
+T = TypeVar("T")
+
+EXAMPLE_KB: Final = Path(__file__).parent / "examples" / "kb.yaml"
+MAX_REMEMBERED_HUMAN_CONVS: Final = 100_000
+"""Conversations remembered as having had a human (for the deflection rate)."""
+
+
+class BotPlugin(Plugin):
+    name: ClassVar[str] = "bot"
+    kinds: ClassVar[frozenset[WorkerEventKind]] = frozenset(
+        {WorkerEventKind.MESSAGE, WorkerEventKind.CONVERSATION}
+    )
+
+    def __init__(self) -> None:
+        self.engine: BotEngine | None = None
+        self.default_kb: KnowledgeBase | None = None
+        self.crm: CrmRepository | None = None
+        self._had_human: OrderedDict[str, None] = OrderedDict()
+        self._shops_with_kb: set[str] = set()
+        # The engine is not thread-safe and a match takes milliseconds: every call
+        # goes through one thread, off the event loop.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bot-engine")
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, partial(fn, *args))
+
+    async def setup(self, ctx: WorkerContext) -> None:
+        config = ctx.config
+        knowledge: dict[str, Any] = dict(config.get("knowledge", {}))
+        kbs = {shop: await asyncio.to_thread(KnowledgeBase.load, Path(str(path)))
+               for shop, path in knowledge.items() if shop != "*"}
+        self.default_kb = await asyncio.to_thread(
+            KnowledgeBase.load, Path(str(knowledge.get("*", EXAMPLE_KB))))
+        hours = {
+            shop: BusinessHours.parse(spec["timezone"], spec.get("weekly", {}),
+                                      holidays=spec.get("holidays", ()))
+            for shop, spec in dict(config.get("hours", {})).items()
+        }
+        crm_db = Path(str(config.get("crm_db") or ctx.data_dir.parent / "crm" / DEFAULT_DB))
+        crm_db.parent.mkdir(parents=True, exist_ok=True)
+        self.crm = await asyncio.to_thread(CrmRepository, crm_db)
+        self._shops_with_kb = set(kbs)
+        self.engine = BotEngine(kbs, self.crm, business_hours=hours,
+                                handoff_threshold=float(config.get("threshold",
+                                                                   DEFAULT_HANDOFF_THRESHOLD)))
+        from .segment import warm_up
+
+        await self._call(warm_up)
+
+    async def teardown(self) -> None:
+        self._thread.shutdown(wait=True)
+        if self.crm is not None:
+            self.crm.close()
+
+    def _engine_for(self, shop: str) -> BotEngine:
+        engine = self.engine
+        assert engine is not None and self.default_kb is not None
+        if shop not in self._shops_with_kb:
+            engine.set_knowledge_base(shop, self.default_kb)
+            self._shops_with_kb.add(shop)
+        return engine
+
+    async def on_conversation(self, ctx: WorkerContext, event: WorkerEvent) -> None:
+        conv = event.conversation
+        if conv is None or conv.customer is None:
+            return
+        engine = self._engine_for(conv.shop)
+        now = datetime.now(UTC)
+        if event.change in ("opened", "reopened"):
+            reply = await self._call(engine.on_conversation_opened, conv.shop, conv.id,
+                                     conv.customer, now)
+            if reply is not None:
+                await ctx.reply(conv.id, reply.text, quick_replies=reply.quick_replies or None,
+                                part="welcome")
+        elif event.change in ("assigned", "transferred"):
+            self._had_human[conv.id] = None
+            if len(self._had_human) > MAX_REMEMBERED_HUMAN_CONVS:
+                self._had_human.popitem(last=False)
+        elif event.change == "closed":
+            await self._call(engine.on_conversation_closed, conv.shop, conv.id,
+                             conv.id in self._had_human)
+            self._had_human.pop(conv.id, None)
+            stats = await self._call(engine.stats, conv.shop)
+            await ctx.notify("bot_stats", {
+                "conversations": stats.conversations, "handed_off": stats.handed_off,
+                "closed": stats.closed, "closed_without_human": stats.closed_without_human,
+                "deflection_rate": stats.deflection_rate,
+            }, shop=conv.shop)
+
+    async def on_message(self, ctx: WorkerContext, event: WorkerEvent) -> None:
+        message, conv = event.message, event.conversation
+        if message is None or conv is None or conv.customer is None:
+            return
+        if message.sender_role is not Role.CUSTOMER or conv.state is not ConvState.BOT:
+            return
+        if not isinstance(message.body, TextBody):
+            return
+        engine = self._engine_for(conv.shop)
+        decision = await self._call(
+            engine.on_customer_message, conv.shop, conv.id, conv.customer, message.body.text,
+            datetime.now(UTC))
+        if decision.reply is not None:
+            await ctx.reply(conv.id, decision.reply.text,
+                            quick_replies=decision.reply.quick_replies or None, part="answer")
+        handoff = decision.handoff
+        if handoff is not None:
+            tags = [f"skill:{handoff.skill}", f"handoff:{handoff.reason}"]
+            if decision.intent:
+                tags.append(f"intent:{decision.intent}")
+            await ctx.update(conv.id, state=ConvState.QUEUED, priority=handoff.priority,
+                             tags_add=tags, note=handoff.note[:500], part="handoff")

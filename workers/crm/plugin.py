@@ -1,0 +1,148 @@
+"""The CRM worker plugin: customer context beside the chat, and segment broadcasts.
+
+* When a conversation opens, its customer is registered (one unified customer
+  across channels: the IM user id, linked to the channel it came from).
+* When a conversation is assigned or transferred, the agent gets the
+  customer's profile as a ``PluginEvent`` of kind ``profile`` (the sidebar:
+  level, VIP, points, tags, segment, recent orders, lifetime value).
+* Every tick it recomputes what is due: RFM segments, rule tags and loyalty
+  points once per ``SCORE_EVERY_S``, and the sends of configured broadcasts
+  whose time has come (each customer in their own local sending window,
+  opted-out customers skipped, rate limited so live chats never starve).
+
+Configuration (``crm:`` in the workers YAML): ``db`` (path of the CRM
+database, shared with the bot), ``orders`` (a CSV / JSON file imported at
+start), ``broadcasts`` (a list of {id, shop, segment, text, window: [9, 21],
+rate_per_minute}).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import ClassVar, Final
+
+import msgspec
+
+from imserver.gateway._ids import direct_conversation_id
+from protocol import TextBody, WorkerEvent, WorkerEventKind
+from workers.sdk import Plugin, RequestFailed, WorkerContext
+
+from .broadcast import BroadcastPlanner
+from .importer import import_orders
+from .loyalty import LoyaltyEngine
+from .repository import CrmRepository
+from .rfm import RfmScorer
+from .tagging import TagEngine
+
+log = logging.getLogger("imserver.worker.crm")
+
+SCORE_EVERY_S: Final = 3600.0
+"""How often RFM segments, rule tags and loyalty points are recomputed per shop."""
+
+DEFAULT_DB: Final = "crm.db"
+
+
+def crm_db_path(ctx: WorkerContext) -> Path:
+    """The CRM database: ``config['db']``, else DATA/workers/crm/crm.db (the bot reads it too)."""
+    configured = ctx.config.get("db")
+    return Path(str(configured)) if configured else ctx.data_dir.parent / "crm" / DEFAULT_DB
+
+
+class _Broadcast(msgspec.Struct, kw_only=True, frozen=True):
+    id: str
+    shop: str
+    segment: str
+    text: str
+    window: tuple[int, int] = (9, 21)
+    rate_per_minute: int = 20
+
+
+class CrmPlugin(Plugin):
+    name: ClassVar[str] = "crm"
+    kinds: ClassVar[frozenset[WorkerEventKind]] = frozenset({WorkerEventKind.CONVERSATION})
+    tick_seconds: ClassVar[float] = 2.0
+
+    def __init__(self) -> None:
+        self.repo: CrmRepository | None = None
+        self.broadcasts: list[_Broadcast] = []
+        self.shops: set[str] = set()
+        self._scored_at: dict[str, float] = {}
+
+    async def setup(self, ctx: WorkerContext) -> None:
+        path = crm_db_path(ctx)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.repo = await asyncio.to_thread(CrmRepository, path)
+        orders = ctx.config.get("orders")
+        if orders:
+            report = await asyncio.to_thread(import_orders, self.repo, Path(str(orders)))
+            log.info("imported orders: %s", report)
+        self.broadcasts = msgspec.convert(ctx.config.get("broadcasts", []), list[_Broadcast])
+        self.shops.update(b.shop for b in self.broadcasts)
+
+    async def teardown(self) -> None:
+        if self.repo is not None:
+            self.repo.close()
+
+    async def on_conversation(self, ctx: WorkerContext, event: WorkerEvent) -> None:
+        conv, repo = event.conversation, self.repo
+        if conv is None or repo is None or conv.customer is None:
+            return
+        self.shops.add(conv.shop)
+        if event.change in ("opened", "reopened"):
+            await asyncio.to_thread(self._register, repo, conv.customer, str(conv.channel))
+        elif event.change in ("assigned", "transferred") and conv.agent:
+            profile = await asyncio.to_thread(repo.profile, conv.shop, conv.customer)
+            if profile is not None:
+                data = msgspec.to_builtins(profile)
+                data["conv"] = conv.id
+                await ctx.notify("profile", data, user=conv.agent)
+
+    @staticmethod
+    def _register(repo: CrmRepository, customer: str, channel: str) -> None:
+        repo.upsert_customer(customer)
+        if repo.resolve(channel, customer) is None:
+            repo.link_identity(channel, customer, customer)
+
+    async def on_tick(self, ctx: WorkerContext, now: float) -> None:
+        repo = self.repo
+        if repo is None:
+            return
+        for shop in sorted(self.shops):
+            if now - self._scored_at.get(shop, 0.0) >= SCORE_EVERY_S:
+                self._scored_at[shop] = now
+                await asyncio.to_thread(self._score, repo, shop)
+        for broadcast in self.broadcasts:
+            await self._send_due(ctx, repo, broadcast, datetime.fromtimestamp(now, UTC))
+
+    @staticmethod
+    def _score(repo: CrmRepository, shop: str) -> None:
+        at = datetime.now(UTC)
+        LoyaltyEngine(repo).accrue(shop, at)
+        RfmScorer(repo).score_shop(shop, at)
+        TagEngine(repo).apply_rules(shop, at)
+
+    async def _send_due(self, ctx: WorkerContext, repo: CrmRepository, broadcast: _Broadcast,
+                        now: datetime) -> None:
+        planner = BroadcastPlanner(repo)
+        plan = await asyncio.to_thread(
+            planner.plan_broadcast, broadcast.shop, broadcast.segment, broadcast.text, now,
+            window=broadcast.window, rate_per_minute=broadcast.rate_per_minute,
+            broadcast_id=broadcast.id)
+        for send in plan.sends:
+            if send.send_at > now:
+                break  # the plan is in time order; the rest is for later ticks
+            conv = direct_conversation_id(broadcast.shop, send.customer)
+            keyed = dataclasses.replace(ctx, event_key=f"broadcast:{broadcast.id}:{send.customer}")
+            try:
+                await keyed.send(conv, TextBody(text=broadcast.text))
+            except RequestFailed as exc:
+                if exc.code != "not_found":  # never chatted with the shop: nothing to send into
+                    raise
+            await asyncio.to_thread(planner.mark_sent, broadcast.id, send.customer, now)
+
+
+__all__ = ["CrmPlugin", "crm_db_path"]
