@@ -132,9 +132,11 @@ class CrmPlugin(Plugin):
             planner.plan_broadcast, broadcast.shop, broadcast.segment, broadcast.text, now,
             window=broadcast.window, rate_per_minute=broadcast.rate_per_minute,
             broadcast_id=broadcast.id)
+        sent = 0
         for send in plan.sends:
             if send.send_at > now:
                 break  # the plan is in time order; the rest is for later ticks
+            sent += 1
             conv = direct_conversation_id(broadcast.shop, send.customer)
             keyed = dataclasses.replace(ctx, event_key=f"broadcast:{broadcast.id}:{send.customer}")
             try:
@@ -143,6 +145,13 @@ class CrmPlugin(Plugin):
                 if exc.code != "not_found":  # never chatted with the shop: nothing to send into
                     raise
             await asyncio.to_thread(planner.mark_sent, broadcast.id, send.customer, now)
+        if sent:  # supervisors follow the broadcast on their dashboard
+            await ctx.notify("broadcast_progress", {
+                "broadcast": broadcast.id, "segment": broadcast.segment,
+                "sent": len(plan.skipped_already_sent) + sent,
+                "remaining": len(plan.sends) - sent,
+                "skipped_opted_out": list(plan.skipped_opted_out),
+            }, shop=broadcast.shop)
 
 
 __all__ = ["CrmPlugin", "crm_db_path"]
