@@ -52,9 +52,9 @@ def _seed(db: Path) -> None:
 async def _wait_broadcast(client: Client) -> str:
     with trio.fail_after(30):
         async for frame in client.events:
-            if isinstance(frame, MessageEvent) and isinstance(frame.message.body, TextBody):
-                if frame.message.body.text == BROADCAST:
-                    return frame.message.conv
+            if (isinstance(frame, MessageEvent) and isinstance(frame.message.body, TextBody)
+                    and frame.message.body.text == BROADCAST):
+                return frame.message.conv
     raise AssertionError("no broadcast")
 
 
