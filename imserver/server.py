@@ -122,7 +122,7 @@ class Server:
             self.shards = shards
             shards_scope = trio.CancelScope()
             root.start_soon(self._run_in_scope, shards_scope, shards.run)
-            root.start_soon(dispatcher.run)
+            await root.start(dispatcher.run)
             ctx = GatewayContext(store=store, shards=shards, hub=hub, dispatcher=dispatcher,
                                  verifier=TokenVerifier(config.secret),
                                  idle_timeout_ms=config.idle_timeout_ms,

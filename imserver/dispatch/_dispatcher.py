@@ -117,6 +117,8 @@ class WorkerDispatcher:
         self._by_peer: dict[str, Instance] = {}
         self._wakeup = trio.Event()
         self._membership = trio.Event()
+        self._known_plugins = False
+        self._kinds_ever: set[WorkerEventKind] = set()
 
     async def membership_changed(self) -> None:
         """Wait for the next join or leave of any instance (tests, admin tools)."""
@@ -144,6 +146,11 @@ class WorkerDispatcher:
             group.saved_watermark = group.watermark
             group.highest_seen = group.replay_cursor = group.watermark
         instance = Instance(peer=peer, plugin=plugin, kinds=frozenset(kinds))
+        self._kinds_ever |= instance.kinds
+        if group.saved_watermark == group.watermark and not self._known_plugins:
+            # Remember the plugin durably at once: from now on events are logged for it.
+            await self.store.write([PutCursor(plugin=plugin, event_id=group.watermark)])
+            self._known_plugins = True
         group.instances.append(instance)
         self._by_peer[peer.id] = instance
         self._rebalance(group, announce_to=instance)
@@ -247,7 +254,14 @@ class WorkerDispatcher:
 
     # ------------------------------------------------ redelivery and replay
 
+    def wants(self, kind: WorkerEventKind) -> bool:
+        """Whether events of ``kind`` must be logged: some plugin joined once (it will
+        come back for them) -- otherwise nobody will ever read them, and a plugin
+        joining for the first time starts from "now" anyway."""
+        return self._known_plugins or kind in self._kinds_ever
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._known_plugins = bool(await self.store.worker_plugins())
         task_status.started()
         while True:
             with trio.move_on_after(min(WORKER_ACK_TIMEOUT_S, WORKER_CURSOR_SAVE_S) / 2):

@@ -117,6 +117,7 @@ from ..limits import (
     RECALL_WINDOW_MS,
     RECEIVE_CHUNK_BYTES,
     RESUME_BATCH,
+    SEND_TIMEOUT_S,
     WORKER_FRAMES_BURST,
     WORKER_FRAMES_PER_SECOND,
     WORKER_HEARTBEAT_MS,
@@ -286,6 +287,10 @@ class Session:
         self.outbox.close(code, reason)
         self._reading = False
 
+    def _nursery_cancel(self) -> None:
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
     async def _write_then_stop(self, scope: trio.CancelScope) -> None:
         await self.outbox.run()
         if self.outbox.closing is None or self.outbox.failed:
@@ -314,11 +319,18 @@ class Session:
             self.close(CloseCode.BAD_HANDSHAKE, "no hello in time")
             return
         while True:
+            now = trio.current_time()
             deadline = self.last_inbound + idle_s
-            if trio.current_time() >= deadline:
+            if now >= deadline:
                 self.close(CloseCode.IDLE_TIMEOUT, "idle timeout")
                 return
-            await trio.sleep_until(deadline)
+            if self.outbox.stalled(now):
+                event(log, "send_stalled", level=logging.WARNING, session=self.id)
+                METRICS.slow_consumers.inc()
+                self.close(CloseCode.SLOW_CONSUMER, "not reading")
+                self._nursery_cancel()
+                return
+            await trio.sleep_until(min(deadline, now + SEND_TIMEOUT_S / 2))
 
     async def _read_loop(self) -> bool:
         """Returns True if the peer ended the connection, False if we did."""

@@ -36,7 +36,6 @@ from ..limits import (
     OUTBOUND_BUFFER_FRAMES,
     SEND_TIMEOUT_S,
 )
-from ..logs import event
 
 log = logging.getLogger("imserver.gateway")
 
@@ -139,6 +138,8 @@ class Outbox:
         """Set when the writer has finished (close frame written, or the socket died)."""
         self.on_overflow: Callable[[], None] = lambda: None
         self.failed = False
+        self.write_started: float | None = None
+        """When the socket write in progress began (None: not writing)."""
         """The socket broke or a write timed out (nothing more can be sent)."""
 
     @property
@@ -189,6 +190,10 @@ class Outbox:
             self._chunks.append(self._ws.send(peer_close.response()))
         self._wakeup.set()
 
+    def stalled(self, now: float) -> bool:
+        """A write has been blocked for over ``SEND_TIMEOUT_S``: the peer stopped reading."""
+        return self.write_started is not None and now - self.write_started > SEND_TIMEOUT_S
+
     async def run(self) -> None:
         """The writer task. Returns after the close frame is written, or when the socket fails."""
         try:
@@ -202,16 +207,16 @@ class Outbox:
                 data = b"".join(self._chunks)
                 self._chunks.clear()
                 self._bytes = 0
-                with trio.fail_after(SEND_TIMEOUT_S):
-                    await self._stream.send_all(data)
+                # No per-write timeout scope (it costs more than the write on a hot
+                # path): the session's watchdog reads ``write_started`` instead.
+                self.write_started = trio.current_time()
+                await self._stream.send_all(data)
+                self.write_started = None
                 if not self._chunks:
                     self._drained.set()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.failed = True
-        except trio.TooSlowError:
-            event(log, "send_timeout", level=logging.WARNING)
-            self.failed = True
-            self.closing = self.closing or CloseCode.SLOW_CONSUMER
         finally:
+            self.write_started = None
             self._drained.set()
             self.done.set()

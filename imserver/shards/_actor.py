@@ -23,9 +23,10 @@ If anything raises between 1 and 4, the actor's memory may be ahead of the
 store: the supervisor (``run``) answers the batch's commands with
 ``internal`` (none of them was acknowledged, so clients retry safely),
 reloads the state from the store and continues with the mailbox intact.
-After ``ACTOR_IDLE_S`` with an empty mailbox the actor passivates: it leaves
-the shard's table in the same step as it checks the mailbox is empty (no
-checkpoint in between), so a command is never stranded.
+After ``ACTOR_IDLE_S`` with an empty mailbox the actor is passivated by the
+shard's sweep: it leaves the shard's table and its wait is cancelled in the
+same step as the mailbox is checked empty (no checkpoint in between), so a
+command is never stranded.
 """
 
 from __future__ import annotations
@@ -151,6 +152,9 @@ class ConversationActor:
         self.applied_keys: OrderedDict[str, None] = OrderedDict()
         self.read_points: dict[str, int] = {}
         self._batch: list[AnyCommand] = []
+        self._scope = trio.CancelScope()
+        self.waiting = False
+        self.idle_since = 0.0
         self._handlers: dict[type, Callable[..., object]] = {
             SendCmd: self._send,
             RecallCmd: self._recall,
@@ -168,6 +172,10 @@ class ConversationActor:
 
     async def run(self) -> None:
         """Supervise the actor loop: restart on crash, fail the batch in flight."""
+        with self._scope:
+            await self._supervise()
+
+    async def _supervise(self) -> None:
         crashes = 0
         while True:
             try:
@@ -207,15 +215,26 @@ class ConversationActor:
         self.applied_keys = OrderedDict.fromkeys(snap.applied_keys)
         self.read_points = {}
 
+    def try_passivate(self, now: float) -> bool:
+        """Called by the shard's sweep: stop if idle for ``ACTOR_IDLE_S`` with an
+        empty mailbox. Synchronous, so no command can arrive in between."""
+        if not self.waiting or now - self.idle_since < ACTOR_IDLE_S:
+            return False
+        if not self._on_passivate(self, False):
+            return False
+        self._scope.cancel()  # interrupts the (empty) receive; nothing is lost
+        return True
+
     async def _serve(self) -> None:
         receive = self._receive_channel
         while True:
-            with trio.move_on_after(ACTOR_IDLE_S) as idle:
+            # No timer per wait: idle actors are found by the shard's sweep.
+            self.idle_since = trio.current_time()
+            self.waiting = True
+            try:
                 first = await receive.receive()
-            if idle.cancelled_caught:
-                if self._on_passivate(self, False):
-                    return
-                continue
+            finally:
+                self.waiting = False
             batch = [first]
             while len(batch) < ACTOR_BATCH:
                 try:
@@ -270,7 +289,8 @@ class ConversationActor:
         logged = self._log_event(ops, WorkerEventKind.CONVERSATION, conv, change=change)
 
         def effect() -> None:
-            self.dispatcher.publish(logged.stored())
+            if logged is not None:
+                self.dispatcher.publish(logged.stored())
             self.hub.publish(conv, members, staff_frame, topic=Topic.CONVERSATIONS,
                              exclude_user=conv.customer or "")
             if conv.customer:
@@ -305,6 +325,9 @@ class ConversationActor:
         ops.append(PutMessage(message=message))
         self.conversation = conv = replace(conv, last_seq=seq, updated_at=ts)
         logged = self._log_event(ops, WorkerEventKind.MESSAGE, conv, message=message)
+        if logged is not None:
+            dispatch = self.dispatcher.publish
+            effects.append(lambda: dispatch(logged.stored()))
         self._remember(who.user, cmid, seq, ts)
         members = dict(self.members)
         frame = MessageEvent(message=message)
@@ -312,12 +335,14 @@ class ConversationActor:
         effects.append(lambda: self.hub.publish(
             conv, members, frame, topic=Topic.MESSAGES, seq=seq, exclude_session=exclude_session,
         ))
-        effects.append(lambda: self.dispatcher.publish(logged.stored()))
         return message
 
     def _log_event(self, ops: list[WriteOp], kind: WorkerEventKind, conv: Conversation, *,
-                   message: Message | None = None, change: str = "") -> PutEvent:
-        """Log a worker event in the same transaction as the change it describes."""
+                   message: Message | None = None, change: str = "") -> PutEvent | None:
+        """Log a worker event in the same transaction as the change it describes
+        (unless no plugin will ever want it)."""
+        if not self.dispatcher.wants(kind):
+            return None
         op = PutEvent(shard=self.shard, kind=kind, event=WorkerEvent(
             event_id=0, shard=self.shard, kind=kind, ts=message.ts if message else now_ms(),
             conversation=conv, message=message, change=change, shop=conv.shop,

@@ -31,7 +31,13 @@ import trio
 
 from protocol import Error, ErrorCode
 
-from ..limits import ACTOR_MAILBOX_DEPTH, OVERLOAD_RETRY_MS, SHARD_COUNT, SHARD_QUEUE_DEPTH
+from ..limits import (
+    ACTOR_IDLE_S,
+    ACTOR_MAILBOX_DEPTH,
+    OVERLOAD_RETRY_MS,
+    SHARD_COUNT,
+    SHARD_QUEUE_DEPTH,
+)
 from ..metrics import METRICS
 from ._actor import ConversationActor
 from ._commands import AnyCommand
@@ -115,6 +121,7 @@ class LocalShards:
             self._nursery = nursery
             for index, (_, receive) in enumerate(self._channels):
                 nursery.start_soon(self._run_shard, index, receive)
+            nursery.start_soon(self._sweep_idle)
             task_status.started()
 
     async def drain(self) -> None:
@@ -132,6 +139,13 @@ class LocalShards:
             except trio.WouldBlock:
                 await actor.send_channel.send(cmd)
             gauge.set(receive.statistics().current_buffer_used)
+
+    async def _sweep_idle(self) -> None:
+        while True:
+            await trio.sleep(ACTOR_IDLE_S / 4)
+            now = trio.current_time()
+            for actor in list(self.actors.values()):
+                actor.try_passivate(now)
 
     def _spawn(self, conv: str) -> ConversationActor:
         assert self._nursery is not None

@@ -226,6 +226,9 @@ class Store(Protocol):
     async def worker_cursor(self, plugin: str) -> int | None:
         """The saved watermark of ``plugin``, or None if it never saved one."""
 
+    async def worker_plugins(self) -> list[str]:
+        """Every plugin that ever saved a cursor (it will come back for its events)."""
+
     async def last_event_id(self) -> int:
         """The highest event id in the log (0 if empty)."""
 

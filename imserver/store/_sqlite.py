@@ -308,6 +308,7 @@ ORDER BY c.updated_at DESC, c.id DESC LIMIT 1
 SQL_READ_POINT: Final = "SELECT seq FROM read_points WHERE conv = ? AND user = ?"
 SQL_LIST_AGENTS: Final = "SELECT shop, agent, status, ts FROM agents WHERE shop = ? ORDER BY agent"
 SQL_WORKER_CURSOR: Final = "SELECT event_id FROM worker_cursors WHERE plugin = ?"
+SQL_WORKER_PLUGINS: Final = "SELECT plugin FROM worker_cursors ORDER BY plugin"
 # The highest id ever committed, so it stays right after the newest rows are pruned.
 SQL_LAST_EVENT_ID: Final = "SELECT seq FROM sqlite_sequence WHERE name = 'worker_events'"
 SQL_EVENTS_AFTER: Final = """
@@ -613,6 +614,10 @@ def _q_list_agents(conn: sqlite3.Connection, shop: str) -> list[AgentRecord]:
 def _q_worker_cursor(conn: sqlite3.Connection, plugin: str) -> int | None:
     row = conn.execute(SQL_WORKER_CURSOR, (plugin,)).fetchone()
     return int(row[0]) if row is not None else None
+
+
+def _q_worker_plugins(conn: sqlite3.Connection) -> list[str]:
+    return [str(row[0]) for row in conn.execute(SQL_WORKER_PLUGINS)]
 
 
 def _q_last_event_id(conn: sqlite3.Connection) -> int:
@@ -977,6 +982,9 @@ class SqliteStore:
 
     async def worker_cursor(self, plugin: str) -> int | None:
         return await self._read(lambda c: _q_worker_cursor(c, plugin))
+
+    async def worker_plugins(self) -> list[str]:
+        return await self._read(_q_worker_plugins)
 
     async def last_event_id(self) -> int:
         """The highest event id ever committed (0 if none), even if pruned."""

@@ -107,6 +107,10 @@ class WorkerRunner:
                     joined: WorkerJoined = await client.request(WorkerJoin(
                         id=0, plugin=self.plugin.name, kinds=sorted(self.plugin.kinds)))
                     self.shards = joined.shards
+                    # One plain line on stdout, like the server's "listening on": supervisors
+                    # and tests know the instance is serving.
+                    print(f"imserver worker {self.plugin.name} joined as {joined.instance} "
+                          f"({len(joined.shards)} shards)", flush=True)
                     await self.plugin.on_shards(self._ctx, self.shards)
                     self.connected.set()
                     ticker = asyncio.create_task(self._ticker()) if self.plugin.tick_seconds else None

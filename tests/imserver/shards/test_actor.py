@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 
 from imserver.client import Client, ServerError
 from protocol import (
@@ -196,3 +197,21 @@ async def test_history_pages_fit_in_one_frame(server: RunningServer) -> None:
         oldest: HistoryPage = await reader.request(History(id=0, conv=conv, after=0, limit=200))
         assert oldest.messages[0].seq == 1 and oldest.has_more
         assert len(encode(oldest)) <= MAX_SERVER_FRAME_BYTES
+
+
+async def test_idle_actor_passivates_and_comes_back_with_its_state(server: RunningServer) -> None:
+    shards = server.server.shards
+    assert shards is not None
+    async with server.connect("pat") as pat:
+        conv = (await pat.request(OpenConversation(id=0, shop="shop1"))).conversation.id
+        first = await pat.send_text(conv, "one", cmid="c-one")
+        actor = shards.actors[conv]
+        await trio.testing.wait_all_tasks_blocked()  # the actor is waiting for work
+        assert not actor.try_passivate(trio.current_time())  # not idle long enough yet
+        assert actor.try_passivate(trio.current_time() + 3600)
+        assert conv not in shards.actors
+        second = await pat.send_text(conv, "two")
+        assert second.seq == first.seq + 1  # a new actor, reloaded from the store
+        assert shards.actors[conv] is not actor
+        retry = await pat.send_text(conv, "one", cmid="c-one")
+        assert retry.duplicate and retry.seq == first.seq

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -78,3 +79,67 @@ async def test_raising_or_hanging_plugin_does_not_affect_chat(
             async for frame in agent.events:
                 if isinstance(frame, MessageEvent) and frame.message.seq == sent.seq:
                     break
+
+
+async def test_question_asked_while_worker_and_server_were_down_is_answered_once(
+        tmp_path: Path) -> None:
+    """The event log is durable: kill -9 the worker, then the server; the question
+    asked in between is answered when both are back, exactly once."""
+    import signal as _signal
+    import sys as _sys
+
+    from tests.conftest import SECRET, start_server_process
+
+    data = tmp_path / "data"
+    plugin = "tests.workers.sdk.plugins:EchoPlugin"
+
+    async def start_worker(url: str) -> trio.Process:
+        process = await trio.lowlevel.open_process(
+            [_sys.executable, "-m", "imserver", "worker", plugin, "--server", url,
+             "--secret", SECRET.decode(), "--data", str(tmp_path), "--log-level", "warning"],
+            stdout=subprocess.PIPE)
+        assert process.stdout is not None
+        line = b""
+        with trio.fail_after(30):
+            while b"joined" not in line:
+                chunk = await process.stdout.receive_some(1)
+                assert chunk, "worker exited"
+                line = b"" if chunk == b"\n" else line + chunk
+        return process
+
+    async with trio.open_nursery() as nursery:
+        proc = await start_server_process(data, nursery)
+        worker = await start_worker(proc.url)
+        async with proc.connect("kim") as kim:
+            conv = (await kim.request(OpenConversation(id=0, shop="shop1"))).conversation.id
+            await kim.send_text(conv, "q1")
+            assert await _bot_replies(kim, conv, 1) == ["echo: q1"]
+            worker.send_signal(_signal.SIGKILL)
+            await worker.wait()
+            await kim.send_text(conv, "q2")  # nobody is there to answer
+        proc.process.send_signal(_signal.SIGKILL)
+    async with trio.open_nursery() as nursery:
+        proc = await start_server_process(data, nursery)
+        worker = await start_worker(proc.url)
+        try:
+            async with proc.connect("kim") as kim:
+                from protocol import History, HistoryPage
+
+                with trio.fail_after(30):
+                    while True:
+                        page: HistoryPage = await kim.request(History(id=0, conv=conv))
+                        texts = [m.body.text for m in page.messages if isinstance(m.body, TextBody)]
+                        if "echo: q2" in texts:
+                            break
+                        await _next_message(kim, conv)
+                assert texts.count("echo: q1") == 1 and texts.count("echo: q2") == 1
+        finally:
+            worker.kill()
+            await worker.wait()
+            proc.process.send_signal(_signal.SIGTERM)
+
+
+async def _next_message(client: Client, conv: str) -> None:
+    async for frame in client.events:
+        if isinstance(frame, MessageEvent) and frame.message.conv == conv:
+            return
