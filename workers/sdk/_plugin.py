@@ -9,11 +9,14 @@ reply or makes a second assignment. See docs/PLUGINS.md.
 
 from __future__ import annotations
 
+import hashlib
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from protocol import (
+    MAX_ID_CHARS,
     AnyBody,
     ConvState,
     History,
@@ -30,6 +33,9 @@ from protocol import (
 
 from ._client import AsyncClient
 
+MAX_KEY_CHARS: Final = MAX_ID_CHARS
+"""Idempotency keys double as client message ids, which are ids."""
+
 
 @dataclass
 class WorkerContext:
@@ -44,7 +50,12 @@ class WorkerContext:
     event_key: str = ""
 
     def key(self, part: str = "") -> str:
-        return f"{self.plugin}:{self.event_key}:{part}" if self.event_key else ""
+        """The idempotency key of an action. Outside an event (timers) there is no
+        redelivery to guard against: each action gets a key of its own."""
+        key = f"{self.plugin}:{self.event_key or uuid.uuid4().hex}:{part}"
+        if len(key) > MAX_KEY_CHARS:  # stays unique and deterministic, within the id limit
+            key = f"{self.plugin[:32]}:{hashlib.blake2b(key.encode(), digest_size=20).hexdigest()}"
+        return key
 
     async def send(self, conv: str, body: AnyBody, *, part: str = "") -> Sent:
         sent: Sent = await self.client.request(Send(id=0, conv=conv, cmid=self.key(part or "send"),

@@ -72,3 +72,57 @@ async def test_bot_answers_order_status_from_crm_and_hands_off_complaints(
         assert info.conversation.priority >= 8
         assert "handoff:complaint" in info.conversation.tags
         assert any(tag.startswith("skill:") for tag in info.conversation.tags)
+
+
+async def test_killed_bot_instance_neither_drops_nor_doubles_answers(
+        server: RunningServer, tmp_path: Path) -> None:
+    import signal
+    from collections import Counter
+
+    seed_crm(tmp_path)
+    customers = [f"fan{i}" for i in range(6)]
+    with CrmRepository(tmp_path / "workers" / "crm" / "crm.db") as repo:
+        now = datetime.now(UTC)
+        for name in customers:
+            repo.upsert_customer(name)
+        repo.upsert_orders([Order(
+            shop="shop1", order_id=f"77{i}001", customer=name, channel="tmall",
+            status="in_transit", amount_cents=1000, carrier="SF Express", tracking_no="SF1",
+            created_at=now, updated_at=now) for i, name in enumerate(customers)])
+    answers: dict[str, list[str]] = {}
+    async with worker_process(server, "bot", tmp_path) as first, worker_process(server, "bot", tmp_path):
+
+        async def customer(i: int, name: str) -> None:
+            async with server.connect(name) as client:
+                conv = (await client.request(OpenConversation(id=0, shop="shop1"))).conversation.id
+                for q in range(8):
+                    await client.send_text(conv, f"where is my order 77{i}001? ({q})")
+                    if i == 0 and q == 3:
+                        first.send_signal(signal.SIGKILL)
+                texts: list[str] = []
+                with trio.fail_after(60):
+                    async for frame in client.events:
+                        if (isinstance(frame, MessageEvent)
+                                and frame.message.sender.startswith("worker:")
+                                and isinstance(frame.message.body, TextBody | QuickRepliesBody)
+                                and f"77{i}001" in frame.message.body.text):
+                            texts.append(frame.message.body.text)
+                            if len(texts) == 8:
+                                break
+                answers[name] = texts
+
+        async with trio.open_nursery() as nursery:
+            for i, name in enumerate(customers):
+                nursery.start_soon(customer, i, name)
+    for name in customers:
+        assert len(answers[name]) == 8, name
+    # and nothing more arrives: each question was answered exactly once
+    async with server.connect("auditor", "admin", "*") as admin:
+        from protocol import History
+
+        for name in customers:
+            from imserver.gateway._ids import direct_conversation_id
+
+            page = await admin.request(History(id=0, conv=direct_conversation_id("shop1", name)))
+            bot = Counter(m.sender for m in page.messages if m.sender.startswith("worker:"))
+            assert sum(bot.values()) == 8 + 1, (name, bot)  # 8 answers and one welcome
