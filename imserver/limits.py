@@ -78,11 +78,19 @@ MAX_HTTP_REQUEST_BYTES: Final = 16 * 1024
 """Largest HTTP upgrade request head we buffer."""
 
 OUTBOUND_BUFFER_BYTES: Final = 1024 * 1024
-"""Bytes queued for one connection and not yet written to its socket. Past it
-the connection is a slow consumer: closed with 4008 (it resumes losslessly)."""
+"""Soft bound on bytes queued for one connection and not yet written to its
+socket. A connection that stays above it for ``SLOW_CONSUMER_GRACE_S`` is a
+slow consumer: closed with 4008 (it resumes losslessly). Bursts (a batch of
+large messages) may pass it briefly."""
 
-OUTBOUND_BUFFER_FRAMES: Final = 4096
-"""Frames queued for one connection; the same policy as the byte bound."""
+OUTBOUND_BUFFER_HARD_BYTES: Final = 8 * 1024 * 1024
+"""Hard bound: reaching it closes the connection (4008) at once."""
+
+OUTBOUND_BUFFER_FRAMES: Final = 65_536
+"""Hard bound on frames queued for one connection; the same policy."""
+
+SLOW_CONSUMER_GRACE_S: Final = 5.0
+"""How long a connection may stay above ``OUTBOUND_BUFFER_BYTES``."""
 
 SEND_TIMEOUT_S: Final = 10.0
 """One socket write that takes longer marks the peer as stalled (closed, 4008)."""

@@ -11,9 +11,12 @@ plain HTTP, answered by h11 through the ``http_handler`` callback
 fan-out, control frames) append already framed bytes without awaiting; one
 writer task joins whatever has accumulated into a single ``send_all``. Under
 load that coalesces many frames into one system call and one task wake-up.
-The outbox is bounded in bytes and frames: a producer that would overflow
-it marks the peer a slow consumer instead of waiting for it, and the
-connection is closed (4008) -- the client resumes without loss.
+The outbox is bounded: a soft byte bound that may be exceeded for
+``SLOW_CONSUMER_GRACE_S`` (a burst of large messages), and hard bounds in
+bytes and frames. A producer that would break them marks the peer a slow
+consumer instead of waiting for it, and the connection is closed (4008) --
+the client resumes without loss. Producers never wait (except bulk replays,
+``push_paced``), so one slow reader never delays anyone else.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from ..limits import (
     MAX_HTTP_REQUEST_BYTES,
     OUTBOUND_BUFFER_BYTES,
     OUTBOUND_BUFFER_FRAMES,
+    OUTBOUND_BUFFER_HARD_BYTES,
     SEND_TIMEOUT_S,
+    SLOW_CONSUMER_GRACE_S,
 )
 
 log = logging.getLogger("imserver.gateway")
@@ -123,12 +128,15 @@ class Outbox:
 
     def __init__(self, stream: trio.abc.Stream, ws: WSConnection, *,
                  max_bytes: int = OUTBOUND_BUFFER_BYTES,
+                 hard_bytes: int = OUTBOUND_BUFFER_HARD_BYTES,
                  max_frames: int = OUTBOUND_BUFFER_FRAMES) -> None:
         self._stream = stream
         self._ws = ws
         self._chunks: deque[bytes] = deque()
         self._bytes = 0
         self.max_bytes = max_bytes
+        self.hard_bytes = max(hard_bytes, max_bytes)
+        self._over_since: float | None = None
         self.max_frames = max_frames
         self._wakeup = trio.Event()
         self._drained = trio.Event()
@@ -150,10 +158,16 @@ class Outbox:
         """Queue framed bytes; False if the connection is closing or overflowed."""
         if self.closing is not None:
             return False
-        if self._bytes + len(data) > self.max_bytes or len(self._chunks) >= self.max_frames:
-            self.on_overflow()
-            self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outbound buffer full")
-            return False
+        size = self._bytes + len(data)
+        if size > self.max_bytes:
+            now = trio.current_time()
+            if self._over_since is None:
+                self._over_since = now
+            if (size > self.hard_bytes or len(self._chunks) >= self.max_frames
+                    or now - self._over_since > SLOW_CONSUMER_GRACE_S):
+                self.on_overflow()
+                self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outbound buffer full")
+                return False
         self._chunks.append(data)
         self._bytes += len(data)
         if self._drained.is_set():
@@ -214,6 +228,8 @@ class Outbox:
                 self.write_started = None
                 if not self._chunks:
                     self._drained.set()
+                if self._bytes <= self.max_bytes:
+                    self._over_since = None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.failed = True
         finally:
