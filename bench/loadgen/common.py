@@ -1,0 +1,109 @@
+"""Pieces shared by the scenarios: identities, pair setup, bounded gathering, CPU clocks.
+
+A *pair* is the unit of 1:1 traffic, set up exactly as imserver's contract
+says: the customer (role customer, shop "") sends ``OpenConversation(shop)``
+and gets the conversation id; the agent of that shop claims it with
+``UpdateConversation(state=assigned, agent=<agent>)``. User ids carry a
+per-run tag so that runs never collide, and shops are spread over
+``SHOPS`` tenants. Identities are the same for every target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Final, NamedTuple, TypeVar
+
+from protocol import (
+    ConversationInfo,
+    ConvState,
+    OpenConversation,
+    Role,
+    UpdateConversation,
+)
+
+from .client import Handler, Identity, ImClient
+
+SHOPS: Final = 10
+"""Tenants the pairs are spread over."""
+SETUP_CONCURRENCY: Final = 64
+"""Connections or setup requests under way at once per worker."""
+MAX_PERSON_RATE: Final = 45.0
+"""Highest frames/s a scenario may ask of one customer or agent connection:
+imserver limits people to 50 frames/s sustained (200 burst)."""
+
+T = TypeVar("T")
+
+
+def customer(tag: str, index: int) -> Identity:
+    user = f"{tag}-c{index}"
+    return Identity(user=user, role=Role.CUSTOMER, shop="", device=f"{user}-d")
+
+
+def agent(tag: str, index: int, shops: int = SHOPS) -> Identity:
+    user = f"{tag}-a{index}"
+    return Identity(user=user, role=Role.AGENT, shop=f"{tag}-shop{index % shops}", device=f"{user}-d")
+
+
+def member(tag: str, index: int) -> Identity:
+    user = f"{tag}-m{index}"
+    return Identity(user=user, role=Role.CUSTOMER, shop="", device=f"{user}-d")
+
+
+class Pair(NamedTuple):
+    number: int
+    customer: ImClient
+    agent: ImClient
+    conv: str
+
+
+async def open_pair(url: str, secret: bytes, tag: str, index: int, handler: Handler) -> Pair:
+    """Connect a customer and an agent and put them in one assigned conversation."""
+    cust = ImClient(url, customer(tag, index), secret, handler)
+    agnt = ImClient(url, agent(tag, index), secret, handler)
+    await asyncio.gather(cust.connect(), agnt.connect())
+    shop = agnt.identity.shop
+    info = await cust.request(lambda rid: OpenConversation(id=rid, shop=shop))
+    if not isinstance(info, ConversationInfo):
+        raise RuntimeError(f"open: expected ConversationInfo, got {info!r}")
+    conv = info.conversation.id
+    await agnt.request(lambda rid: UpdateConversation(
+        id=rid, conv=conv, state=ConvState.ASSIGNED, agent=agnt.user))
+    return Pair(index, cust, agnt, conv)
+
+
+async def gather_bounded(
+    factories: Iterable[Callable[[], Awaitable[T]]], limit: int = SETUP_CONCURRENCY
+) -> tuple[list[T], list[str]]:
+    """Run the coroutines, at most ``limit`` at once; (results, error texts)."""
+    semaphore = asyncio.Semaphore(limit)
+    results: list[T] = []
+    errors: list[str] = []
+
+    async def one(factory: Callable[[], Awaitable[T]]) -> None:
+        async with semaphore:
+            try:
+                results.append(await factory())
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    await asyncio.gather(*(one(f) for f in factories))
+    return results, errors
+
+
+async def close_all(clients: Iterable[ImClient]) -> None:
+    """Drop every connection at once (no close handshakes: fast teardown)."""
+    for client in clients:
+        client.abort()
+    await asyncio.sleep(0)
+
+
+def process_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def share(total: int, index: int, count: int) -> range:
+    """The items of ``range(total)`` a worker takes: every count-th from index."""
+    return range(index, total, count)

@@ -1,0 +1,83 @@
+"""The standard suite: scenario names, the quick and full profiles, one dispatcher.
+
+Every knob of a standard run is here (or a default in the scenario module),
+so that ``bench.run`` and ``python -m bench.loadgen`` run exactly the same
+thing. The full profile keeps each scenario under ~40 s on the 2-core box
+(the other engineers share it); the quick profile is a smoke test that runs
+the whole suite against one target in about 15 s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+import msgspec
+
+from . import bot_heavy, fanout, idle, peak_sale, reconnect_storm
+from .fanout import FanoutParams
+from .idle import IdleParams
+from .peak_sale import PeakSaleParams
+from .reconnect_storm import StormParams
+from .sysstat import ServerProbe
+
+SCENARIOS: Final = ("idle", "peak_sale", "fanout", "reconnect_storm", "bot_heavy")
+"""In run order: idle first would not matter (each scenario gets a fresh server)."""
+NEEDS_SERVER: Final = frozenset({"idle", "peak_sale", "fanout", "reconnect_storm"})
+
+
+class SuiteProfile(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    workers: int
+    """Load processes per scenario. One is right on 2 cores (the server needs the other)."""
+    reference_loads: tuple[int, ...]
+    """Offered msg/s (steps of the ramp) at which peak-sale latencies are compared."""
+    peak_sale: PeakSaleParams
+    fanout: FanoutParams
+    reconnect_storm: StormParams
+    idle: IdleParams
+
+
+QUICK: Final = SuiteProfile(
+    name="quick", workers=1, reference_loads=(400,),
+    peak_sale=PeakSaleParams(pairs=20, steps=(200, 400, 800), step_s=1.0, drain_s=1.0),
+    fanout=FanoutParams(members=20, rate=10.0, duration_s=1.0, drain_s=1.0),
+    reconnect_storm=StormParams(clients=40, rate=2.0, before_s=1.0, after_s=1.0, drain_s=1.5),
+    idle=IdleParams(connections=100, hold_s=1.0, settle_s=0.5),
+)
+
+FULL: Final = SuiteProfile(
+    name="full", workers=1, reference_loads=(1000, 4000),
+    peak_sale=PeakSaleParams(
+        pairs=400,
+        steps=(500, 1000, 1500, 2000, 3000, 4000, 5500, 7000, 8500, 10_000, 13_000, 16_000),
+        step_s=2.5, drain_s=2.0),
+    fanout=FanoutParams(members=1000, rate=10.0, duration_s=4.0, drain_s=3.0),
+    reconnect_storm=StormParams(clients=1000, rate=1.0, before_s=3.0, after_s=3.0, drain_s=3.0),
+    idle=IdleParams(connections=5000, hold_s=5.0, settle_s=1.0),
+)
+
+PROFILES: Final = {"quick": QUICK, "full": FULL}
+
+Report = (
+    peak_sale.PeakSaleReport | fanout.FanoutReport | reconnect_storm.StormReport
+    | idle.IdleReport | bot_heavy.BotHeavyReport
+)
+
+
+def run_scenario(name: str, profile: SuiteProfile, url: str, secret: bytes, tag: str,
+                 probe: ServerProbe, log: Callable[[str], None] = print,
+                 workers: int | None = None) -> Report:
+    """Run one scenario of the profile against the server at ``url``."""
+    count = workers or profile.workers
+    if name == "peak_sale":
+        return peak_sale.run(profile.peak_sale, url, secret, tag, probe, count, log)
+    if name == "fanout":
+        return fanout.run(profile.fanout, url, secret, tag, probe, count, log)
+    if name == "reconnect_storm":
+        return reconnect_storm.run(profile.reconnect_storm, url, secret, tag, probe, count, log)
+    if name == "idle":
+        return idle.run(profile.idle, url, secret, tag, probe, count, log)
+    if name == "bot_heavy":
+        return bot_heavy.run(log)
+    raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
