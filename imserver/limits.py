@@ -98,6 +98,9 @@ SEND_TIMEOUT_S: Final = 10.0
 RECEIVE_CHUNK_BYTES: Final = 64 * 1024
 """Read size from the socket."""
 
+SESSION_SWEEP_S: Final = 1.0
+"""How often one task checks every connection's deadlines (Hello, idle, stuck writes)."""
+
 DRAIN_TIMEOUT_S: Final = 10.0
 """On SIGTERM: time given to in-flight requests and the store flush."""
 
@@ -125,6 +128,10 @@ TOKEN_REPLAY_CACHE: Final = 200_000
 
 MAX_TOKEN_TTL_S: Final = 30 * 24 * 3600
 """Tokens claiming a longer life are refused."""
+
+GC_THRESHOLDS: Final = (50_000, 20, 100)
+"""Python's cyclic collector thresholds (gen0 allocations, gen1, gen2 counts) for
+the server process: far fewer full collections over many live connections."""
 
 # ------------------------------------------------------ shards and actors
 

@@ -47,6 +47,7 @@ from .limits import (
     OUTBOUND_BUFFER_BYTES,
     RETENTION_DAYS,
     RETENTION_SWEEP_S,
+    SESSION_SWEEP_S,
     SHARD_COUNT,
     WORKER_EVENT_RETENTION_MS,
 )
@@ -85,6 +86,7 @@ class ServerConfig:
     synchronous: str = "FULL"
     shards: int = SHARD_COUNT
     idle_timeout_ms: int = IDLE_TIMEOUT_MS
+    handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
     outbound_buffer_bytes: int = OUTBOUND_BUFFER_BYTES
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -126,9 +128,11 @@ class Server:
             ctx = GatewayContext(store=store, shards=shards, hub=hub, dispatcher=dispatcher,
                                  verifier=TokenVerifier(config.secret),
                                  idle_timeout_ms=config.idle_timeout_ms,
+                                 handshake_timeout_s=config.handshake_timeout_s,
                                  outbound_buffer_bytes=config.outbound_buffer_bytes)
             self.ctx = ctx
             root.start_soon(self._retention_sweep, store)
+            root.start_soon(self._sweep_sessions, ctx)
             async with trio.open_nursery() as connections:
                 listen_scope = trio.CancelScope()
                 listeners = await connections.start(self._listen, listen_scope, connections)
@@ -175,7 +179,7 @@ class Server:
         try:
             if self._ssl is not None:
                 stream = trio.SSLStream(stream, self._ssl, server_side=True)
-            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+            with trio.fail_after(ctx.handshake_timeout_s):
                 accepted = await accept(
                     stream, self._http,
                     can_accept=not ctx.draining and len(ctx.sessions) < MAX_CONNECTIONS,
@@ -211,6 +215,14 @@ class Server:
                 return 503, "text/plain", b"draining\n"
             return 200, "text/plain", b"ok\n"
         return None
+
+    @staticmethod
+    async def _sweep_sessions(ctx: GatewayContext) -> None:
+        while True:
+            await trio.sleep(SESSION_SWEEP_S)
+            now = trio.current_time()
+            for session in list(ctx.sessions):
+                session.check(now)
 
     async def _retention_sweep(self, store: SqliteStore) -> None:
         while True:

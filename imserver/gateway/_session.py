@@ -117,7 +117,6 @@ from ..limits import (
     RECALL_WINDOW_MS,
     RECEIVE_CHUNK_BYTES,
     RESUME_BATCH,
-    SEND_TIMEOUT_S,
     WORKER_FRAMES_BURST,
     WORKER_FRAMES_PER_SECOND,
     WORKER_HEARTBEAT_MS,
@@ -165,6 +164,7 @@ class GatewayContext:
     verifier: TokenVerifier
     dispatcher: WorkerDispatcher
     idle_timeout_ms: int = IDLE_TIMEOUT_MS
+    handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
     outbound_buffer_bytes: int = OUTBOUND_BUFFER_BYTES
     draining: bool = False
     sessions: set[Session] = field(default_factory=set)
@@ -180,7 +180,7 @@ class Session:
         self.id = secrets.token_hex(8)
         self.identity: policy.Identity | None = None
         self.conn = ServerConnection(now=trio.current_time())
-        self.last_inbound = trio.current_time()
+        self.last_inbound = self.created_at = trio.current_time()
         self.idle_timeout_ms = ctx.idle_timeout_ms
         self.heartbeat_ms = min(HEARTBEAT_INTERVAL_MS, ctx.idle_timeout_ms // 3)
         self._nursery: trio.Nursery | None = None
@@ -189,33 +189,10 @@ class Session:
         """conv -> last seq replayed, until the live stream has passed it."""
         self._reading = True
         self._blocked: list[AnyCommand] = []
-        self.authenticated = trio.Event()
         self._worker: Instance | None = None
         self.quiet = trio.Event()
         """Set when no request awaits its reply (drain waits for it)."""
         outbox.on_overflow = METRICS.slow_consumers.inc
-        self._request_handlers: dict[type, Callable[[Any], None]] = {
-            PingRequest: self._ping,
-            Send: self._send,
-            Recall: lambda r: self._submit(RecallCmd(conv=r.conv, seq=r.seq, **self._origin(r))),
-            Read: lambda r: self._submit(ReadCmd(conv=r.conv, seq=r.seq, **self._origin(r))),
-            GetConversation: lambda r: self._submit(GetCmd(conv=r.conv, **self._origin(r))),
-            OpenConversation: self._open,
-            CreateGroup: self._create_group,
-            UpdateMembers: lambda r: self._submit(MembersCmd(
-                conv=r.conv, add=r.add, remove=r.remove, role=r.role, **self._origin(r))),
-            UpdateConversation: lambda r: self._submit(UpdateCmd(
-                conv=r.conv, state=r.state, agent=r.agent, priority=r.priority,
-                tags_add=r.tags_add, tags_remove=r.tags_remove, note=r.note, key=r.key,
-                **self._origin(r))),
-            History: lambda r: self._spawn(r, self._history),
-            ListConversations: lambda r: self._spawn(r, self._list),
-            SetAgentStatus: lambda r: self._spawn(r, self._agent_status),
-            WatchPresence: self._watch,
-            Subscribe: self._subscribe,
-            WorkerJoin: lambda r: self._spawn(r, self._worker_join),
-            Notify: lambda r: self._spawn(r, self._notify),
-        }
 
     # -- Peer interface (used by the hub)
 
@@ -261,7 +238,6 @@ class Session:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._write_then_stop, nursery.cancel_scope)
-                nursery.start_soon(self._watchdog)
                 peer_done = await self._read_loop()
                 self.close(CloseCode.NORMAL)
                 if not peer_done:
@@ -311,26 +287,23 @@ class Session:
                 if any(isinstance(ev, CloseConnection) for ev in self.ws.events()):
                     return
 
-    async def _watchdog(self) -> None:
-        idle_s = self.idle_timeout_ms / 1000
-        with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
-            await self.authenticated.wait()
-        if self.identity is None:
-            self.close(CloseCode.BAD_HANDSHAKE, "no hello in time")
+    def check(self, now: float) -> None:
+        """Deadlines, checked by the server's sweep (one task for all connections,
+        not a timer task per connection): Hello in time, idle timeout, a socket
+        write stuck because the peer stopped reading."""
+        if self.outbox.closing is not None:
             return
-        while True:
-            now = trio.current_time()
-            deadline = self.last_inbound + idle_s
-            if now >= deadline:
-                self.close(CloseCode.IDLE_TIMEOUT, "idle timeout")
-                return
-            if self.outbox.stalled(now):
-                event(log, "send_stalled", level=logging.WARNING, session=self.id)
-                METRICS.slow_consumers.inc()
-                self.close(CloseCode.SLOW_CONSUMER, "not reading")
-                self._nursery_cancel()
-                return
-            await trio.sleep_until(min(deadline, now + SEND_TIMEOUT_S / 2))
+        if self.identity is None:
+            if now - self.created_at > self.ctx.handshake_timeout_s:
+                self.close(CloseCode.BAD_HANDSHAKE, "no hello in time")
+            return
+        if now - self.last_inbound > self.idle_timeout_ms / 1000:
+            self.close(CloseCode.IDLE_TIMEOUT, "idle timeout")
+        elif self.outbox.stalled(now):
+            event(log, "send_stalled", level=logging.WARNING, session=self.id)
+            METRICS.slow_consumers.inc()
+            self.close(CloseCode.SLOW_CONSUMER, "not reading")
+            self._nursery_cancel()
 
     async def _read_loop(self) -> bool:
         """Returns True if the peer ended the connection, False if we did."""
@@ -381,7 +354,7 @@ class Session:
                                       id=ev.request.id, retry_after_ms=1000))
                 return
             try:
-                self._request_handlers[type(ev.request)](ev.request)
+                _REQUEST_HANDLERS[type(ev.request)](self, ev.request)
             except Exception as exc:  # a bug must not take the connection down
                 event(log, "request_failed", level=logging.ERROR, error=repr(exc))
                 self.send_frame(Error(code=ErrorCode.INTERNAL, message="internal error",
@@ -410,7 +383,6 @@ class Session:
         who = policy.Identity(user=claims.sub, role=claims.role, shop=claims.shop,
                               session=self.id, device=hello.device)
         self.identity = who
-        self.authenticated.set()
         if who.role in (Role.WORKER, Role.ADMIN):
             self.conn.set_rate(WORKER_FRAMES_PER_SECOND, WORKER_FRAMES_BURST, trio.current_time())
         if who.role is Role.WORKER:
@@ -527,6 +499,39 @@ class Session:
                   error=repr(exc))
             reply = Error(code=ErrorCode.INTERNAL, message="internal error", id=request.id)
         self.send_frame(reply)
+
+    def _recall(self, r: Recall) -> None:
+        self._submit(RecallCmd(conv=r.conv, seq=r.seq, **self._origin(r)))
+
+    def _read(self, r: Read) -> None:
+        self._submit(ReadCmd(conv=r.conv, seq=r.seq, **self._origin(r)))
+
+    def _get(self, r: GetConversation) -> None:
+        self._submit(GetCmd(conv=r.conv, **self._origin(r)))
+
+    def _members(self, r: UpdateMembers) -> None:
+        self._submit(MembersCmd(conv=r.conv, add=r.add, remove=r.remove, role=r.role,
+                                **self._origin(r)))
+
+    def _update(self, r: UpdateConversation) -> None:
+        self._submit(UpdateCmd(conv=r.conv, state=r.state, agent=r.agent, priority=r.priority,
+                               tags_add=r.tags_add, tags_remove=r.tags_remove, note=r.note,
+                               key=r.key, **self._origin(r)))
+
+    def _spawn_history(self, r: History) -> None:
+        self._spawn(r, self._history)
+
+    def _spawn_list(self, r: ListConversations) -> None:
+        self._spawn(r, self._list)
+
+    def _spawn_agent_status(self, r: SetAgentStatus) -> None:
+        self._spawn(r, self._agent_status)
+
+    def _spawn_worker_join(self, r: WorkerJoin) -> None:
+        self._spawn(r, self._worker_join)
+
+    def _spawn_notify(self, r: Notify) -> None:
+        self._spawn(r, self._notify)
 
     def _ping(self, request: PingRequest) -> None:
         self.send_frame(Pong(id=request.id, server_time=now_ms()))
@@ -696,3 +701,25 @@ class _Refuse(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+# Request type -> handler. One table for every session (a per-session table of
+# bound methods would cost kilobytes per connection).
+_REQUEST_HANDLERS: dict[type, Callable[[Session, Any], None]] = {
+    PingRequest: Session._ping,
+    Send: Session._send,
+    Recall: Session._recall,
+    Read: Session._read,
+    GetConversation: Session._get,
+    OpenConversation: Session._open,
+    CreateGroup: Session._create_group,
+    UpdateMembers: Session._members,
+    UpdateConversation: Session._update,
+    History: Session._spawn_history,
+    ListConversations: Session._spawn_list,
+    SetAgentStatus: Session._spawn_agent_status,
+    WatchPresence: Session._watch,
+    Subscribe: Session._subscribe,
+    WorkerJoin: Session._spawn_worker_join,
+    Notify: Session._spawn_notify,
+}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import msgspec
@@ -263,3 +264,26 @@ async def test_abuse_does_not_disturb_other_users(server: RunningServer) -> None
             assert raw.close_code == CloseCode.POLICY_VIOLATION
         info: ConversationInfo = await grace.request(GetConversation(id=0, conv=conv))
         assert info.conversation.last_seq == sent[-1].seq
+
+
+async def test_slowloris_and_silent_websocket_are_cut_off(tmp_path: Path) -> None:
+    from imserver.server import Server, ServerConfig
+    from tests.conftest import SECRET
+
+    config = ServerConfig(data_dir=tmp_path / "d", secret=SECRET, port=0, handshake_timeout_s=0.3)
+    srv = Server(config)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(srv.serve)
+        parts = urlsplit(url)
+        # a TCP connection that sends half an HTTP request and stops
+        stream = await trio.open_tcp_stream(parts.hostname or "", parts.port or 0)
+        async with stream:
+            await stream.send_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+            with trio.fail_after(5):
+                assert await stream.receive_some(100) == b""  # the server hung up
+        # a WebSocket that never says Hello
+        async with raw_ws(url) as raw:
+            frames = await raw.frames()
+            assert frames == []
+            assert raw.close_code == CloseCode.BAD_HANDSHAKE
+        srv.stop()
