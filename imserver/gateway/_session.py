@@ -140,7 +140,7 @@ from ..shards import (
     UpdateCmd,
     customer_view,
 )
-from ..store import PutAgent, Scope, Store
+from ..store import PageRead, PutAgent, Scope, Store
 from ._frame import binary_frame
 from ._ids import direct_conversation_id, group_conversation_id
 from ._websocket import Outbox
@@ -437,20 +437,19 @@ class Session:
     async def _replay(self, who: policy.Identity, conv_id: str, after: int) -> int | None:
         """Replay ``conv_id`` after ``after``; the last seq sent, or None if not readable."""
         store = self.ctx.store
-        conv = await store.get_conversation(conv_id)
-        if conv is None or not policy.can_read(who, conv, await store.get_members(conv_id)):
-            return None
         last = after
         while True:
             while True:
-                messages, more = await store.history(conv_id, before=None, after=last,
-                                                     limit=RESUME_BATCH)
-                for message in messages:
+                page = await store.read_page(conv_id, user=who.user, before=None, after=last,
+                                             limit=RESUME_BATCH)
+                if not _readable(who, page):
+                    return None
+                for message in page.messages:
                     data = binary_frame(encode(MessageEvent(message=message)))
                     if not await self.outbox.push_paced(data):
                         return last  # closing: the client resumes again from what it saw
                     last = message.seq
-                if not more:
+                if not page.more:
                     break
             buffered = self._catchup.get(conv_id)
             if buffered is None:
@@ -565,12 +564,11 @@ class Session:
     async def _history(self, request: History) -> ServerFrameType:
         who = self.identity
         assert who is not None
-        store = self.ctx.store
-        conv = await store.get_conversation(request.conv)
-        if conv is None or not policy.can_read(who, conv, await store.get_members(request.conv)):
+        page = await self.ctx.store.read_page(request.conv, user=who.user, before=request.before,
+                                              after=request.after, limit=request.limit)
+        if not _readable(who, page):
             raise _Refuse(ErrorCode.NOT_FOUND, f"no conversation {request.conv!r}")
-        messages, more = await store.history(request.conv, before=request.before,
-                                             after=request.after, limit=request.limit)
+        messages, more = page.messages, page.more
         # Long texts can make a full page too big for one frame: cut it at the far end
         # of the paging direction and say there is more.
         backwards = request.after is None
@@ -694,6 +692,12 @@ class Session:
                 raise _Refuse(ErrorCode.FORBIDDEN, "not a worker of that shop")
             hub.broadcast_shop(request.shop, Topic.DASHBOARD, frame)
         return Ok(id=request.id)
+
+
+def _readable(who: policy.Identity, page: PageRead) -> bool:
+    conv = page.conversation
+    members = {} if page.member_role is None else {who.user: page.member_role}
+    return conv is not None and policy.can_read(who, conv, members)
 
 
 class _Refuse(Exception):

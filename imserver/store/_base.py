@@ -141,6 +141,16 @@ class ActorSnapshot(msgspec.Struct, kw_only=True):
     """The last ``keys_window`` idempotency keys applied to the conversation."""
 
 
+class PageRead(msgspec.Struct, kw_only=True):
+    """One read for a history page or a resume batch: the conversation (None if
+    it does not exist), the reader's membership, and the messages."""
+
+    conversation: Conversation | None
+    member_role: MemberRole | None
+    messages: list[Message]
+    more: bool
+
+
 class ScopeKind(enum.Enum):
     CUSTOMER = "customer"
     """Conversations where ``customer == user`` or ``user`` is a member."""
@@ -202,6 +212,10 @@ class Store(Protocol):
     async def get_conversation(self, conv: str) -> Conversation | None: ...
 
     async def get_members(self, conv: str) -> dict[str, MemberRole]: ...
+
+    async def read_page(self, conv: str, *, user: str, before: int | None, after: int | None,
+                        limit: int) -> PageRead:
+        """``history`` plus the conversation and ``user``'s membership, in one read."""
 
     async def find_open_direct(self, shop: str, customer: str) -> Conversation | None:
         """The customer's direct conversation with ``shop`` that is not closed, if any."""

@@ -122,6 +122,7 @@ from ._base import (
     ActorSnapshot,
     AgentRecord,
     MarkRecalled,
+    PageRead,
     PutAgent,
     PutAppliedKey,
     PutConversation,
@@ -293,6 +294,7 @@ WHERE conv = ? AND seq > ? AND seq < ? ORDER BY seq ASC LIMIT ?
 """
 SQL_GET_CONVERSATION: Final = f"SELECT {_CONV_COLUMNS} FROM conversations AS c WHERE c.id = ?"
 SQL_GET_MEMBERS: Final = "SELECT user, role FROM members WHERE conv = ? ORDER BY user"
+SQL_MEMBER_ROLE: Final = "SELECT role FROM members WHERE conv = ? AND user = ?"
 SQL_RECENT_CMIDS: Final = """
 SELECT sender, cmid, seq, ts FROM messages WHERE conv = ? ORDER BY seq DESC LIMIT ?
 """
@@ -592,6 +594,17 @@ def _q_get_conversation(conn: sqlite3.Connection, conv: str) -> Conversation | N
 
 def _q_get_members(conn: sqlite3.Connection, conv: str) -> dict[str, MemberRole]:
     return {u: MemberRole(r) for u, r in conn.execute(SQL_GET_MEMBERS, (conv,))}
+
+
+def _q_read_page(conn: sqlite3.Connection, conv: str, user: str, before: int | None,
+                 after: int | None, limit: int) -> PageRead:
+    conversation = _q_get_conversation(conn, conv)
+    if conversation is None:
+        return PageRead(conversation=None, member_role=None, messages=[], more=False)
+    row = conn.execute(SQL_MEMBER_ROLE, (conv, user)).fetchone()
+    messages, more = _q_history(conn, conv, before, after, limit)
+    return PageRead(conversation=conversation, member_role=MemberRole(row[0]) if row else None,
+                    messages=messages, more=more)
 
 
 def _q_find_open_direct(conn: sqlite3.Connection, shop: str, customer: str) -> Conversation | None:
@@ -958,6 +971,10 @@ class SqliteStore:
 
     async def get_members(self, conv: str) -> dict[str, MemberRole]:
         return await self._read(lambda c: _q_get_members(c, conv))
+
+    async def read_page(self, conv: str, *, user: str, before: int | None, after: int | None,
+                        limit: int) -> PageRead:
+        return await self._read(lambda c: _q_read_page(c, conv, user, before, after, limit))
 
     async def find_open_direct(self, shop: str, customer: str) -> Conversation | None:
         return await self._read(lambda c: _q_find_open_direct(c, shop, customer))
