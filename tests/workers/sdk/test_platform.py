@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -143,3 +144,67 @@ async def _next_message(client: Client, conv: str) -> None:
     async for frame in client.events:
         if isinstance(frame, MessageEvent) and frame.message.conv == conv:
             return
+
+
+async def test_serve_supervises_worker_processes(tmp_path: Path) -> None:
+    """``imserver serve --workers X`` runs X as a child and restarts it after a crash."""
+    import os
+    import signal as _signal
+    import sys as _sys
+
+    from tests.conftest import SECRET, ServerProcess
+
+    plugin = "tests.workers.sdk.plugins:EchoPlugin"
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(partial(
+            trio.run_process,
+            [_sys.executable, "-m", "imserver", "serve", "--data", str(tmp_path / "data"),
+             "--port", "0", "--secret", SECRET.decode(), "--log-level", "warning",
+             "--workers", plugin],
+            stdout=subprocess.PIPE, check=False))
+        assert process.stdout is not None
+        lines = _Lines(process.stdout)
+        url = (await lines.until(b"listening on")).rsplit(" ", 1)[1]
+        await lines.until(b"joined")
+        server = ServerProcess(process=process, url=url, data_dir=tmp_path / "data")
+        async with server.connect("una") as una:
+            conv = (await una.request(OpenConversation(id=0, shop="shop1"))).conversation.id
+            await una.send_text(conv, "first")
+            assert await _bot_replies(una, conv, 1) == ["echo: first"]
+            children = await _children(process.pid)
+            assert len(children) == 1
+            os.kill(children[0], _signal.SIGKILL)
+            await lines.until(b"joined")  # the supervisor started a new one
+            await una.send_text(conv, "second")
+            assert await _bot_replies(una, conv, 1) == ["echo: second"]
+        process.send_signal(_signal.SIGTERM)
+        with trio.fail_after(30):
+            await process.wait()
+        assert process.returncode == 0
+
+
+async def _children(pid: int) -> list[int]:
+    """Child processes of ``pid`` (any of its threads may have spawned them)."""
+    found: list[int] = []
+    for task in await trio.Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (await (task / "children").read_text()).split()]
+    return found
+
+
+class _Lines:
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+
+    async def until(self, marker: bytes) -> str:
+        with trio.fail_after(30):
+            while True:
+                line, newline, rest = self.buffer.partition(b"\n")
+                if newline:
+                    self.buffer = rest
+                    if marker in line:
+                        return line.decode().strip()
+                    continue
+                chunk = await self.stream.receive_some(4096)
+                assert chunk, "process exited"
+                self.buffer += chunk
