@@ -61,6 +61,9 @@ class Hub:
         self.topics: dict[tuple[str, Topic], dict[str, Peer]] = {}
         self.watchers: dict[str, dict[str, Peer]] = {}
         self.last_seen: dict[str, int] = {}
+        # What each session subscribed to, so that leaving costs O(its own subscriptions).
+        self._topics_of: dict[str, set[tuple[str, Topic]]] = {}
+        self._watched_by: dict[str, set[str]] = {}
 
     # -------------------------------------------------------- registration
 
@@ -80,12 +83,18 @@ class Hub:
             return
         devices = self.by_user.get(peer.user, {})
         devices.pop(peer.id, None)
-        for subscribers in self.topics.values():
-            subscribers.pop(peer.id, None)
-        for watchers in self.watchers.values():
-            watchers.pop(peer.id, None)
-        self.topics = {k: v for k, v in self.topics.items() if v}
-        self.watchers = {k: v for k, v in self.watchers.items() if v}
+        for key in self._topics_of.pop(peer.id, ()):
+            subscribers = self.topics.get(key)
+            if subscribers is not None:
+                subscribers.pop(peer.id, None)
+                if not subscribers:
+                    del self.topics[key]
+        for user in self._watched_by.pop(peer.id, ()):
+            watchers = self.watchers.get(user)
+            if watchers is not None:
+                watchers.pop(peer.id, None)
+                if not watchers:
+                    del self.watchers[user]
         METRICS.sessions.set(len(self.sessions))
         if not devices:
             self.by_user.pop(peer.user, None)
@@ -94,16 +103,19 @@ class Hub:
 
     def subscribe(self, peer: Peer, shop: str, topic: Topic) -> None:
         self.topics.setdefault((shop, topic), {})[peer.id] = peer
+        self._topics_of.setdefault(peer.id, set()).add((shop, topic))
 
     def watch(self, peer: Peer, users: Iterable[str]) -> list[Presence]:
         result = []
+        watched = self._watched_by.setdefault(peer.id, set())
         for user in users:
             self.watchers.setdefault(user, {})[peer.id] = peer
+            watched.add(user)
             result.append(self.presence(user))
         return result
 
     def watched_count(self, peer: Peer) -> int:
-        return sum(1 for watchers in self.watchers.values() if peer.id in watchers)
+        return len(self._watched_by.get(peer.id, ()))
 
     def presence(self, user: str) -> Presence:
         devices = len(self.by_user.get(user, ()))
