@@ -215,3 +215,32 @@ async def test_idle_actor_passivates_and_comes_back_with_its_state(server: Runni
         assert shards.actors[conv] is not actor
         retry = await pat.send_text(conv, "one", cmid="c-one")
         assert retry.duplicate and retry.seq == first.seq
+
+
+async def test_actor_crash_loses_nothing_acked_and_restarts(
+        server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing disk write crashes the actor mid-batch: the batch is answered with
+    ``internal`` (not acked), the actor restarts from the store, retries succeed."""
+    store = server.server.store
+    assert store is not None
+    real_write = store.write
+    failures = 1
+
+    async def failing_write(ops: object) -> None:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise OSError("disk full (injected)")
+        await real_write(ops)  # type: ignore[arg-type]
+
+    async with server.connect("quinn") as quinn:
+        conv = (await quinn.request(OpenConversation(id=0, shop="shop1"))).conversation.id
+        ok = await quinn.send_text(conv, "before")
+        monkeypatch.setattr(store, "write", failing_write)
+        with pytest.raises(ServerError) as failed:
+            await quinn.request(Send(id=0, conv=conv, cmid="during", body=TextBody(text="x")))
+        assert failed.value.code == "internal"
+        retry = await quinn.send_text(conv, "x", cmid="during")  # the client's retry
+        assert retry.seq == ok.seq + 1 and not retry.duplicate
+        page: HistoryPage = await quinn.request(History(id=0, conv=conv))
+        assert [m.cmid for m in page.messages][-2:] == [ok.cmid, "during"]
