@@ -18,8 +18,11 @@ conversations of that shard, and only while one of them is flooded beyond
 ``ACTOR_MAILBOX_DEPTH``. Every buffer on the way is bounded. Actors live in
 the shard's nursery; they passivate themselves when idle (see ``_actor``).
 
-The embedded engine below is in-process. A cluster engine keeps the same
-``submit`` and replaces the FIFO with a durable per-shard stream.
+The embedded engine below is in-process. When the shard queue is empty and
+the conversation's actor is live with room in its mailbox, ``submit`` hands
+the command straight to the mailbox: the same order, one task switch less.
+A cluster engine keeps the same ``submit`` and replaces the FIFO with a
+durable per-shard stream.
 """
 
 from __future__ import annotations
@@ -82,6 +85,18 @@ class LocalShards:
 
     def submit(self, cmd: AnyCommand) -> bool:
         send, _ = self._channels[shard_of(cmd.conv, self.count)]
+        actor = self.actors.get(cmd.conv)
+        if actor is not None and not send.statistics().current_buffer_used:
+            # Fast path: nothing waits in the shard queue, so nothing can be overtaken
+            # (the shard task moves a command on without a checkpoint, and a sender
+            # blocked on a full mailbox fills any slot freed before we could take it).
+            try:
+                actor.send_channel.send_nowait(cmd)
+            except trio.WouldBlock:
+                pass
+            else:
+                self._accepted()
+                return True
         try:
             send.send_nowait(cmd)
         except trio.WouldBlock:
