@@ -4,18 +4,22 @@ Theory of operation
 -------------------
 ``SuiteResult`` is what ``bench.run`` records: machine facts, the profile,
 and per target either ``skipped`` (with the reason: no figures at all) or
-one ``ScenarioOutcome`` per scenario (``ok`` with its report, ``todo``, or
-``error`` with the message). It is written as JSON with msgspec (each
-report tagged with its scenario in ``"type"``), and ``read_json`` reads it
-back: ``python -m bench.report FILE`` prints the summary table and the
-peak-sale steps of a recorded run as Markdown (for RESULTS.md).
+one ``ScenarioOutcome`` per scenario (``ok`` with its report, ``n/a`` with
+the reason, or ``error`` with the message; each with a summary of the
+server's log). It is written as JSON with msgspec (each report tagged with
+its scenario in ``"type"``), and ``read_json`` reads it back (also runs
+recorded before bot-heavy existed, whose placeholder reports are dropped):
+``python -m bench.report FILE`` prints the summary table, the peak-sale
+steps and the bot-heavy figures of a recorded run as Markdown (for
+RESULTS.md).
 
 The summary picks a few headline ``metrics`` out of the reports. Each is a
 number per target; imserver's is also given as a ratio to each baseline
 (``imserver / baseline``: above 1 is better for throughput, worse for
 latency, memory and CPU; the ``better`` column says which). Peak-sale
 latencies are compared at the profile's reference loads, the same offered
-loads for every target.
+loads for every target. A target for which a scenario is ``n/a`` (the
+relays have no bot) shows ``n/a`` in that scenario's rows.
 
 The plot shows peak-sale p50 (dashed) and p99 (solid) send->delivery
 against offered load, one colour per target, log scale, with the SLO line;
@@ -33,11 +37,13 @@ import msgspec
 
 from bench.loadgen.bot_heavy import BotHeavyReport
 from bench.loadgen.fanout import FanoutReport
+from bench.loadgen.histogram import LatencySummary
 from bench.loadgen.idle import IdleReport
 from bench.loadgen.peak_sale import NOISY_FOREIGN_PCT, PeakSaleReport, StepReport
 from bench.loadgen.reconnect_storm import StormReport
 from bench.loadgen.suite import Report, SuiteProfile
 from bench.loadgen.sysstat import MachineInfo
+from bench.servers import ServerLog
 
 IMSERVER: Final = "imserver"
 PLOT_SIZE_IN: Final = (9.0, 5.5)
@@ -47,10 +53,12 @@ COLOURS: Final = {"imserver": "tab:red", "trio_wsproto": "tab:blue", "websockets
 
 class ScenarioOutcome(msgspec.Struct, kw_only=True):
     status: str
-    """ok, todo or error."""
+    """ok, n/a (the target cannot run it: the reason is in ``error``) or error."""
     seconds: float = 0.0
     error: str = ""
     report: Report | None = None
+    server_log: ServerLog | None = None
+    """Warnings and errors the server logged during the scenario (None: not read)."""
 
 
 class TargetResult(msgspec.Struct, kw_only=True):
@@ -77,7 +85,13 @@ class SuiteResult(msgspec.Struct, kw_only=True):
 
 
 def read_json(path: Path) -> SuiteResult:
-    return msgspec.json.decode(path.read_bytes(), type=SuiteResult)
+    raw = msgspec.json.decode(path.read_bytes())
+    for target in raw.get("targets", {}).values():
+        for outcome in target.get("scenarios", {}).values():
+            if outcome.get("status") == "todo":  # runs from before bot-heavy existed
+                outcome["status"], outcome["report"] = "n/a", None
+                outcome["error"] = "not implemented at the time of this run"
+    return msgspec.convert(raw, type=SuiteResult)
 
 
 def write_json(result: SuiteResult, path: Path) -> None:
@@ -122,6 +136,11 @@ def _idle(target: TargetResult) -> IdleReport | None:
     return report if isinstance(report, IdleReport) else None
 
 
+def _bot(target: TargetResult) -> BotHeavyReport | None:
+    report = _report(target, "bot_heavy")
+    return report if isinstance(report, BotHeavyReport) else None
+
+
 Extract = Callable[[TargetResult], float | None]
 
 
@@ -130,6 +149,8 @@ class Metric(NamedTuple):
     better: str
     """higher, lower, or "" for context rows that get no ratio (noise)."""
     extract: Extract
+    scenario: str = ""
+    """The scenario the figure comes from: a target for which it is n/a shows n/a."""
 
 
 def _max_sustained(t: TargetResult) -> float | None:
@@ -174,6 +195,13 @@ def _idl(field: Callable[[IdleReport], float]) -> Extract:
     return extract
 
 
+def _bt(field: Callable[[BotHeavyReport], float]) -> Extract:
+    def extract(t: TargetResult) -> float | None:
+        report = _bot(t)
+        return field(report) if report is not None else None
+    return extract
+
+
 def metrics(reference_loads: tuple[int, ...]) -> list[Metric]:
     """The summary rows; peak-sale latencies at each reference load (same for all targets)."""
     rows = [
@@ -202,6 +230,21 @@ def metrics(reference_loads: tuple[int, ...]) -> list[Metric]:
         Metric("idle: server RSS KiB/connection", "lower", _idl(lambda r: r.rss_per_connection_kb)),
         Metric("idle: ping p99 ms", "lower", _idl(lambda r: r.ping_rtt.p99_ms)),
     ]
+    bot = "bot_heavy"
+    rows += [
+        Metric("bot-heavy: questions/s offered", "", _bt(lambda r: r.offered_questions_per_s), bot),
+        Metric("bot-heavy: answered by the bot %", "", _bt(lambda r: 100 * r.bot_answered_share),
+               bot),
+        Metric("bot-heavy: handed to a human %", "", _bt(lambda r: 100 * r.handed_off_share), bot),
+        Metric("bot-heavy: unanswered questions", "lower", _bt(lambda r: float(r.unanswered)), bot),
+        Metric("bot-heavy: reply p50 ms", "lower", _bt(lambda r: r.reply.p50_ms), bot),
+        Metric("bot-heavy: reply p90 ms", "lower", _bt(lambda r: r.reply.p90_ms), bot),
+        Metric("bot-heavy: reply p99 ms", "lower", _bt(lambda r: r.reply.p99_ms), bot),
+        Metric("bot-heavy: reply max ms", "lower", _bt(lambda r: r.reply.max_ms), bot),
+        Metric("bot-heavy: handoff to queued p99 ms", "lower", _bt(lambda r: r.queued.p99_ms), bot),
+        Metric("bot-heavy: server + bot CPU us/question", "lower",
+               _bt(lambda r: r.server_cpu_us_per_question + r.worker_cpu_us_per_question), bot),
+    ]
     return rows
 
 
@@ -217,6 +260,11 @@ def _fmt(value: float | None) -> str:
     return f"{value:.2f}"
 
 
+def _not_applicable(target: TargetResult, scenario: str) -> bool:
+    outcome = target.scenarios.get(scenario) if scenario else None
+    return outcome is not None and outcome.status == "n/a"
+
+
 def summary_table(result: SuiteResult) -> str:
     names = list(result.targets)
     ran = [n for n in names if result.targets[n].status == "ok"]
@@ -228,7 +276,9 @@ def summary_table(result: SuiteResult) -> str:
     rows: list[list[str]] = []
     for metric in metrics(result.profile.reference_loads):
         values = {n: metric.extract(result.targets[n]) if n in ran else None for n in names}
-        row = [metric.label, metric.better, *(_fmt(values[n]) for n in names)]
+        row = [metric.label, metric.better,
+               *("n/a" if _not_applicable(result.targets[n], metric.scenario) else _fmt(values[n])
+                 for n in names)]
         if with_ratios:
             mine = values[IMSERVER]
             for b in baselines:
@@ -248,7 +298,7 @@ def summary_table(result: SuiteResult) -> str:
     notes = [f"(@N/s = at offered load N msg/s, the same for every target; SLO p99 < "
              f"{result.profile.peak_sale.slo_p99_ms:.0f} ms; '-' = not measured or not reached; "
              "ratios are imserver / baseline)"]
-    todo: dict[str, str] = {}
+    not_applicable: dict[str, list[str]] = {}
     for name in names:
         target = result.targets[name]
         peak = _peak(target)
@@ -260,9 +310,16 @@ def summary_table(result: SuiteResult) -> str:
         for scenario, outcome in target.scenarios.items():
             if outcome.status == "error":
                 notes.append(f"{name}/{scenario}: ERROR - {outcome.error.splitlines()[0]}")
-            elif outcome.status == "todo" and isinstance(outcome.report, BotHeavyReport):
-                todo[scenario] = outcome.report.reason
-    notes.extend(f"{scenario}: {reason}" for scenario, reason in todo.items())
+            elif outcome.status == "n/a":
+                not_applicable.setdefault(f"{scenario}: {outcome.error}", []).append(name)
+            report = outcome.report
+            if isinstance(report, BotHeavyReport) and not report.passed:
+                notes.append(f"{name}/{scenario}: {report.verdict}")
+            log = outcome.server_log
+            if log is not None and (log.errors or log.unstructured):
+                notes.append(f"{name}/{scenario}: server log has {log.errors} errors and "
+                             f"{log.unstructured} unstructured stderr lines")
+    notes.extend(f"{why} ({', '.join(who)})" for why, who in not_applicable.items())
     if not with_ratios:
         notes.append(f"no {IMSERVER} figures in this run, so no ratios")
     return "\n".join(lines + notes)
@@ -341,6 +398,58 @@ def steps_markdown(result: SuiteResult) -> str:
     return "\n".join(lines)
 
 
+def _ms(summary: LatencySummary) -> str:
+    return (f"{summary.p50_ms:.1f} / {summary.p90_ms:.1f} / {summary.p99_ms:.1f} / "
+            f"{summary.max_ms:.0f}" if summary.count else "-")
+
+
+def bot_heavy_markdown(result: SuiteResult) -> str:
+    """The bot-heavy figures of every target as a Markdown table (n/a for the relays)."""
+    lines = [
+        "| target | customers × q/s | questions (routine + human) | answered by bot | "
+        "handed off | unanswered / wrong | reply p50 / p90 / p99 / max ms | "
+        "routine reply p99 ms | handoff → queued p99 ms | welcome p99 ms | "
+        "server + bot µs/question | loadgen % | others % | verdict |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for name, target in result.targets.items():
+        outcome = target.scenarios.get("bot_heavy")
+        r = _bot(target)
+        if r is None:
+            why = outcome.error.splitlines()[0] if outcome is not None and outcome.error else (
+                outcome.status if outcome is not None else target.status)
+            lines.append(f"| {name} | {why} |" + " |" * 12)
+            continue
+        p = r.params
+        lines.append(
+            f"| {name} | {r.customers_ready:,} × {p.rate:g} = {r.offered_questions_per_s:g}/s | "
+            f"{r.questions:,} ({r.routine:,} + {r.human:,}) | "
+            f"{r.answered_by_bot:,} ({100 * r.bot_answered_share:.1f}%) | "
+            f"{r.handed_off:,} ({100 * r.handed_off_share:.1f}%) | "
+            f"{r.unanswered} / {r.wrong_answers} | {_ms(r.reply)} | {r.reply_routine.p99_ms:.1f} | "
+            f"{r.queued.p99_ms:.1f} | {r.welcome.p99_ms:.1f} | "
+            f"{r.server_cpu_us_per_question:.0f} + {r.worker_cpu_us_per_question:.0f} | "
+            f"{r.loadgen_cpu_pct:.0f} | {r.foreign_cpu_pct:.0f} | "
+            f"{'pass' if r.passed else 'FAIL'}: {r.verdict} |")
+    return "\n".join(lines)
+
+
+def server_logs_markdown(result: SuiteResult) -> str:
+    """Warnings and errors the servers logged, per target and scenario."""
+    lines = []
+    for name, target in result.targets.items():
+        for scenario, outcome in target.scenarios.items():
+            log = outcome.server_log
+            if log is None or not (log.warnings or log.errors or log.unstructured):
+                continue
+            events = ", ".join(f"`{k}` ×{v}" for k, v in log.events.items())
+            lines.append(f"- {name}/{scenario}: {log.errors} errors, {log.warnings} warnings"
+                         + (f" ({events})" if events else "")
+                         + (f", {log.unstructured} unstructured stderr lines"
+                            if log.unstructured else ""))
+    return "\n".join(lines) or "- no warnings or errors in any server log"
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -355,6 +464,10 @@ def main(argv: list[str] | None = None) -> None:
           f"(commit {result.git_commit or '?'}{dirty})\n")
     print("```\n" + summary_table(result) + "\n```\n")
     print(steps_markdown(result))
+    print()
+    print(bot_heavy_markdown(result))
+    print()
+    print(server_logs_markdown(result))
     if args.plot is not None:
         why_not = plot_latency(result, args.plot)
         if why_not:

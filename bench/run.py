@@ -21,9 +21,17 @@ recorded, never given figures; imserver is skipped like that until
 ``python -m imserver serve`` exists. A scenario that fails is recorded as an
 error and the suite goes on.
 
+The bot-heavy scenario needs the bot worker: imserver runs it as its bot
+variant (``serve --workers bot``, started once the worker has joined, with
+the CRM database seeded first: ``bench.servers.BOT_VARIANTS``); the bare
+relays have no bot, and the scenario is recorded as ``n/a`` for them. After
+every scenario the server's log is summarised (warnings, errors, worker
+joins) into the outcome.
+
 Output: progress lines as it goes; then ``bench/results/<date>.json`` (all
-reports, machine facts, the profile), a summary table with imserver's
-figures as ratios to the baselines, and ``bench/results/<date>-latency.png``.
+reports, machine facts, the profile; ``<date>-<HHMM>.json`` if a run of that
+date is already there), a summary table with imserver's figures as ratios to
+the baselines, and ``bench/results/<date>-latency.png``.
 ``--quick`` runs the tiny profile (about 15 s per target, under 60 s in all)
 and names its files ``<date>-quick*`` so that a smoke test never overwrites
 a real run. Runs on one host only: everything is on 127.0.0.1.
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import secrets
 import shlex
 import subprocess
@@ -43,7 +52,7 @@ from pathlib import Path
 from typing import Final
 
 from bench.loadgen import bot_heavy
-from bench.loadgen.suite import NEEDS_SERVER, PROFILES, SCENARIOS, SuiteProfile, run_scenario
+from bench.loadgen.suite import NEEDS_BOT, PROFILES, SCENARIOS, SuiteProfile, run_scenario
 from bench.loadgen.sysstat import HostCpu, machine_info
 from bench.report import (
     ScenarioOutcome,
@@ -53,7 +62,7 @@ from bench.report import (
     summary_table,
     write_json,
 )
-from bench.servers import REPO, TARGETS, RunningServer, TargetUnavailable
+from bench.servers import BOT_VARIANTS, REPO, TARGETS, RunningServer, Target, TargetUnavailable
 
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
 DEFAULT_TARGETS: Final = ("imserver", "trio_wsproto", "websockets")
@@ -62,6 +71,7 @@ PAUSE_BETWEEN_SCENARIOS_S: Final = 0.25
 QUIET_WINDOW_S: Final = 2.0
 QUIET_BUSY_PCT: Final = 25.0
 """--wait-quiet: the host counts as quiet below this much busy CPU (% of one core)."""
+NO_BOT: Final = "n/a: a bare relay has no bot worker (the scenario needs imserver's plugins)"
 
 
 def log(line: str) -> None:
@@ -96,28 +106,43 @@ def wait_quiet(limit_s: float) -> float:
 def run_scenario_on(name: str, scenario: str, profile: SuiteProfile, result: TargetResult,
                     workers: int | None) -> None:
     """One scenario on a fresh server of target ``name``; records into ``result``."""
-    target = TARGETS[name]
+    target: Target = TARGETS[name]
     t0 = time.monotonic()
     tag = f"{scenario[:4]}{secrets.token_hex(3)}"
+    prepare = None
+    if scenario in NEEDS_BOT:
+        target = BOT_VARIANTS[name]
+        params = profile.bot_heavy
+        if params is not None:
+            params.validate()
+            prepare = functools.partial(bot_heavy.seed_crm, params=params, tag=tag)
+    server = RunningServer(target, prepare)
+    outcome: ScenarioOutcome
     try:
-        with RunningServer(target) as server:
+        with server:
             report = run_scenario(scenario, profile, server.url, server.secret_bytes, tag,
                                   server.probe, log, workers)
-        result.scenarios[scenario] = ScenarioOutcome(
-            status="ok", seconds=round(time.monotonic() - t0, 1), report=report)
+        outcome = ScenarioOutcome(status="ok", seconds=round(time.monotonic() - t0, 1),
+                                  report=report)
     except TargetUnavailable as exc:
-        if all(o.status != "ok" for o in result.scenarios.values()):
+        if all(o.status not in ("ok", "error") for o in result.scenarios.values()):
             log(f"  SKIPPED: {exc}")
             result.status, result.reason = "skipped", str(exc)
             result.scenarios = {}
             return
         log(f"  {scenario}: ERROR, server did not start: {exc}")
-        result.scenarios[scenario] = ScenarioOutcome(status="error", error=str(exc))
+        outcome = ScenarioOutcome(status="error", error=str(exc))
     except Exception as exc:
         log(f"  {scenario}: ERROR {type(exc).__name__}: {exc}")
-        result.scenarios[scenario] = ScenarioOutcome(
+        outcome = ScenarioOutcome(
             status="error", seconds=round(time.monotonic() - t0, 1),
             error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    outcome.server_log = server.log
+    if server.log is not None and (server.log.errors or server.log.unstructured):
+        log(f"  server log: {server.log.errors} errors, {server.log.warnings} warnings, "
+            f"{server.log.unstructured} other lines on stderr: "
+            + ", ".join(f"{k} x{v}" for k, v in server.log.events.items()))
+    result.scenarios[scenario] = outcome
 
 
 def run_suite(targets: list[str], scenarios: list[str], profile: SuiteProfile,
@@ -133,15 +158,13 @@ def run_suite(targets: list[str], scenarios: list[str], profile: SuiteProfile,
             result.targets[name].status, result.targets[name].reason = "skipped", reason
     for scenario in scenarios:
         log(f"== {scenario}")
-        if scenario not in NEEDS_SERVER:  # bot_heavy: a TODO, measures nothing yet
-            report = bot_heavy.run(log)
-            for r in result.targets.values():
-                if r.status == "ok":
-                    r.scenarios[scenario] = ScenarioOutcome(status="todo", report=report)
-            continue
         for name in targets:
             target_result = result.targets[name]
             if target_result.status != "ok":
+                continue
+            if scenario in NEEDS_BOT and name not in BOT_VARIANTS:
+                log(f"- {name}: {NO_BOT}")
+                target_result.scenarios[scenario] = ScenarioOutcome(status="n/a", error=NO_BOT)
                 continue
             if quiet_s > 0:
                 wait_quiet(quiet_s)
@@ -178,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     now = dt.datetime.now().astimezone()
     date = now.date().isoformat()
     stem = f"{date}-quick" if args.quick else date
+    if (args.out / f"{stem}.json").exists():  # keep the earlier run of the day
+        stem = f"{stem}-{now:%H%M}"
     machine = machine_info()
     commit, dirty = git_state()
     result = SuiteResult(

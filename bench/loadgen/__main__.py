@@ -5,12 +5,16 @@ Usage::
     python -m bench.loadgen peak_sale --url ws://127.0.0.1:PORT/ws --secret SECRET \\
         [--server-pid PID] [--profile quick|full] [--workers K] [--json out.json] \\
         [--pairs N] [--steps 1000,2000] [--step-s S] [--members M] [--rate R] \\
-        [--clients C] [--connections K] [--hold-s S]
+        [--clients C] [--connections K] [--hold-s S] [--customers N] [--duration-s S] \\
+        [--seed-data DIR]
 
 The scenario's parameters come from the profile (``suite``), with any of the
 overrides given. ``--server-pid`` lets it read the server's RSS and CPU (the
 idle scenario's memory figure needs it). The report is printed as JSON, or
 written to ``--json``. ``bench.run`` is the way to run the whole suite.
+
+bot_heavy needs a server run with ``--workers bot`` and the customers' orders in its CRM
+database: ``--seed-data DIR`` (the server's ``--data``) writes them there first.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import msgspec
 
+from . import bot_heavy
 from .suite import PROFILES, SCENARIOS, SuiteProfile, run_scenario
 from .sysstat import ServerProbe
 
@@ -29,6 +34,7 @@ from .sysstat import ServerProbe
 def _apply_overrides(profile: SuiteProfile, args: argparse.Namespace) -> SuiteProfile:
     replace = msgspec.structs.replace
     peak, fan, storm, idle = profile.peak_sale, profile.fanout, profile.reconnect_storm, profile.idle
+    bot = profile.bot_heavy
     if args.pairs is not None:
         peak = replace(peak, pairs=args.pairs)
     if args.steps is not None:
@@ -40,13 +46,19 @@ def _apply_overrides(profile: SuiteProfile, args: argparse.Namespace) -> SuitePr
     if args.rate is not None:
         fan = replace(fan, rate=args.rate)
         storm = replace(storm, rate=args.rate)
+        bot = bot and replace(bot, rate=args.rate)
+    if args.customers is not None:
+        bot = bot and replace(bot, customers=args.customers)
+    if args.duration_s is not None:
+        bot = bot and replace(bot, duration_s=args.duration_s)
     if args.clients is not None:
         storm = replace(storm, clients=args.clients)
     if args.connections is not None:
         idle = replace(idle, connections=args.connections)
     if args.hold_s is not None:
         idle = replace(idle, hold_s=args.hold_s)
-    return replace(profile, peak_sale=peak, fanout=fan, reconnect_storm=storm, idle=idle)
+    return replace(profile, peak_sale=peak, fanout=fan, reconnect_storm=storm, idle=idle,
+                   bot_heavy=bot)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,12 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int)
     parser.add_argument("--connections", type=int)
     parser.add_argument("--hold-s", type=float)
+    parser.add_argument("--customers", type=int)
+    parser.add_argument("--duration-s", type=float)
+    parser.add_argument("--seed-data", type=Path, default=None,
+                        help="bot_heavy: the server's data directory, to seed its CRM database")
     args = parser.parse_args(argv)
     if not args.url.startswith(("ws://127.0.0.1", "ws://localhost", "ws://[::1]")):
         parser.error("the load generator only targets this host (127.0.0.1)")
     profile = _apply_overrides(PROFILES[args.profile], args)
     secret = (args.secret or secrets.token_hex(16)).encode()
     tag = f"{args.scenario[:4]}{secrets.token_hex(3)}"
+    if args.scenario == "bot_heavy" and args.seed_data is not None and profile.bot_heavy:
+        profile.bot_heavy.validate()
+        bot_heavy.seed_crm(args.seed_data, profile.bot_heavy, tag)
     report = run_scenario(args.scenario, profile, args.url, secret, tag,
                           ServerProbe(args.server_pid), lambda line: print(line, file=sys.stderr),
                           args.workers)

@@ -12,7 +12,8 @@ every server frame with ``protocol.ClientConnection`` and dispatches it:
   requests: open, assign, create group);
 * any other reply or request-bound ``Error`` -> ``handler.on_reply`` (the
   hot path for ``Sent`` and ``Pong``: the scenario keeps its own id table);
-* ``Synced`` -> ``synced`` event; other events are counted and dropped.
+* ``Synced`` -> ``synced`` event; any other event (``ConversationEvent``...)
+  -> the ``on_event`` callback if one was given, else counted and dropped.
 
 Writes are synchronous (``websockets``' ``broadcast`` primitive: frame
 encoding plus one transport write, no ``await``), so one scheduler task can
@@ -80,6 +81,10 @@ class Handler(Protocol):
     def on_reply(self, client: ImClient, frame: ServerFrameType, now_ns: int) -> None: ...
 
 
+EventCallback = Callable[["ImClient", ServerFrameType, int], None]
+"""(client, event frame, receive time ns): events other than MessageEvent and Synced."""
+
+
 class RequestFailed(Exception):
     """A setup request was answered with an Error frame."""
 
@@ -95,11 +100,13 @@ class ConnectFailed(Exception):
 class ImClient:
     """One protocol session at a time; see the module docstring."""
 
-    def __init__(self, url: str, identity: Identity, secret: bytes, handler: Handler) -> None:
+    def __init__(self, url: str, identity: Identity, secret: bytes, handler: Handler,
+                 on_event: EventCallback | None = None) -> None:
         self.url = url
         self.identity = identity
         self.secret = secret
         self.handler = handler
+        self.on_event = on_event
         self.welcome: Welcome | None = None
         self.synced = asyncio.Event()
         self.closed = asyncio.Event()
@@ -236,6 +243,8 @@ class ImClient:
                         handler.on_reply(self, frame, now)
                 elif type(frame) is Synced:
                     self.synced.set()
+                elif self.on_event is not None:
+                    self.on_event(self, frame, now)
                 else:
                     name = frame.code if isinstance(frame, Error) else type(frame).__name__
                     self.other_frames[name] += 1

@@ -15,6 +15,7 @@ from typing import Final
 import msgspec
 
 from . import bot_heavy, fanout, idle, peak_sale, reconnect_storm
+from .bot_heavy import BotHeavyParams
 from .fanout import FanoutParams
 from .idle import IdleParams
 from .peak_sale import PeakSaleParams
@@ -23,7 +24,8 @@ from .sysstat import ServerProbe
 
 SCENARIOS: Final = ("idle", "peak_sale", "fanout", "reconnect_storm", "bot_heavy")
 """In run order: idle first would not matter (each scenario gets a fresh server)."""
-NEEDS_SERVER: Final = frozenset({"idle", "peak_sale", "fanout", "reconnect_storm"})
+NEEDS_BOT: Final = frozenset({"bot_heavy"})
+"""Scenarios that need a server running the bot worker: imserver only (n/a for the relays)."""
 
 
 class SuiteProfile(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,6 +38,8 @@ class SuiteProfile(msgspec.Struct, frozen=True, kw_only=True):
     fanout: FanoutParams
     reconnect_storm: StormParams
     idle: IdleParams
+    bot_heavy: BotHeavyParams | None = None
+    """None in runs recorded before the scenario existed."""
 
 
 QUICK: Final = SuiteProfile(
@@ -44,6 +48,7 @@ QUICK: Final = SuiteProfile(
     fanout=FanoutParams(members=20, rate=10.0, duration_s=1.0, drain_s=1.0),
     reconnect_storm=StormParams(clients=40, rate=2.0, before_s=1.0, after_s=1.0, drain_s=1.5),
     idle=IdleParams(connections=100, hold_s=1.0, settle_s=0.5),
+    bot_heavy=BotHeavyParams(customers=20, rate=1.0, duration_s=3.0, drain_s=3.0),
 )
 
 FULL: Final = SuiteProfile(
@@ -55,6 +60,7 @@ FULL: Final = SuiteProfile(
     fanout=FanoutParams(members=1000, rate=10.0, duration_s=4.0, drain_s=3.0),
     reconnect_storm=StormParams(clients=1000, rate=1.0, before_s=3.0, after_s=3.0, drain_s=3.0),
     idle=IdleParams(connections=5000, hold_s=5.0, settle_s=1.0),
+    bot_heavy=BotHeavyParams(customers=400, rate=0.5, duration_s=10.0, drain_s=5.0),
 )
 
 PROFILES: Final = {"quick": QUICK, "full": FULL}
@@ -79,5 +85,7 @@ def run_scenario(name: str, profile: SuiteProfile, url: str, secret: bytes, tag:
     if name == "idle":
         return idle.run(profile.idle, url, secret, tag, probe, count, log)
     if name == "bot_heavy":
-        return bot_heavy.run(log)
+        if profile.bot_heavy is None:
+            raise ValueError(f"profile {profile.name!r} has no bot_heavy parameters")
+        return bot_heavy.run(profile.bot_heavy, url, secret, tag, probe, count, log)
     raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")

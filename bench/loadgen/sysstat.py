@@ -85,6 +85,15 @@ class ServerProbe:
             return 0.0
         return sum(_cpu_ticks(p) for p in process_tree(self.pid)) / CLOCK_TICKS
 
+    def cpu_split_s(self) -> tuple[float, float]:
+        """(root process, its live descendants) CPU seconds: imserver's own CPU apart from
+        its worker plugin processes (children of ``serve --workers``)."""
+        if self.pid is None:
+            return 0.0, 0.0
+        root = _cpu_ticks(self.pid)
+        rest = sum(_cpu_ticks(p) for p in process_tree(self.pid)[1:])
+        return root / CLOCK_TICKS, rest / CLOCK_TICKS
+
 
 class HostCpu(NamedTuple):
     """The host's CPU counters (first line of /proc/stat), in clock ticks."""

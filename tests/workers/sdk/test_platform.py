@@ -111,13 +111,18 @@ async def test_question_asked_while_worker_and_server_were_down_is_answered_once
     async with trio.open_nursery() as nursery:
         proc = await start_server_process(data, nursery)
         worker = await start_worker(proc.url)
-        async with proc.connect("kim") as kim:
-            conv = (await kim.request(OpenConversation(id=0, shop="shop1"))).conversation.id
-            await kim.send_text(conv, "q1")
-            assert await _bot_replies(kim, conv, 1) == ["echo: q1"]
-            worker.send_signal(_signal.SIGKILL)
-            await worker.wait()
-            await kim.send_text(conv, "q2")  # nobody is there to answer
+        try:
+            async with proc.connect("kim") as kim:
+                conv = (await kim.request(OpenConversation(id=0, shop="shop1"))).conversation.id
+                await kim.send_text(conv, "q1")
+                assert await _bot_replies(kim, conv, 1) == ["echo: q1"]
+                worker.send_signal(_signal.SIGKILL)
+                await worker.wait()
+                await kim.send_text(conv, "q2")  # nobody is there to answer
+        finally:
+            if worker.returncode is None:
+                worker.kill()
+                await worker.wait()
         proc.process.send_signal(_signal.SIGKILL)
     async with trio.open_nursery() as nursery:
         proc = await start_server_process(data, nursery)
