@@ -152,6 +152,7 @@ class ConversationActor:
         self.applied_keys: OrderedDict[str, None] = OrderedDict()
         self.read_points: dict[str, int] = {}
         self._batch: list[AnyCommand] = []
+        self._read_ops: dict[str, SetReadPoint] = {}
         self._scope = trio.CancelScope()
         self.waiting = False
         self.idle_since = 0.0
@@ -247,6 +248,7 @@ class ConversationActor:
             self._on_processed(len(batch))
 
     async def _process(self, batch: Sequence[AnyCommand]) -> None:
+        self._read_ops = {}
         ops: list[WriteOp] = []
         effects: list[Effect] = []
         for cmd in batch:
@@ -284,7 +286,7 @@ class ConversationActor:
         """Tell participants (customer without internal fields), the shop's
         conversation watchers and the worker plugins what changed; ``also`` is a
         user who just left (a previous agent) and must hear it too."""
-        members = dict(self.members)
+        members = self.members  # never mutated in place: see _members
         staff_frame = ConversationEvent(conversation=conv, change=change)
         logged = self._log_event(ops, WorkerEventKind.CONVERSATION, conv, change=change)
 
@@ -329,7 +331,7 @@ class ConversationActor:
             dispatch = self.dispatcher.publish
             effects.append(lambda: dispatch(logged.stored()))
         self._remember(who.user, cmid, seq, ts)
-        members = dict(self.members)
+        members = self.members  # never mutated in place: see _members
         frame = MessageEvent(message=message)
         METRICS.messages.inc()
         effects.append(lambda: self.hub.publish(
@@ -366,7 +368,13 @@ class ConversationActor:
         if seq <= self.read_points.get(user, 0):
             return False
         self.read_points[user] = seq
-        ops.append(SetReadPoint(conv=self.conv_id, user=user, seq=seq))
+        pending = self._read_ops.get(user)  # reset for every batch, so it is in ``ops``
+        if pending is not None:
+            pending.seq = seq  # one write per user per batch, however many messages
+        else:
+            op = SetReadPoint(conv=self.conv_id, user=user, seq=seq)
+            self._read_ops[user] = op
+            ops.append(op)
         return True
 
     # ------------------------------------------------------------ commands
@@ -434,7 +442,7 @@ class ConversationActor:
         conv = self._existing(cmd)
         seq = min(cmd.seq, conv.last_seq)
         if self._raise_read_point(ops, cmd.who.user, seq):
-            members = dict(self.members)
+            members = self.members  # never mutated in place: see _members
             frame = ReceiptEvent(conv=conv.id, user=cmd.who.user, kind=ReceiptKind.READ, seq=seq)
             effects.append(lambda: self.hub.publish(
                 conv, members, frame, topic=Topic.MESSAGES, exclude_session=cmd.who.session
@@ -445,7 +453,7 @@ class ConversationActor:
         conv = self._existing(cmd)
         frame = ReceiptEvent(conv=conv.id, user=cmd.who.user, kind=ReceiptKind.DELIVERED,
                              seq=min(cmd.seq, conv.last_seq))
-        members = dict(self.members)
+        members = self.members  # never mutated in place: see _members
         effects.append(lambda: self.hub.publish(
             conv, members, frame, topic=Topic.MESSAGES, exclude_user=cmd.who.user
         ))
@@ -455,7 +463,7 @@ class ConversationActor:
         if not policy.can_send(cmd.who, conv, self.members):
             raise Refusal(ErrorCode.FORBIDDEN, "you may not type in this conversation")
         frame = TypingEvent(conv=conv.id, user=cmd.who.user)
-        members = dict(self.members)
+        members = self.members  # never mutated in place: see _members
         # Typing reaches participants only (not topic watchers): it is ephemeral chatter.
         effects.append(lambda: self.hub.publish(
             conv, members, frame, topic=None, exclude_user=cmd.who.user,
@@ -534,10 +542,12 @@ class ConversationActor:
             raise Refusal(ErrorCode.TOO_LARGE, f"more than {MAX_GROUP_MEMBERS} members")
         if add or remove:
             ops.append(SetMembers(conv=conv.id, add=add, remove=remove))
-            before = dict(self.members)
-            self.members.update(add)
+            # Copy on write: effects queued earlier keep the membership they saw.
+            before = self.members
+            updated = {**before, **add}
             for user in remove:
-                self.members.pop(user, None)
+                updated.pop(user, None)
+            self.members = updated
             self._system(ops, effects, cmd.who, "members", added=",".join(add)[:256],
                          removed=",".join(remove)[:256])
             current = self.conversation
