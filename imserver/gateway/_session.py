@@ -323,19 +323,23 @@ class Session:
                         self._handle(self.conn.receive_text())
                         return False
                     assert isinstance(ws_event, BytesMessage)
-                    pending += ws_event.data
-                    if len(pending) > MAX_FRAME_BYTES:
-                        self._handle(self.conn.receive(bytes(pending), trio.current_time()))
-                        return False
-                    if ws_event.message_finished:
+                    if ws_event.message_finished and not pending:
+                        frame_bytes = bytes(ws_event.data)  # the common case: no copying
+                    else:
+                        pending += ws_event.data
+                        if not ws_event.message_finished:
+                            if len(pending) > MAX_FRAME_BYTES:
+                                self._handle(self.conn.receive(bytes(pending), trio.current_time()))
+                                return False
+                            continue
                         frame_bytes = bytes(pending)
                         pending.clear()
-                        METRICS.frames_in.inc()
-                        self._handle(self.conn.receive(frame_bytes, trio.current_time()))
-                        while self._blocked:  # backpressure: stop reading until queued
-                            await self.ctx.shards.put(self._blocked.pop(0))
-                        if self.outbox.closing is not None:  # we refused and closed
-                            return False
+                    METRICS.frames_in.inc()
+                    self._handle(self.conn.receive(frame_bytes, trio.current_time()))
+                    while self._blocked:  # backpressure: stop reading until queued
+                        await self.ctx.shards.put(self._blocked.pop(0))
+                    if self.outbox.closing is not None:  # we refused and closed
+                        return False
                 elif isinstance(ws_event, Ping):
                     self.outbox.push(self.ws.send(ws_event.response()))
                 elif isinstance(ws_event, CloseConnection):
