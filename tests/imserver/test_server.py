@@ -69,19 +69,29 @@ async def _verify(proc: ServerProcess, acked: dict[str, tuple[str, int]], convs:
                     assert stored.get(cmid) == seq, f"acked {cmid} lost or moved"
 
 
-async def test_kill_9_during_send_storm_loses_nothing_acked(tmp_path: Path) -> None:
-    data = tmp_path / "data"
+async def _storm_then_signal(data: Path, threshold: int, sig: signal.Signals
+                             ) -> tuple[ServerProcess, dict[str, tuple[str, int]], dict[str, str]]:
+    """Run a send storm against a server process until ``threshold`` sends are
+    acked, then send it ``sig`` and wait for it to exit."""
     acked: dict[str, tuple[str, int]] = {}
     convs: dict[str, str] = {}
     async with trio.open_nursery() as nursery:
         proc = await start_server_process(data, nursery)
         enough = trio.Event()
-        nursery.start_soon(_storm, proc, acked, convs, enough, 400)
+        nursery.start_soon(_storm, proc, acked, convs, enough, threshold)
         with trio.fail_after(60):
             await enough.wait()
-        proc.process.send_signal(signal.SIGKILL)
+        proc.process.send_signal(sig)
+        with trio.fail_after(30):
+            await proc.process.wait()
+    assert len(acked) >= threshold
+    return proc, acked, convs
+
+
+async def test_kill_9_during_send_storm_loses_nothing_acked(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    proc, acked, convs = await _storm_then_signal(data, 400, signal.SIGKILL)
     assert proc.process.returncode == -signal.SIGKILL
-    assert len(acked) >= 400
     async with trio.open_nursery() as nursery:
         proc2 = await start_server_process(data, nursery)
         await _verify(proc2, acked, convs)
@@ -98,17 +108,7 @@ async def test_kill_9_during_send_storm_loses_nothing_acked(tmp_path: Path) -> N
 
 async def test_sigterm_drains_without_loss(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    acked: dict[str, tuple[str, int]] = {}
-    convs: dict[str, str] = {}
-    async with trio.open_nursery() as nursery:
-        proc = await start_server_process(data, nursery)
-        enough = trio.Event()
-        nursery.start_soon(_storm, proc, acked, convs, enough, 300)
-        with trio.fail_after(60):
-            await enough.wait()
-        proc.process.send_signal(signal.SIGTERM)
-        with trio.fail_after(30):
-            await proc.process.wait()
+    proc, acked, convs = await _storm_then_signal(data, 300, signal.SIGTERM)
     assert proc.process.returncode == 0
     async with trio.open_nursery() as nursery:
         proc2 = await start_server_process(data, nursery)
