@@ -386,6 +386,9 @@ class ListConversations(Request, tag="list"):
 
     state: ConvState | None = None
     updated_before: Millis | None = None
+    before_id: ConvId | None = None
+    """With ``updated_before``: the id of the last conversation of the previous page,
+    so that conversations updated in the same millisecond are not skipped."""
     limit: Annotated[int, Meta(ge=1, le=MAX_CONVERSATION_PAGE)] = 50
 
 

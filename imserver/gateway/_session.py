@@ -593,7 +593,8 @@ class Session:
         assert who is not None
         convs, more = await self.ctx.store.list_conversations(
             Scope.for_role(who.role, who.user, who.shop), state=request.state,
-            updated_before=request.updated_before, limit=request.limit,
+            updated_before=request.updated_before, before_id=request.before_id,
+            limit=request.limit,
         )
         if who.role is Role.CUSTOMER:
             convs = [customer_view(c) for c in convs]

@@ -228,10 +228,13 @@ class Store(Protocol):
         the newest ``limit`` below it; with ``after``, the oldest ``limit`` above it."""
 
     async def list_conversations(
-        self, scope: Scope, *, state: ConvState | None, updated_before: int | None, limit: int
+        self, scope: Scope, *, state: ConvState | None, updated_before: int | None, limit: int,
+        before_id: str | None = None,
     ) -> tuple[list[Conversation], bool]:
-        """Conversations visible in ``scope``, most recently updated first, with
-        ``read_seq`` and ``unread`` filled in for ``scope.user``."""
+        """Conversations visible in ``scope``, most recently updated first (then by id,
+        descending), with ``read_seq`` and ``unread`` filled in for ``scope.user``. A
+        page starts below the key (``updated_before``, ``before_id``): pass the last
+        conversation's updated_at and id to get the next page."""
 
     async def read_point(self, conv: str, user: str) -> int: ...
 

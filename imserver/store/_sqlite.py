@@ -320,7 +320,9 @@ SELECT id, shard, kind, event FROM worker_events WHERE id > ? ORDER BY id LIMIT 
 
 def list_conversations_sql(kind: ScopeKind, with_state: bool) -> str:
     """The page query of ``list_conversations`` (named parameters :user,
-    :shop, :state, :before, :n).
+    :shop, :state, :before, :before_id, :n). Pages are cut by the key
+    (updated_at, id), so conversations updated in the same millisecond are
+    neither skipped nor repeated.
 
     A scope is a union of "branches", each served in page order by one index
     and cut at :n rows, so a page reads O(branches * limit) index entries
@@ -332,7 +334,7 @@ def list_conversations_sql(kind: ScopeKind, with_state: bool) -> str:
         where = f"{condition} AND " if condition else ""
         return (
             "SELECT c.id, c.updated_at FROM conversations AS c"
-            f" WHERE {where}c.updated_at < :before{state}"
+            f" WHERE {where}(c.updated_at, c.id) < (:before, :before_id){state}"
             " ORDER BY c.updated_at DESC, c.id DESC LIMIT :n"
         )
 
@@ -342,7 +344,7 @@ def list_conversations_sql(kind: ScopeKind, with_state: bool) -> str:
         return (
             "SELECT c.id, c.updated_at FROM members AS m"
             " CROSS JOIN conversations AS c ON c.id = m.conv"
-            f" WHERE m.user = :user{condition} AND c.updated_at < :before{state}"
+            f" WHERE m.user = :user{condition} AND (c.updated_at, c.id) < (:before, :before_id){state}"
             " ORDER BY c.updated_at DESC, c.id DESC LIMIT :n"
         )
 
@@ -573,7 +575,8 @@ def _q_history(
 
 
 def _q_list_conversations(
-    conn: sqlite3.Connection, scope: Scope, state: ConvState | None, before: int | None, limit: int
+    conn: sqlite3.Connection, scope: Scope, state: ConvState | None, before: int | None,
+    limit: int, before_id: str | None = None,
 ) -> tuple[list[Conversation], bool]:
     limit = max(limit, 0)
     params = {
@@ -581,6 +584,8 @@ def _q_list_conversations(
         "shop": scope.shop,
         "state": state.value if state is not None else None,
         "before": _NO_BOUND if before is None else before,
+        # "" sorts before every id: without an id the page starts strictly below ``before``
+        "before_id": before_id or "",
         "n": limit + 1,
     }
     rows = conn.execute(_LIST_SQL[scope.kind, state is not None], params).fetchall()
@@ -985,10 +990,11 @@ class SqliteStore:
         return await self._read(lambda c: _q_history(c, conv, before, after, limit))
 
     async def list_conversations(
-        self, scope: Scope, *, state: ConvState | None, updated_before: int | None, limit: int
+        self, scope: Scope, *, state: ConvState | None, updated_before: int | None, limit: int,
+        before_id: str | None = None,
     ) -> tuple[list[Conversation], bool]:
         return await self._read(
-            lambda c: _q_list_conversations(c, scope, state, updated_before, limit)
+            lambda c: _q_list_conversations(c, scope, state, updated_before, limit, before_id)
         )
 
     async def read_point(self, conv: str, user: str) -> int:

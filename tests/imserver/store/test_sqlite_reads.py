@@ -401,7 +401,7 @@ def planner() -> sqlite3.Connection:
 
 def test_every_query_is_index_driven(planner: sqlite3.Connection) -> None:
     """No full table scan anywhere, and no sort of more than a page."""
-    list_params = {"user": "u", "shop": "s", "state": "bot", "before": 1, "n": 51}
+    list_params = {"user": "u", "shop": "s", "state": "bot", "before": 1, "before_id": "", "n": 51}
     queries: list[tuple[str, Any]] = [
         (sql, list_params) for sql in _sqlite._LIST_SQL.values()
     ]
@@ -446,7 +446,7 @@ def test_every_query_is_index_driven(planner: sqlite3.Connection) -> None:
 def test_list_plans_use_the_page_order_indexes(
     planner: sqlite3.Connection, kind: ScopeKind, with_state: bool, indexes: set[str]
 ) -> None:
-    params = {"user": "u", "shop": "s", "state": "bot", "before": 1, "n": 51}
+    params = {"user": "u", "shop": "s", "state": "bot", "before": 1, "before_id": "", "n": 51}
     plan = " ".join(_plan(planner, _sqlite._LIST_SQL[kind, with_state], params))
     used = set(re.findall(r"INDEX (\w+)", plan))
     assert used == indexes
