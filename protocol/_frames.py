@@ -433,6 +433,19 @@ class Subscribe(Request, tag="subscribe"):
     """Admin and global workers name the shop; others get their own."""
 
 
+class Unwatch(Request, tag="unwatch"):
+    """Stop presence events for these users (see WatchPresence)."""
+
+    users: Annotated[list[UserId], Meta(max_length=MAX_BATCH_IDS)]
+
+
+class Unsubscribe(Request, tag="unsubscribe"):
+    """Stop these shop-wide streams (see Subscribe)."""
+
+    topics: Annotated[list[Topic], Meta(max_length=8)]
+    shop: Id | None = None
+
+
 class WorkerJoin(Request, tag="worker_join"):
     """Worker role only: join the instances of ``plugin``. The server splits the
     shards among the live instances of a plugin and delivers each event of the
@@ -485,6 +498,8 @@ ClientFrameType = (
     | SetAgentStatus
     | WatchPresence
     | Subscribe
+    | Unwatch
+    | Unsubscribe
     | WorkerJoin
     | Notify
     | WorkerAck
@@ -764,6 +779,8 @@ __all__ = [
     "Topic",
     "Typing",
     "TypingEvent",
+    "Unsubscribe",
+    "Unwatch",
     "UpdateConversation",
     "UpdateMembers",
     "Url",

@@ -114,6 +114,25 @@ class Hub:
             result.append(self.presence(user))
         return result
 
+    def unsubscribe(self, peer: Peer, shop: str, topic: Topic) -> None:
+        key = (shop, topic)
+        self._topics_of.get(peer.id, set()).discard(key)
+        subscribers = self.topics.get(key)
+        if subscribers is not None:
+            subscribers.pop(peer.id, None)
+            if not subscribers:
+                del self.topics[key]
+
+    def unwatch(self, peer: Peer, users: Iterable[str]) -> None:
+        watched = self._watched_by.get(peer.id, set())
+        for user in users:
+            watched.discard(user)
+            watchers = self.watchers.get(user)
+            if watchers is not None:
+                watchers.pop(peer.id, None)
+                if not watchers:
+                    del self.watchers[user]
+
     def watched_count(self, peer: Peer) -> int:
         return len(self._watched_by.get(peer.id, ()))
 

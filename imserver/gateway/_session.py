@@ -79,6 +79,8 @@ from protocol import (
     Synced,
     Topic,
     Typing,
+    Unsubscribe,
+    Unwatch,
     UpdateConversation,
     UpdateMembers,
     WatchPresence,
@@ -648,6 +650,18 @@ class Session:
             self.ctx.hub.subscribe(self, shop, topic)
         self.send_frame(Ok(id=request.id))
 
+    def _unwatch(self, request: Unwatch) -> None:
+        self.ctx.hub.unwatch(self, request.users)
+        self.send_frame(Ok(id=request.id))
+
+    def _unsubscribe(self, request: Unsubscribe) -> None:
+        who = self.identity
+        assert who is not None
+        shop = request.shop or who.shop
+        for topic in request.topics:
+            self.ctx.hub.unsubscribe(self, shop, topic)
+        self.send_frame(Ok(id=request.id))
+
     # -- notices
 
     def _notice(self, notice: ClientFrameType) -> None:
@@ -729,6 +743,8 @@ _REQUEST_HANDLERS: dict[type, Callable[[Session, Any], None]] = {
     SetAgentStatus: Session._spawn_agent_status,
     WatchPresence: Session._watch,
     Subscribe: Session._subscribe,
+    Unwatch: Session._unwatch,
+    Unsubscribe: Session._unsubscribe,
     WorkerJoin: Session._spawn_worker_join,
     Notify: Session._spawn_notify,
 }

@@ -111,3 +111,28 @@ async def test_idle_connection_is_closed(tmp_path: Path) -> None:
             with pytest.raises(ConnectionClosed):
                 await quiet.send_text("x", "too late")
         srv.stop()
+
+
+async def test_unwatch_and_unsubscribe_stop_the_events(server: RunningServer) -> None:
+    from protocol import Ok, Subscribe, Synced, Topic, Unsubscribe, Unwatch
+
+    async with server.connect("sup2", "supervisor", "shop1") as sup:
+        await sup.request(WatchPresence(id=0, users=["wes", "vic"]))
+        await sup.request(Subscribe(id=0, topics=[Topic.CONVERSATIONS]))
+        assert isinstance(await sup.request(Unwatch(id=0, users=["wes"])), Ok)
+        assert isinstance(await sup.request(Unsubscribe(id=0, topics=[Topic.CONVERSATIONS])), Ok)
+        async with server.connect("wes") as wes:
+            await wes.request(OpenConversation(id=0, shop="shop1"))  # no queue event any more
+        async with server.connect("vic"):
+            seen = []
+            with trio.fail_after(10):
+                async for frame in sup.events:
+                    if isinstance(frame, Synced):
+                        continue  # sent once after Welcome
+                    seen.append(frame)
+                    if isinstance(frame, PresenceEvent):
+                        break
+        # vic is still watched; wes's presence and conversation are not reported any more
+        assert len(seen) == 1 and seen[0].presence.user == "vic"  # type: ignore[union-attr]
+    ctx = server.server.ctx
+    assert ctx is not None and not ctx.hub.topics and "wes" not in ctx.hub.watchers
