@@ -68,6 +68,9 @@ class WorkerPeer(Protocol):
     @property
     def id(self) -> str: ...
 
+    @property
+    def user(self) -> str: ...
+
     def push_event(self, conv: str, seq: int, data: bytes) -> None: ...
 
     def send_frame(self, frame: ServerFrameType) -> None: ...
@@ -103,6 +106,15 @@ class PluginGroup:
     """Events past the in-memory bound: read the log from ``replay_cursor``."""
     replay_cursor: int = 0
     """The highest event id read from the log (or seen live) so far."""
+
+    users: set[str] = field(default_factory=set)
+    """The user ids the plugin's instances connect as."""
+
+    def is_own(self, stored: StoredEvent) -> bool:
+        """A message the plugin sent itself: it is not told about it (that would
+        double its event traffic for nothing)."""
+        message = stored.event.message
+        return message is not None and message.sender in self.users
 
     @property
     def kinds(self) -> frozenset[WorkerEventKind]:
@@ -152,6 +164,7 @@ class WorkerDispatcher:
             await self.store.write([PutCursor(plugin=plugin, event_id=group.watermark)])
             self._known_plugins = True
         group.instances.append(instance)
+        group.users.add(peer.user)
         self._by_peer[peer.id] = instance
         self._rebalance(group, announce_to=instance)
         self._wakeup.set()
@@ -209,6 +222,8 @@ class WorkerDispatcher:
                 self._wakeup.set()
                 continue
             group.replay_cursor = stored.id
+            if group.is_own(stored):
+                continue
             flight = _InFlight(stored=stored)
             group.inflight[stored.id] = flight
             owner = group.owner.get(stored.shard)
@@ -288,7 +303,8 @@ class WorkerDispatcher:
             for stored in batch:
                 after = group.replay_cursor = stored.id
                 group.highest_seen = max(group.highest_seen, stored.id)
-                if stored.kind in group.kinds and stored.id not in group.inflight:
+                if (stored.kind in group.kinds and stored.id not in group.inflight
+                        and not group.is_own(stored)):
                     group.inflight[stored.id] = _InFlight(stored=stored)
             if len(batch) < WORKER_REPLAY_BATCH:
                 group.needs_replay = False
