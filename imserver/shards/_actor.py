@@ -471,18 +471,23 @@ class ConversationActor:
 
     async def _get(self, cmd: GetCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
         conv = self._existing(cmd)
-        read_seq = self.read_points.get(cmd.who.user)
-        if read_seq is None:
-            read_seq = await self.store.read_point(conv.id, cmd.who.user)
-            self.read_points[cmd.who.user] = read_seq
+        read_seq = await self._read_point(cmd.who.user)
         effects.append(_bind(self._reply, cmd, self._info(cmd, conv, read_seq)))
+
+    async def _read_point(self, user: str) -> int:
+        read_seq = self.read_points.get(user)
+        if read_seq is None:
+            read_seq = await self.store.read_point(self.conv_id, user)
+            self.read_points[user] = read_seq
+        return read_seq
 
     def _info(self, cmd: AnyCommand, conv: Conversation, read_seq: int) -> ConversationInfo:
         view = customer_view(conv) if cmd.who.role is Role.CUSTOMER else conv
         view = replace(view, read_seq=read_seq, unread=max(0, conv.last_seq - read_seq))
         return ConversationInfo(id=cmd.reply.request if cmd.reply else 0, conversation=view)
 
-    def _open_direct(self, cmd: OpenDirectCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
+    async def _open_direct(self, cmd: OpenDirectCmd, ops: list[WriteOp],
+                           effects: list[Effect]) -> None:
         who = cmd.who
         if who.role is not Role.CUSTOMER:
             raise Refusal(ErrorCode.FORBIDDEN, "only customers open direct conversations")
@@ -508,7 +513,7 @@ class ConversationActor:
             self.conversation = conv
             ops.append(PutConversation(conversation=conv))
             effects.append(self._publish_conversation(ops, conv, change))
-        read_seq = self.read_points.get(who.user, conv.last_seq if change == "opened" else 0)
+        read_seq = 0 if change == "opened" else await self._read_point(who.user)
         effects.append(_bind(self._reply, cmd, self._info(cmd, conv, read_seq)))
 
     def _create_group(self, cmd: CreateGroupCmd, ops: list[WriteOp], effects: list[Effect]) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from imserver.client import Client, ConnectionClosed, ServerError
 from imserver.server import Server, ServerConfig
@@ -136,3 +137,21 @@ async def test_unwatch_and_unsubscribe_stop_the_events(server: RunningServer) ->
         assert len(seen) == 1 and seen[0].presence.user == "vic"  # type: ignore[union-attr]
     ctx = server.server.ctx
     assert ctx is not None and not ctx.hub.topics and "wes" not in ctx.hub.watchers
+
+
+async def test_reopening_the_app_shows_the_right_unread_count(server: RunningServer) -> None:
+    async with server.connect("uma") as uma, server.connect("ag9", "agent", "shop1") as agent:
+        conv = (await uma.request(OpenConversation(id=0, shop="shop1"))).conversation.id
+        await agent.request(UpdateConversation(id=0, conv=conv, agent="ag9"))
+        for i in range(3):
+            last = await agent.send_text(conv, f"answer {i}")
+        await uma.request(Read(id=0, conv=conv, seq=last.seq - 1))
+    # the conversation's actor is passivated meanwhile: the read point comes from the store
+    shards = server.server.shards
+    assert shards is not None
+    await trio.testing.wait_all_tasks_blocked()
+    assert shards.actors[conv].try_passivate(trio.current_time() + 3600)
+    async with server.connect("uma", device="tablet") as tablet:
+        info = await tablet.request(OpenConversation(id=0, shop="shop1"))
+        assert info.conversation.read_seq == last.seq - 1
+        assert info.conversation.unread == 1
