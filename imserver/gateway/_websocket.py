@@ -8,9 +8,12 @@ plain HTTP, answered by h11 through the ``http_handler`` callback
 (``/metrics``, ``/healthz``) or with ``426 Upgrade Required``.
 
 ``Outbox`` is the only writer of a connection's socket. Producers (replies,
-fan-out, control frames) append already framed bytes without awaiting; one
-writer task joins whatever has accumulated into a single ``send_all``. Under
-load that coalesces many frames into one system call and one task wake-up.
+fan-out, control frames) hand it already framed bytes without awaiting. When
+nothing is queued and no write is in flight, the bytes go to the (non-blocking)
+socket at once -- no task wake-up at all; otherwise, or for what the kernel
+did not take, they are queued and one writer task joins whatever has
+accumulated into a single ``send_all``: under load, many frames per system
+call and per wake-up.
 The outbox is bounded: a soft byte bound that may be exceeded for
 ``SLOW_CONSUMER_GRACE_S`` (a burst of large messages), and hard bounds in
 bytes and frames. A producer that would break them marks the peer a slow
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -132,6 +136,8 @@ class Outbox:
                  max_frames: int = OUTBOUND_BUFFER_FRAMES) -> None:
         self._stream = stream
         self._ws = ws
+        # Plain TCP only: TLS must go through the SSL stream.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._chunks: deque[bytes] = deque()
         self._bytes = 0
         self.max_bytes = max_bytes
@@ -158,6 +164,17 @@ class Outbox:
         """Queue framed bytes; False if the connection is closing or overflowed."""
         if self.closing is not None:
             return False
+        if self._fd >= 0 and not self._chunks and self.write_started is None:
+            # Nothing queued and no write in flight: try the socket now, so that the
+            # common case costs no wake-up of the writer task. What the kernel does
+            # not take (a full socket buffer) is queued for the writer as usual.
+            try:
+                written = os.write(self._fd, data)
+            except OSError:  # EAGAIN, or a dead peer: the writer finds out
+                written = 0
+            if written == len(data):
+                return True
+            data = data[written:]
         size = self._bytes + len(data)
         if size > self.max_bytes:
             now = trio.current_time()
