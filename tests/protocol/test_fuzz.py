@@ -49,9 +49,9 @@ _scalars = (
 )
 _values = st.recursive(
     _scalars,
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=8) | st.integers(0, 9), inner, max_size=4),
-    max_leaves=20,
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.text(max_size=8) | st.integers(0, 9), inner, max_size=3),
+    max_leaves=10,
 )
 _tags = st.sampled_from(
     [c.__struct_config__.tag for c in CLIENT_TYPES + SERVER_TYPES] + ["", "nope"]
