@@ -7,11 +7,39 @@ fine: figures are per process in production).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _COMMIT_BUCKETS: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class HotCounters:
+    """Counters bumped once or more per message, by the trio thread only: plain
+    ints read at scrape time (a prometheus_client ``Counter`` takes a lock per
+    ``inc``: 3 % of the trio thread at 10,000 msg/s)."""
+
+    __slots__ = ("frames_in", "frames_out", "messages")
+
+    def __init__(self) -> None:
+        self.frames_in = 0
+        self.frames_out = 0
+        self.messages = 0
+
+
+class _HotCollector(Collector):
+    def __init__(self, hot: HotCounters) -> None:
+        self._hot = hot
+
+    def collect(self) -> Iterator[Metric]:
+        hot = self._hot
+        yield CounterMetricFamily("imserver_frames_in", "Frames received", value=hot.frames_in)
+        yield CounterMetricFamily("imserver_frames_out", "Frames queued to clients",
+                                  value=hot.frames_out)
+        yield CounterMetricFamily("imserver_messages", "Messages stored", value=hot.messages)
 
 
 class Metrics:
@@ -23,9 +51,8 @@ class Metrics:
         self.connections_total = Counter(
             "imserver_accepted_connections", "Accepted TCP connections", registry=r
         )
-        self.frames_in = Counter("imserver_frames_in_total", "Frames received", registry=r)
-        self.frames_out = Counter("imserver_frames_out_total", "Frames queued to clients", registry=r)
-        self.messages = Counter("imserver_messages_total", "Messages stored", registry=r)
+        self.hot = HotCounters()
+        r.register(_HotCollector(self.hot))
         self.errors = Counter(
             "imserver_errors_total", "Error frames sent, by code", ["code"], registry=r
         )

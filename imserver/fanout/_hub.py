@@ -198,7 +198,7 @@ class Hub:
         for peer in peers:
             peer.push_event(conv, seq, data)
             count += 1
-        METRICS.frames_out.inc(count)
+        METRICS.hot.frames_out += count
 
 
 def _participants(conv: Conversation, members: Mapping[str, MemberRole]) -> Iterable[str]:

@@ -145,7 +145,7 @@ from ..shards import (
 from ..store import PageRead, PutAgent, Scope, Store
 from ._frame import binary_frame
 from ._ids import direct_conversation_id, group_conversation_id
-from ._websocket import Outbox
+from ._websocket import Outbox, SocketReader
 
 if TYPE_CHECKING:
     from ..dispatch import WorkerDispatcher
@@ -310,15 +310,16 @@ class Session:
     async def _read_loop(self) -> bool:
         """Returns True if the peer ended the connection, False if we did."""
         pending = bytearray()
+        reader = SocketReader(self.stream)
         while self._reading:
             try:
-                data = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
+                data = await reader.receive()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return True
             if not data:
                 return True
             self.last_inbound = trio.current_time()
-            self.ws.receive_data(data)  # type: ignore[arg-type]  # bytearray is fine
+            self.ws.receive_data(data)
             for ws_event in self.ws.events():
                 if isinstance(ws_event, WsMessage):
                     if isinstance(ws_event, TextMessage):
@@ -336,7 +337,7 @@ class Session:
                             continue
                         frame_bytes = bytes(pending)
                         pending.clear()
-                    METRICS.frames_in.inc()
+                    METRICS.hot.frames_in += 1
                     self._handle(self.conn.receive(frame_bytes, trio.current_time()))
                     while self._blocked:  # backpressure: stop reading until queued
                         await self.ctx.shards.put(self._blocked.pop(0))

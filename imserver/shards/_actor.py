@@ -31,11 +31,10 @@ command is never stranded.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, cast
 
 import trio
 from msgspec.structs import replace
@@ -254,8 +253,8 @@ class ConversationActor:
         for cmd in batch:
             try:
                 result = self._handlers[type(cmd)](cmd, ops, effects)
-                if inspect.isawaitable(result):
-                    await result
+                if result is not None:  # the async handlers' coroutines; sync ones return None
+                    await cast(Awaitable[None], result)
             except Refusal as refusal:
                 effects.append(_bind(self._reply_error, cmd, refusal.code, refusal.message))
         if ops:
@@ -333,7 +332,7 @@ class ConversationActor:
         self._remember(who.user, cmid, seq, ts)
         members = self.members  # never mutated in place: see _members
         frame = MessageEvent(message=message)
-        METRICS.messages.inc()
+        METRICS.hot.messages += 1
         effects.append(lambda: self.hub.publish(
             conv, members, frame, topic=Topic.MESSAGES, seq=seq, exclude_session=exclude_session,
         ))

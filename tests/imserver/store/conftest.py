@@ -143,6 +143,13 @@ def raw(db_path: Path) -> Iterator[sqlite3.Connection]:
     conn.close()
 
 
+async def writer_took_all(store: SqliteStore) -> None:
+    """Until the store's writer thread has taken every write queued so far: with
+    a ``WriteLock`` held, those are then the in-flight transaction, and later
+    writes queue behind it."""
+    await trio.to_thread.run_sync(store._handoff.wait_taken)
+
+
 class WriteLock:
     """Holds SQLite's write lock from outside the store, so the committer's
     next BEGIN IMMEDIATE waits (busy timeout, 5 s): a deterministic way to

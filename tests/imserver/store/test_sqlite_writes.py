@@ -23,7 +23,7 @@ from imserver.store import (
 )
 from protocol import AgentStatus, MemberRole
 
-from .conftest import Commits, StoreFactory, WriteLock, put_conv, put_msg
+from .conftest import Commits, StoreFactory, WriteLock, put_conv, put_msg, writer_took_all
 
 
 def test_sqlite_store_is_a_store(db_path: Path) -> None:
@@ -62,7 +62,8 @@ async def test_group_commit_batches_concurrent_writers(
     with WriteLock(db_path) as lock:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store.write, [put_msg("c0", 2)])
-            await trio.testing.wait_all_tasks_blocked()  # its thread waits for the lock
+            await trio.testing.wait_all_tasks_blocked()
+            await writer_took_all(store)  # its transaction waits for the lock
             for i in range(1, 200):
                 nursery.start_soon(store.write, [put_msg(f"c{i}", 2)])
             await trio.testing.wait_all_tasks_blocked()
@@ -84,6 +85,7 @@ async def test_batches_respect_max_batch_ops_without_splitting_a_call(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store.write, [put_msg("c", 1)])
             await trio.testing.wait_all_tasks_blocked()
+            await writer_took_all(store)
             for seq in range(2, 62):  # 60 single-op calls
                 nursery.start_soon(store.write, [put_msg("c", seq)])
             await trio.testing.wait_all_tasks_blocked()
@@ -116,6 +118,7 @@ async def test_failing_caller_does_not_fail_the_others(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer, "first", [put_msg("c", 2)])
             await trio.testing.wait_all_tasks_blocked()
+            await writer_took_all(store)
             nursery.start_soon(writer, "good-1", [put_msg("c", 3)])
             # duplicate seq 1, after a valid op that must be rolled back too
             nursery.start_soon(writer, "bad", [put_msg("c", 4), put_msg("c", 1)])
@@ -168,6 +171,7 @@ async def test_cancelled_waiting_write_is_dropped_and_committer_survives(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store.write, [put_msg("c", 1)])  # in flight
             await trio.testing.wait_all_tasks_blocked()
+            await writer_took_all(store)
             queued = trio.CancelScope()
             waiting = trio.CancelScope()
 
@@ -256,13 +260,14 @@ async def test_cancelling_run_flushes_pending_writes(db_path: Path) -> None:
         with WriteLock(db_path) as lock:
             outer.start_soon(write, 1)  # in flight, waiting for the lock
             await trio.testing.wait_all_tasks_blocked()
+            await writer_took_all(store)
             for seq in range(2, 11):  # queued behind it
                 outer.start_soon(write, seq)
             await trio.testing.wait_all_tasks_blocked()
             store_nursery.cancel_scope.cancel()
             lock.release()
     # The in-flight transaction finished; the queued ones were committed by
-    # the shielded flush on the way out of run().
+    # the writer thread before it stopped (run() waits for it, cancelled or not).
     assert sorted(acked) == list(range(1, 11))
     assert commits.ops == [1, 1, 9]
     conn = sqlite3.connect(db_path)
