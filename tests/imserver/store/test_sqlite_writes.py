@@ -21,9 +21,11 @@ from imserver.store import (
     Store,
     WriteOp,
 )
+from imserver.store._sqlite import ROWS_PER_STATEMENT
 from protocol import AgentStatus, MemberRole
 
 from .conftest import Commits, StoreFactory, WriteLock, put_conv, put_msg, writer_took_all
+from .test_sqlite_events import event
 
 
 def test_sqlite_store_is_a_store(db_path: Path) -> None:
@@ -339,3 +341,45 @@ async def test_every_op_kind_round_trips(store: SqliteStore) -> None:
     assert page[0].recalled
     [agent] = await store.list_agents("s")
     assert agent.status is AgentStatus.ONLINE
+
+
+async def test_row_ops_of_one_transaction_keep_their_meaning(
+    store: SqliteStore, raw: sqlite3.Connection
+) -> None:
+    """Messages, read points, bumps and events are written in multi-row
+    statements (``ROWS_PER_STATEMENT``); odd run lengths, several
+    conversations, an op that must see earlier rows (a recall of a message of
+    the same job) and a conversation upsert in between change nothing."""
+    count = sum(ROWS_PER_STATEMENT) + ROWS_PER_STATEMENT[0] + 3  # every statement size, twice
+    convs = ["a", "b", "c"]
+    ops: list[WriteOp] = [put_conv(c) for c in convs]
+    events = []
+    for seq in range(1, count + 1):
+        for conv in convs:
+            ops.append(put_msg(conv, seq, ts=5_000 + seq))
+            ops.append(SetReadPoint(conv=conv, user="cust-1", seq=seq))
+            ops.append(SetReadPoint(conv=conv, user="agent-1", seq=max(1, seq - 5)))
+            events.append(event(seq))
+            ops.append(events[-1])
+        if seq == 7:
+            ops.append(MarkRecalled(conv="b", seq=3))  # a row buffered in this very job
+            ops.append(put_conv("c", title="renamed"))  # the upsert keeps MAX(last_seq)
+    await store.write(ops)
+
+    for conv in convs:
+        (n, low, high) = raw.execute(
+            "SELECT COUNT(*), MIN(seq), MAX(seq) FROM messages WHERE conv = ?", (conv,)
+        ).fetchone()
+        assert (n, low, high) == (count, 1, count)
+        assert raw.execute(
+            "SELECT last_seq, updated_at FROM conversations WHERE id = ?", (conv,)
+        ).fetchone() == (count, 5_000 + count)
+        points = dict(raw.execute("SELECT user, seq FROM read_points WHERE conv = ?", (conv,)))
+        assert points == {"cust-1": count, "agent-1": count - 5}
+    assert raw.execute("SELECT recalled FROM messages WHERE conv = 'b' AND seq = 3").fetchone() == (1,)
+    assert raw.execute("SELECT title FROM conversations WHERE id = 'c'").fetchone() == ("renamed",)
+    # Event ids: consecutive, in op order, and what the rows hold.
+    assert [op.id for op in events] == list(range(1, len(events) + 1))
+    stored = await store.events_after(0, len(events))
+    assert [e.id for e in stored] == [op.id for op in events]
+    assert [e.event.ts for e in stored] == [op.event.ts for op in events]
