@@ -87,7 +87,7 @@ def _always() -> str | None:
 
 TARGETS: Final[dict[str, Target]] = {
     "imserver": Target(
-        "imserver", "imserver (trio + wsproto, auth, SQLite store)",
+        "imserver", "imserver (trio + websockets sans-I/O framing, auth, SQLite store)",
         lambda data, secret: [sys.executable, "-m", "imserver", "serve", "--data", data,
                               "--host", HOST, "--port", "0", "--secret", secret],
         _imserver_missing),

@@ -186,10 +186,11 @@ class Server:
                 )
                 if accepted is None:
                     return
-                ws, response = accepted
-                await stream.send_all(response)
+                await stream.send_all(accepted.response)
+            ws = accepted.ws
             session = Session(ctx, stream, ws,
-                              Outbox(stream, ws, max_bytes=ctx.outbound_buffer_bytes))
+                              Outbox(stream, ws, max_bytes=ctx.outbound_buffer_bytes),
+                              early=accepted.early)
             ctx.sessions.add(session)
             await session.run()
         except (HandshakeFailed, trio.TooSlowError, trio.BrokenResourceError,

@@ -187,12 +187,7 @@ class ServerConnection:
         if self.state is ConnectionState.CLOSED:
             return Ignored()
         if len(data) > self.max_frame_bytes:
-            return self._refuse(
-                ErrorCode.TOO_LARGE,
-                f"frame of {len(data)} bytes is over the limit of {self.max_frame_bytes}",
-                None,
-                CloseCode.MESSAGE_TOO_BIG,
-            )
+            return self.receive_too_large(len(data))
         try:
             frame: ClientFrameType | FrameError = decode_client_frame(data)
             kind = _kind_of(frame)  # type: ignore[arg-type]
@@ -200,6 +195,18 @@ class ServerConnection:
             frame, kind = exc, _Kind.MALFORMED
         handler = _SERVER_TABLE[self.state, kind]
         return handler(self, frame, now)
+
+    def receive_too_large(self, size: int) -> ServerEvent:
+        """A binary message over ``max_frame_bytes`` began (a WebSocket layer that
+        knows a frame's size from its header refuses it before reading it)."""
+        if self.state is ConnectionState.CLOSED:
+            return Ignored()
+        return self._refuse(
+            ErrorCode.TOO_LARGE,
+            f"frame of {size} bytes is over the limit of {self.max_frame_bytes}",
+            None,
+            CloseCode.MESSAGE_TOO_BIG,
+        )
 
     def receive_text(self) -> ServerEvent:
         """A text WebSocket message arrived: this protocol is binary only."""

@@ -31,12 +31,12 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
-from wsproto import WSConnection
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
-from wsproto.events import Message as WsMessage
+from websockets.exceptions import PayloadTooBig
+from websockets.frames import Frame, Opcode
+from websockets.server import ServerProtocol
 
 from protocol import (
     PROTOCOL_VERSION,
@@ -173,12 +173,14 @@ class GatewayContext:
 
 
 class Session:
-    def __init__(self, ctx: GatewayContext, stream: trio.abc.Stream, ws: WSConnection,
-                 outbox: Outbox) -> None:
+    def __init__(self, ctx: GatewayContext, stream: trio.abc.Stream, ws: ServerProtocol,
+                 outbox: Outbox, early: bytes = b"") -> None:
         self.ctx = ctx
         self.stream = stream
         self.ws = ws
         self.outbox = outbox
+        self._early = early
+        """Bytes that came with the HTTP request head: read before the socket."""
         self.id = secrets.token_hex(8)
         self.identity: policy.Identity | None = None
         self.conn = ServerConnection(now=trio.current_time())
@@ -285,8 +287,8 @@ class Session:
                     return
                 if not data:
                     return
-                self.ws.receive_data(data)  # type: ignore[arg-type]  # bytearray is fine
-                if any(isinstance(ev, CloseConnection) for ev in self.ws.events()):
+                self.ws.receive_data(data)
+                if any(frame.opcode is Opcode.CLOSE for frame in _frames(self.ws)):
                     return
 
     def check(self, now: float) -> None:
@@ -309,31 +311,31 @@ class Session:
 
     async def _read_loop(self) -> bool:
         """Returns True if the peer ended the connection, False if we did."""
+        ws = self.ws
         pending = bytearray()
         reader = SocketReader(self.stream)
+        data, self._early = self._early, b""
         while self._reading:
-            try:
-                data = await reader.receive()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return True
             if not data:
-                return True
+                try:
+                    data = await reader.receive()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return True
+                if not data:
+                    return True
             self.last_inbound = trio.current_time()
-            self.ws.receive_data(data)
-            for ws_event in self.ws.events():
-                if isinstance(ws_event, WsMessage):
-                    if isinstance(ws_event, TextMessage):
-                        self._handle(self.conn.receive_text())
-                        return False
-                    assert isinstance(ws_event, BytesMessage)
-                    if ws_event.message_finished and not pending:
-                        frame_bytes = bytes(ws_event.data)  # the common case: no copying
+            ws.receive_data(data)
+            data = b""
+            for frame in _frames(ws):
+                opcode = frame.opcode
+                if opcode is Opcode.BINARY or opcode is Opcode.CONT:
+                    if frame.fin and not pending:
+                        frame_bytes = frame.data  # the common case: no copying
+                        if type(frame_bytes) is not bytes:
+                            frame_bytes = bytes(frame_bytes)
                     else:
-                        pending += ws_event.data
-                        if not ws_event.message_finished:
-                            if len(pending) > MAX_FRAME_BYTES:
-                                self._handle(self.conn.receive(bytes(pending), trio.current_time()))
-                                return False
+                        pending += frame.data  # the library bounds the whole message
+                        if not frame.fin:
                             continue
                         frame_bytes = bytes(pending)
                         pending.clear()
@@ -343,13 +345,25 @@ class Session:
                         await self.ctx.shards.put(self._blocked.pop(0))
                     if self.outbox.closing is not None:  # we refused and closed
                         return False
-                elif isinstance(ws_event, Ping):
-                    self.outbox.push(self.ws.send(ws_event.response()))
-                elif isinstance(ws_event, CloseConnection):
-                    # The peer closes (or wsproto found a protocol error, code 1002).
+                elif opcode is Opcode.TEXT:
+                    self._handle(self.conn.receive_text())
+                    return False
+                elif opcode is Opcode.CLOSE:  # the library has queued its echo
                     self.conn.close(CloseCode.NORMAL)
-                    self.outbox.answer_close(ws_event)
+                    self.outbox.finish(ws.data_to_send())
                     return True
+                # PING: the library has queued the PONG; PONG: nothing to do.
+            failure = ws.parser_exc
+            if failure is not None:  # a protocol violation: the library closes (1002, 1009)
+                if isinstance(failure, PayloadTooBig):  # our Error first, then its 1009
+                    self._handle(self.conn.receive_too_large(failure.size or 0))
+                else:
+                    self.conn.close(CloseCode.PROTOCOL_ERROR)
+                self.outbox.finish(ws.data_to_send())
+                return True
+            for reply in ws.data_to_send():  # pongs
+                if reply:
+                    self.outbox.push(reply)
         return False
 
     # -- protocol events
@@ -712,6 +726,11 @@ class Session:
                 raise _Refuse(ErrorCode.FORBIDDEN, "not a worker of that shop")
             hub.broadcast_shop(request.shop, Topic.DASHBOARD, frame)
         return Ok(id=request.id)
+
+
+def _frames(ws: ServerProtocol) -> list[Frame]:
+    """The frames received (after the upgrade the library produces nothing else)."""
+    return cast(list[Frame], ws.events_received())
 
 
 def _readable(who: policy.Identity, page: PageRead) -> bool:

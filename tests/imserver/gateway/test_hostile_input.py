@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 import msgspec
 import pytest
 import trio
+from websockets.frames import Frame, Opcode
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -18,6 +19,12 @@ from wsproto.events import (
     Message,
     Request,
     TextMessage,
+)
+from wsproto.events import (
+    Ping as WsPing,
+)
+from wsproto.events import (
+    Pong as WsPong,
 )
 
 from imserver.client import ServerError
@@ -49,9 +56,16 @@ class RawWs:
         self.close_code: int | None = None
         self.queue: list[object] = []
         self.pending = bytearray()
+        self.pongs: list[bytes] = []
 
     async def send_bytes(self, data: bytes) -> None:
         await self.stream.send_all(self.ws.send(Message(data=data)))
+
+    async def send_fragment(self, data: bytes, *, last: bool) -> None:
+        await self.stream.send_all(self.ws.send(Message(data=data, message_finished=last)))
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
 
     async def send_text(self, text: str) -> None:
         await self.stream.send_all(self.ws.send(TextMessage(data=text)))
@@ -71,6 +85,8 @@ class RawWs:
                 if ev.message_finished:
                     self.queue.append(decode_server_frame(bytes(self.pending)))
                     self.pending.clear()
+            elif isinstance(ev, WsPong):
+                self.pongs.append(bytes(ev.payload))
             elif isinstance(ev, CloseConnection):
                 self.close_code = ev.code
                 return False
@@ -287,3 +303,66 @@ async def test_slowloris_and_silent_websocket_are_cut_off(tmp_path: Path) -> Non
             assert frames == []
             assert raw.close_code == CloseCode.BAD_HANDSHAKE
         srv.stop()
+
+
+async def _welcomed(server: RunningServer, raw: RawWs, user: str = "eve") -> None:
+    await raw.send_bytes(_hello(server, user))
+    assert isinstance(await raw.next_frame(), Welcome)
+    assert isinstance(await raw.next_frame(), Synced)
+
+
+async def test_websocket_ping_fragments_and_limits(server: RunningServer) -> None:
+    async with raw_ws(server.url) as raw:
+        await _welcomed(server, raw)
+        # A WebSocket-level ping is answered with its payload.
+        await raw.send_raw(raw.ws.send(WsPing(payload=b"are you there")))
+        with trio.fail_after(10):
+            while not raw.pongs:
+                assert await raw._pump()
+        assert raw.pongs == [b"are you there"]
+        # A request split over three frames is one request.
+        request = encode(Ping(id=7))
+        await raw.send_fragment(request[:2], last=False)
+        await raw.send_fragment(request[2:4], last=False)
+        await raw.send_fragment(request[4:], last=True)
+        pong = await raw.next_frame()
+        assert isinstance(pong, Pong) and pong.id == 7
+        # Fragments adding up to more than 64 KiB: too_large, then 1009.
+        for _ in range(3):
+            await raw.send_fragment(b"\x00" * 30_000, last=False)
+        frames = await raw.frames()
+        assert any(isinstance(f, Error) and f.code == ErrorCode.TOO_LARGE for f in frames)
+        assert raw.close_code == CloseCode.MESSAGE_TOO_BIG
+
+
+async def test_websocket_protocol_violation_closes_1002_and_others_go_on(
+    server: RunningServer,
+) -> None:
+    async with server.connect("alice") as alice, raw_ws(server.url) as raw:
+        await _welcomed(server, raw)
+        await raw.send_raw(b"\x82\x05hello")  # a client frame without a mask
+        assert await raw.frames() == []
+        assert raw.close_code == CloseCode.PROTOCOL_ERROR
+        with trio.fail_after(10):
+            info = await alice.request(OpenConversation(id=0, shop="shop1"))
+        assert isinstance(info, ConversationInfo)
+
+
+async def test_hello_sent_with_the_upgrade_request_is_read(server: RunningServer) -> None:
+    """A client may pipeline its first frame behind the HTTP request head."""
+    parts = urlsplit(server.url)
+    stream = await trio.open_tcp_stream(parts.hostname or "", parts.port or 0)
+    ws = WSConnection(ConnectionType.CLIENT)
+    upgrade = ws.send(Request(host="localhost", target="/ws"))
+    # wsproto will not frame before the 101; a client that does not wait may.
+    hello = Frame(Opcode.BINARY, _hello(server)).serialize(mask=True)
+    async with stream:
+        await stream.send_all(upgrade + hello)  # one write: both arrive together
+        raw = RawWs(stream, ws)
+        frames: list[object] = []
+        with trio.fail_after(10):
+            while len(frames) < 2:
+                assert await raw._pump()
+                frames += raw.queue
+                raw.queue = []
+        assert isinstance(frames[0], Welcome) and isinstance(frames[1], Synced)
