@@ -77,6 +77,10 @@ class LocalShards:
         self.count = count
         self.mailbox_depth = mailbox_depth
         self._channels = [trio.open_memory_channel[AnyCommand](depth) for _ in range(count)]
+        self._queued = [0] * count
+        """Per shard: commands submitted to its FIFO and not yet in a mailbox (the
+        shard task's hands included). Kept by hand: ``statistics()`` builds an
+        object per call, on the hot path."""
         self.actors: dict[str, ConversationActor] = {}
         self._nursery: trio.Nursery | None = None
         self._pending = 0  # accepted commands not yet processed by their actor
@@ -84,9 +88,9 @@ class LocalShards:
         self._idle.set()
 
     def submit(self, cmd: AnyCommand) -> bool:
-        send, _ = self._channels[shard_of(cmd.conv, self.count)]
+        shard = shard_of(cmd.conv, self.count)
         actor = self.actors.get(cmd.conv)
-        if actor is not None and not send.statistics().current_buffer_used:
+        if actor is not None and not self._queued[shard]:
             # Fast path: nothing waits in the shard queue, so nothing can be overtaken
             # (the shard task moves a command on without a checkpoint, and a sender
             # blocked on a full mailbox fills any slot freed before we could take it).
@@ -97,6 +101,7 @@ class LocalShards:
             else:
                 self._accepted()
                 return True
+        send, _ = self._channels[shard]
         try:
             send.send_nowait(cmd)
         except trio.WouldBlock:
@@ -104,16 +109,22 @@ class LocalShards:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             self._overloaded(cmd, "server stopping")
             return True
+        self._queued[shard] += 1
         self._accepted()
         return True
 
     async def put(self, cmd: AnyCommand) -> None:
-        send, _ = self._channels[shard_of(cmd.conv, self.count)]
+        shard = shard_of(cmd.conv, self.count)
+        send, _ = self._channels[shard]
+        self._queued[shard] += 1  # while it waits too: nothing may overtake it
         try:
             await send.send(cmd)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            self._overloaded(cmd, "server stopping")
-            return
+        except BaseException as exc:
+            self._queued[shard] -= 1
+            if isinstance(exc, trio.ClosedResourceError | trio.BrokenResourceError):
+                self._overloaded(cmd, "server stopping")
+                return
+            raise
         self._accepted()
 
     def _accepted(self) -> None:
@@ -144,7 +155,7 @@ class LocalShards:
         await self._idle.wait()
 
     async def _run_shard(self, index: int, receive: trio.MemoryReceiveChannel[AnyCommand]) -> None:
-        gauge = METRICS.shard_depth.labels(shard=str(index))
+        queued = self._queued
         async for cmd in receive:
             actor = self.actors.get(cmd.conv)
             if actor is None:
@@ -153,7 +164,7 @@ class LocalShards:
                 actor.send_channel.send_nowait(cmd)
             except trio.WouldBlock:
                 await actor.send_channel.send(cmd)
-            gauge.set(receive.statistics().current_buffer_used)
+            queued[index] -= 1
 
     async def _sweep_idle(self) -> None:
         while True:
