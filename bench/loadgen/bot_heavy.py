@@ -84,7 +84,14 @@ from protocol import (
 )
 
 from .client import ImClient
-from .common import MAX_PERSON_RATE, close_all, customer, gather_bounded, process_cpu_s
+from .common import (
+    MAX_PERSON_RATE,
+    close_all,
+    customer,
+    gather_bounded,
+    process_cpu_s,
+    sleep_until_due,
+)
 from .histogram import EncodedHistogram, LatencyHistogram, LatencySummary
 from .pool import WorkerPool, sleep_until, start_at
 from .sysstat import HostCpu, ServerProbe, foreign_cpu_pct
@@ -550,7 +557,7 @@ class BotHeavyWorker:
                 return
             now = monotonic_ns()
             if due > now:
-                await asyncio.sleep((due - now) / 1e9)
+                await sleep_until_due(due, now)
                 continue
             heapq.heapreplace(heap, (due + interval, i))
             self.lag.record_ns(now - due)

@@ -32,7 +32,7 @@ import msgspec
 from protocol import Error, Message, Ping, Pong, Role, ServerFrameType, encode
 
 from .client import Identity, ImClient
-from .common import close_all, gather_bounded, process_cpu_s
+from .common import close_all, gather_bounded, process_cpu_s, sleep_until_due
 from .histogram import EncodedHistogram, LatencyHistogram, LatencySummary
 from .pool import WorkerPool, start_at
 from .sysstat import ServerProbe
@@ -149,7 +149,7 @@ class IdleWorker:
                 break
             now = time.monotonic_ns()
             if due > now:
-                await asyncio.sleep((due - now) / 1e9)
+                await sleep_until_due(due, now)
                 continue
             heapq.heapreplace(heap, (due + interval, i))
             client = self.clients[i]

@@ -64,6 +64,7 @@ from .common import (
     gather_bounded,
     open_pair,
     process_cpu_s,
+    sleep_until_due,
 )
 from .histogram import EncodedHistogram, LatencyHistogram, LatencySummary
 from .payload import PAYLOAD_CHARS, make_text, parse_text
@@ -312,7 +313,7 @@ class StormWorker:
                 return
             now = time.monotonic_ns()
             if due > now:
-                await asyncio.sleep((due - now) / 1e9)
+                await sleep_until_due(due, now)
                 continue
             heapq.heapreplace(heap, (due + interval, i))
             side = self.sides[i]

@@ -52,11 +52,10 @@ QUICK: Final = SuiteProfile(
 )
 
 FULL: Final = SuiteProfile(
-    name="full", workers=1, reference_loads=(1000, 4000),
+    name="full", workers=1, reference_loads=(1000, 5000),
     peak_sale=PeakSaleParams(
         pairs=400,
-        steps=(500, 1000, 1500, 2000, 3000, 4000, 5500, 7000, 8500, 10_000, 13_000, 16_000),
-        step_s=2.5, drain_s=2.0),
+        steps=peak_sale.DEFAULT_STEPS, step_s=peak_sale.DEFAULT_STEP_S, drain_s=2.0),
     fanout=FanoutParams(members=1000, rate=10.0, duration_s=4.0, drain_s=3.0),
     reconnect_storm=StormParams(clients=1000, rate=1.0, before_s=3.0, after_s=3.0, drain_s=3.0),
     idle=IdleParams(connections=5000, hold_s=5.0, settle_s=1.0),
