@@ -36,6 +36,7 @@ from protocol import CloseCode
 from .auth import TokenVerifier
 from .dispatch import WorkerDispatcher
 from .fanout import Hub
+from .gateway._readmux import ReadMux
 from .gateway._session import GatewayContext, Session
 from .gateway._websocket import HandshakeFailed, HttpResponse, Outbox, accept
 from .limits import (
@@ -129,8 +130,10 @@ class Server:
                                  verifier=TokenVerifier(config.secret),
                                  idle_timeout_ms=config.idle_timeout_ms,
                                  handshake_timeout_s=config.handshake_timeout_s,
-                                 outbound_buffer_bytes=config.outbound_buffer_bytes)
+                                 outbound_buffer_bytes=config.outbound_buffer_bytes,
+                                 read_mux=(read_mux := ReadMux()))
             self.ctx = ctx
+            root.start_soon(read_mux.run)
             root.start_soon(self._retention_sweep, store)
             root.start_soon(self._sweep_sessions, ctx)
             async with trio.open_nursery() as connections:

@@ -27,11 +27,14 @@ the last replayed seq are dropped until the live stream passes it.
 
 from __future__ import annotations
 
+import enum
 import logging
+import os
 import secrets
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import trio
 from websockets.exceptions import PayloadTooBig
@@ -145,6 +148,7 @@ from ..shards import (
 from ..store import PageRead, PutAgent, Scope, Store
 from ._frame import binary_frame
 from ._ids import direct_conversation_id, group_conversation_id
+from ._readmux import ReadMux
 from ._websocket import Outbox, SocketReader
 
 if TYPE_CHECKING:
@@ -168,6 +172,8 @@ class GatewayContext:
     idle_timeout_ms: int = IDLE_TIMEOUT_MS
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
     outbound_buffer_bytes: int = OUTBOUND_BUFFER_BYTES
+    read_mux: ReadMux | None = None
+    """Reads the plain-TCP connections (None: a reader task per connection)."""
     draining: bool = False
     sessions: set[Session] = field(default_factory=set)
 
@@ -193,6 +199,13 @@ class Session:
         """conv -> last seq replayed, until the live stream has passed it."""
         self._reading = True
         self._blocked: list[AnyCommand] = []
+        self._frames: deque[Frame] = deque()
+        """Received frames not processed yet (reading waits for room meanwhile)."""
+        self._partial = bytearray()
+        """The fragments of a binary message received so far."""
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self._mux_wake = trio.Event()
+        self._mux_result: _ReadResult = _CONTINUE
         self._worker: Instance | None = None
         self.quiet = trio.Event()
         """Set when no request awaits its reply (drain waits for it)."""
@@ -310,61 +323,135 @@ class Session:
             self._nursery_cancel()
 
     async def _read_loop(self) -> bool:
-        """Returns True if the peer ended the connection, False if we did."""
-        ws = self.ws
-        pending = bytearray()
-        reader = SocketReader(self.stream)
+        """Returns True if the peer ended the connection, False if we did.
+
+        Plain TCP connections are read by the server's ``ReadMux`` (no task
+        wake per message); this task only takes over while the reading waits
+        for room in a shard queue. TLS connections are read here."""
         data, self._early = self._early, b""
+        if data:
+            result = await self._until_done(self._feed(data))
+            if result is not _CONTINUE:
+                return result is _PEER_DONE
+        mux = self.ctx.read_mux
+        if mux is not None and isinstance(self.stream, trio.SocketStream):
+            return await self._read_via_mux(mux, self.stream.socket.fileno())
+        reader = SocketReader(self.stream)
         while self._reading:
-            if not data:
-                try:
-                    data = await reader.receive()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return True
-                if not data:
-                    return True
-            self.last_inbound = trio.current_time()
-            ws.receive_data(data)
-            data = b""
-            for frame in _frames(ws):
-                opcode = frame.opcode
-                if opcode is Opcode.BINARY or opcode is Opcode.CONT:
-                    if frame.fin and not pending:
-                        frame_bytes = frame.data  # the common case: no copying
-                        if type(frame_bytes) is not bytes:
-                            frame_bytes = bytes(frame_bytes)
-                    else:
-                        pending += frame.data  # the library bounds the whole message
-                        if not frame.fin:
-                            continue
-                        frame_bytes = bytes(pending)
-                        pending.clear()
-                    METRICS.hot.frames_in += 1
-                    self._handle(self.conn.receive(frame_bytes, trio.current_time()))
-                    while self._blocked:  # backpressure: stop reading until queued
-                        await self.ctx.shards.put(self._blocked.pop(0))
-                    if self.outbox.closing is not None:  # we refused and closed
-                        return False
-                elif opcode is Opcode.TEXT:
-                    self._handle(self.conn.receive_text())
-                    return False
-                elif opcode is Opcode.CLOSE:  # the library has queued its echo
-                    self.conn.close(CloseCode.NORMAL)
-                    self.outbox.finish(ws.data_to_send())
-                    return True
-                # PING: the library has queued the PONG; PONG: nothing to do.
-            failure = ws.parser_exc
-            if failure is not None:  # a protocol violation: the library closes (1002, 1009)
-                if isinstance(failure, PayloadTooBig):  # our Error first, then its 1009
-                    self._handle(self.conn.receive_too_large(failure.size or 0))
-                else:
-                    self.conn.close(CloseCode.PROTOCOL_ERROR)
-                self.outbox.finish(ws.data_to_send())
+            try:
+                data = await reader.receive()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return True
-            for reply in ws.data_to_send():  # pongs
-                if reply:
-                    self.outbox.push(reply)
+            if not data:
+                return True
+            self.last_inbound = trio.current_time()
+            result = await self._until_done(self._feed(data))
+            if result is not _CONTINUE:
+                return result is _PEER_DONE
         return False
+
+    async def _read_via_mux(self, mux: ReadMux, fd: int) -> bool:
+        while self._reading:
+            self._mux_result = _CONTINUE
+            self._mux_wake = trio.Event()
+            try:
+                mux.add(fd, self._on_readable)
+            except trio.ClosedResourceError:  # the server is stopping
+                return True
+            try:
+                await self._mux_wake.wait()
+            finally:
+                mux.remove(fd)
+            result = await self._until_done(self._mux_result)
+            if result is not _CONTINUE:
+                return result is _PEER_DONE
+        return False
+
+    def _on_readable(self) -> None:
+        """The mux's callback: read once, process, and hand over to the session
+        task when reading must wait or is over."""
+        result = _WE_CLOSED
+        try:
+            if self._reading:
+                try:
+                    data = os.read(self._fd, RECEIVE_CHUNK_BYTES)
+                except BlockingIOError:
+                    return
+                except OSError:  # reset by peer
+                    data = b""
+                if data:
+                    self.last_inbound = trio.current_time()
+                    result = self._feed(data)
+                    if result is _CONTINUE:
+                        return
+                else:
+                    result = _PEER_DONE
+        except Exception as exc:  # a bug must not take the mux (every connection) down
+            event(log, "read_failed", level=logging.ERROR, session=self.id, error=repr(exc))
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+            result = _WE_CLOSED
+        self._mux_result = result
+        self._mux_wake.set()
+
+    async def _until_done(self, result: _ReadResult) -> _ReadResult:
+        """Wait for room for the commands the frames produced (backpressure: no
+        reading meanwhile), then go on with the frames left."""
+        while result is _BLOCKED:
+            while self._blocked:
+                await self.ctx.shards.put(self._blocked.pop(0))
+            result = self._process_frames()
+        return result
+
+    def _feed(self, data: bytes) -> _ReadResult:
+        """Bytes from the socket: parse and process their frames."""
+        self.ws.receive_data(data)
+        self._frames.extend(_frames(self.ws))
+        return self._process_frames()
+
+    def _process_frames(self) -> _ReadResult:
+        ws = self.ws
+        frames = self._frames
+        pending = self._partial
+        while frames:
+            frame = frames.popleft()
+            opcode = frame.opcode
+            if opcode is Opcode.BINARY or opcode is Opcode.CONT:
+                if frame.fin and not pending:
+                    frame_bytes = frame.data  # the common case: no copying
+                    if type(frame_bytes) is not bytes:
+                        frame_bytes = bytes(frame_bytes)
+                else:
+                    pending += frame.data  # the library bounds the whole message
+                    if not frame.fin:
+                        continue
+                    frame_bytes = bytes(pending)
+                    pending.clear()
+                METRICS.hot.frames_in += 1
+                self._handle(self.conn.receive(frame_bytes, trio.current_time()))
+                if self._blocked:  # backpressure: stop reading until queued
+                    return _BLOCKED
+                if self.outbox.closing is not None:  # we refused and closed
+                    return _WE_CLOSED
+            elif opcode is Opcode.TEXT:
+                self._handle(self.conn.receive_text())
+                return _WE_CLOSED
+            elif opcode is Opcode.CLOSE:  # the library has queued its echo
+                self.conn.close(CloseCode.NORMAL)
+                self.outbox.finish(ws.data_to_send())
+                return _PEER_DONE
+            # PING: the library has queued the PONG; PONG: nothing to do.
+        failure = ws.parser_exc
+        if failure is not None:  # a protocol violation: the library closes (1002, 1009)
+            if isinstance(failure, PayloadTooBig):  # our Error first, then its 1009
+                self._handle(self.conn.receive_too_large(failure.size or 0))
+            else:
+                self.conn.close(CloseCode.PROTOCOL_ERROR)
+            self.outbox.finish(ws.data_to_send())
+            return _PEER_DONE
+        for reply in ws.data_to_send():  # pongs
+            if reply:
+                self.outbox.push(reply)
+        return _CONTINUE
 
     # -- protocol events
 
@@ -726,6 +813,20 @@ class Session:
                 raise _Refuse(ErrorCode.FORBIDDEN, "not a worker of that shop")
             hub.broadcast_shop(request.shop, Topic.DASHBOARD, frame)
         return Ok(id=request.id)
+
+
+class _ReadResult(enum.Enum):
+    CONTINUE = "continue"
+    BLOCKED = "blocked"
+    """A shard queue is full: wait for room, then process the frames left."""
+    PEER_DONE = "peer done"
+    WE_CLOSED = "we closed"
+
+
+_CONTINUE: Final = _ReadResult.CONTINUE
+_BLOCKED: Final = _ReadResult.BLOCKED
+_PEER_DONE: Final = _ReadResult.PEER_DONE
+_WE_CLOSED: Final = _ReadResult.WE_CLOSED
 
 
 def _frames(ws: ServerProtocol) -> list[Frame]:
