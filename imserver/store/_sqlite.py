@@ -31,7 +31,10 @@ who arrived during the previous commit. The thread never waits for the trio
 loop between commits: under load that loop is busy, and a committer that
 needed a turn of it for every batch sat idle a third of the time (measured:
 commits 65 % busy at 10,000 msg/s). Jobs are committed in arrival order, so
-the calls of one task apply in call order.
+the calls of one task apply in call order. By default (``writer_process``)
+the thread only ships each batch to the store's writer *process* and waits
+for its answer: the transaction itself runs there, on its own GIL (see
+``_writer``); with ``writer_process=False`` the thread runs it.
 
 Backpressure. Operations admitted but not yet committed (queued or in the
 running transaction) are ``pending_ops``. A job that would push it past
@@ -153,6 +156,7 @@ from ._schema import (
     tags_decoder,
     tags_encoder,
 )
+from ._writer import PruneWork, WireWork, WriterProcess
 
 __all__ = ["SqliteStore"]
 
@@ -702,6 +706,24 @@ def _transact(
     return results, stats
 
 
+def _transact_in(process: WriterProcess, batch: list[_Job]) -> tuple[list[int | Exception],
+                                                                    list[_Stat]]:
+    """``_transact`` run by the writer process; event ids come back with the
+    outcome and are written into the ops here, as ``_in_transaction`` does."""
+    works: list[WireWork] = [
+        PruneWork(table=job.work.table, cutoff=job.work.cutoff, limit=job.work.limit)
+        if isinstance(job.work, _PruneStep) else job.work
+        for job in batch
+    ]
+    results, event_ids, stats = process.transact(works)
+    for job, result, ids in zip(batch, results, event_ids, strict=True):
+        if isinstance(job.work, list) and not isinstance(result, Exception):
+            events = [op for op in job.work if isinstance(op, PutEvent)]
+            for op, event_id in zip(events, ids, strict=True):
+                op.id = event_id
+    return results, stats
+
+
 # --------------------------------------------------------- read functions
 
 
@@ -835,6 +857,7 @@ class SqliteStore:
         max_batch_ops: int = STORE_MAX_BATCH_OPS,
         max_pending_ops: int = STORE_MAX_PENDING_OPS,
         readers: int = STORE_READERS,
+        writer_process: bool = True,
     ) -> None:
         mode = synchronous.upper()
         if mode not in _SYNCHRONOUS_MODES:
@@ -847,6 +870,10 @@ class SqliteStore:
         self._max_batch = max_batch_ops
         self._max_pending = max_pending_ops
         self._n_readers = readers
+        self._writer_process = writer_process
+        """Commit in a child process (``_writer``), not in the writer thread."""
+        self.writer: WriterProcess | None = None
+        """The writer process, while ``run()`` runs (None: the thread commits)."""
 
         self._state = _State.NEW
         self._run_called = False
@@ -926,11 +953,22 @@ class SqliteStore:
             raise RuntimeError("SqliteStore.run() was already called")
         self._run_called = True  # before any await: two run()s must not both pass
         await self.open()
-        self._state = _State.RUNNING
+        process = None
         token = trio.lowlevel.current_trio_token()
         try:
+            if self._writer_process:
+                # Started before run() reports itself started: its memory is part of
+                # the server's baseline, and the first write pays no fork.
+                process = self.writer = WriterProcess(
+                    str(self.path), self.synchronous, BUSY_TIMEOUT_S)
+                try:
+                    await trio.to_thread.run_sync(process.start, limiter=self._limiter)
+                except BaseException:
+                    process.close()
+                    raise
+            self._state = _State.RUNNING
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._run_writer, token)
+                nursery.start_soon(self._run_writer, token, process)
                 try:
                     task_status.started()
                     await self._stop.wait()
@@ -1050,23 +1088,32 @@ class SqliteStore:
         while self._waiting and self._fits(self._waiting[0].weight):
             self._admit_job(self._waiting.popleft())
 
-    async def _run_writer(self, token: trio.lowlevel.TrioToken) -> None:
-        await trio.to_thread.run_sync(self._writer_main, token, limiter=self._limiter)
+    async def _run_writer(self, token: trio.lowlevel.TrioToken,
+                          process: WriterProcess | None) -> None:
+        await trio.to_thread.run_sync(self._writer_main, token, process, limiter=self._limiter)
 
-    def _writer_main(self, token: trio.lowlevel.TrioToken) -> None:
-        """The writer thread: commit batch after batch until stopped and empty."""
+    def _writer_main(self, token: trio.lowlevel.TrioToken, process: WriterProcess | None) -> None:
+        """The writer thread: commit batch after batch until stopped and empty,
+        itself or through the writer process."""
         writer = self._writer
         assert writer is not None
-        while (batch := self._handoff.take()) is not None:
-            results: list[int | Exception]
-            try:
-                results, stats = _transact(writer, [job.work for job in batch])
-            except Exception as exc:  # a bug in _transact, not a caller's fault
-                log.exception("store commit failed")
-                results, stats = [exc] * len(batch), []
-            # Callbacks run in posting order, all before run()'s wait for this
-            # thread returns (that result is posted the same way, later).
-            token.run_sync_soon(self._committed, batch, results, stats)
+        try:
+            while (batch := self._handoff.take()) is not None:
+                results: list[int | Exception]
+                try:
+                    if process is None:
+                        results, stats = _transact(writer, [job.work for job in batch])
+                    else:
+                        results, stats = _transact_in(process, batch)
+                except Exception as exc:  # a bug in _transact, not a caller's fault
+                    log.exception("store commit failed")
+                    results, stats = [exc] * len(batch), []
+                # Callbacks run in posting order, all before run()'s wait for this
+                # thread returns (that result is posted the same way, later).
+                token.run_sync_soon(self._committed, batch, results, stats)
+        finally:
+            if process is not None:
+                process.close()
 
     def _committed(self, batch: list[_Job], results: list[int | Exception],
                    stats: list[_Stat]) -> None:

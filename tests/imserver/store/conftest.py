@@ -113,13 +113,16 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "im.db"
 
 
-@pytest.fixture
-async def make_store(db_path: Path) -> AsyncIterator[StoreFactory]:
-    """Start SqliteStores (run() in a nursery of their own); all are closed at teardown."""
+@pytest.fixture(params=["writer process", "writer thread"])
+async def make_store(db_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[StoreFactory]:
+    """Start SqliteStores (run() in a nursery of their own); all are closed at
+    teardown. Every test runs with both ways of committing (``_writer``)."""
     stores: list[SqliteStore] = []
+    in_process = request.param == "writer process"
     async with trio.open_nursery() as nursery:
 
         async def start(path: Path = db_path, **kwargs: Any) -> SqliteStore:
+            kwargs.setdefault("writer_process", in_process)
             store = SqliteStore(path, **kwargs)
             await nursery.start(store.run)
             stores.append(store)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sqlite3
 import subprocess
@@ -57,6 +58,16 @@ trio.run(main, sys.argv[1])
 ACKS_BEFORE_KILL = 400
 
 
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").iterdir():
+            children = [int(c) for c in (task / "children").read_text().split()]
+            found += children
+            todo += children
+    return found
+
+
 @pytest.mark.slow
 def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
     db_path = tmp_path / "crash.db"
@@ -77,6 +88,10 @@ def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
             if not line:
                 break  # the child died on its own: reported below
             lines.append(line)
+        # Its helper processes (the store's writer process among them) must not
+        # outlive it: pidfds become readable when their processes end.
+        helpers = [os.pidfd_open(pid) for pid in _descendants(child.pid)]
+        assert helpers, "the store's writer process is missing"
         child.send_signal(signal.SIGKILL)  # mid-stream: writes are in flight
         rest, stderr = child.communicate(timeout=30)
     finally:
@@ -85,6 +100,13 @@ def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
             child.wait()
     assert len(lines) >= ACKS_BEFORE_KILL, f"child failed:\n{stderr}"
     assert child.returncode == -signal.SIGKILL
+    try:
+        for pidfd in helpers:
+            readable, _, _ = select.select([pidfd], [], [], 30)
+            assert readable, "a helper process outlived the killed server"
+    finally:
+        for pidfd in helpers:
+            os.close(pidfd)
     # Lines still in the pipe were acknowledged too; a torn last line is not.
     lines += [line for line in rest.splitlines(keepends=True) if line.endswith("\n")]
     acked = {(conv, int(seq)) for conv, seq in (line.split() for line in lines)}

@@ -3,6 +3,8 @@ cancellation, durability and lifecycle."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +24,7 @@ from imserver.store import (
     WriteOp,
 )
 from imserver.store._sqlite import ROWS_PER_STATEMENT
+from imserver.store._writer import WriterDied
 from protocol import AgentStatus, MemberRole
 
 from .conftest import Commits, StoreFactory, WriteLock, put_conv, put_msg, writer_took_all
@@ -383,3 +386,22 @@ async def test_row_ops_of_one_transaction_keep_their_meaning(
     stored = await store.events_after(0, len(events))
     assert [e.id for e in stored] == [op.id for op in events]
     assert [e.event.ts for e in stored] == [op.event.ts for op in events]
+
+
+async def test_a_dead_writer_process_fails_its_batch_and_is_replaced(
+    db_path: Path, raw: sqlite3.Connection
+) -> None:
+    async with trio.open_nursery() as nursery:
+        store = SqliteStore(db_path)
+        await nursery.start(store.run)
+        await store.write([put_conv("c"), put_msg("c", 1)])
+        assert store.writer is not None and store.writer.pid is not None
+        first = store.writer.pid
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(WriterDied):  # whether it committed is unknown to the caller
+            await store.write([put_msg("c", 2)])
+        await store.write([put_msg("c", 3)])  # a new writer process
+        assert store.writer.pid not in (None, first)
+        await store.aclose()
+    seqs = [seq for (seq,) in raw.execute("SELECT seq FROM messages ORDER BY seq")]
+    assert seqs == [1, 3]  # the batch sent to the dead process never committed

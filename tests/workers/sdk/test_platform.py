@@ -176,9 +176,12 @@ async def test_serve_supervises_worker_processes(tmp_path: Path) -> None:
             conv = (await una.request(OpenConversation(id=0, shop="shop1"))).conversation.id
             await una.send_text(conv, "first")
             assert await _bot_replies(una, conv, 1) == ["echo: first"]
-            children = await _children(process.pid)
-            assert len(children) == 1
-            os.kill(children[0], _signal.SIGKILL)
+            # The server's children are the worker, and the store's writer process
+            # (with multiprocessing's fork server and resource tracker).
+            workers = [pid for pid in await _children(process.pid)
+                       if plugin in await trio.Path(f"/proc/{pid}/cmdline").read_text()]
+            assert len(workers) == 1
+            os.kill(workers[0], _signal.SIGKILL)
             await lines.until(b"joined")  # the supervisor started a new one
             await una.send_text(conv, "second")
             assert await _bot_replies(una, conv, 1) == ["echo: second"]
