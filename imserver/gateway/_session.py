@@ -146,7 +146,7 @@ from ..shards import (
     customer_view,
 )
 from ..store import PageRead, PutAgent, Scope, Store
-from ._frame import binary_frame
+from ._frame import binary_frame, ends_on_frame_boundary, split_plain_frames
 from ._ids import direct_conversation_id, group_conversation_id
 from ._readmux import ReadMux
 from ._websocket import Outbox, SocketReader
@@ -203,6 +203,8 @@ class Session:
         """Received frames not processed yet (reading waits for room meanwhile)."""
         self._partial = bytearray()
         """The fragments of a binary message received so far."""
+        self._plain = True
+        """The library is at a frame boundary: plain chunks may skip it (``_frame``)."""
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._mux_wake = trio.Event()
         self._mux_result: _ReadResult = _CONTINUE
@@ -404,9 +406,27 @@ class Session:
 
     def _feed(self, data: bytes) -> _ReadResult:
         """Bytes from the socket: parse and process their frames."""
-        self.ws.receive_data(data)
-        self._frames.extend(_frames(self.ws))
+        ws = self.ws
+        if self._plain and ws.current_size is None:
+            payloads = split_plain_frames(data, MAX_FRAME_BYTES)
+            if payloads is not None:  # the common case (see _frame): no library parse
+                return self._process_payloads(payloads)
+            # The library takes this chunk; it stays at a frame boundary (so the
+            # plain path may resume) only if the chunk ends on one.
+            self._plain = ends_on_frame_boundary(data)
+        ws.receive_data(data)
+        self._frames.extend(_frames(ws))
         return self._process_frames()
+
+    def _process_payloads(self, payloads: list[bytes]) -> _ReadResult:
+        for index, payload in enumerate(payloads):
+            METRICS.hot.frames_in += 1
+            self._handle(self.conn.receive(payload, trio.current_time()))
+            if self._blocked or self.outbox.closing is not None:
+                # Keep the rest as frames for _process_frames (after the wait).
+                self._frames.extend(Frame(Opcode.BINARY, p) for p in payloads[index + 1:])
+                return _BLOCKED if self._blocked else _WE_CLOSED
+        return _CONTINUE
 
     def _process_frames(self) -> _ReadResult:
         ws = self.ws
