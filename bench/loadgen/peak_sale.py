@@ -56,9 +56,10 @@ from .sysstat import HostCpu, ServerProbe, foreign_cpu_pct
 
 DEFAULT_PAIRS: Final = 400
 DEFAULT_STEPS: Final = (500, 1000, 2000, 3000, 4000, 5000, 7000, 8500, 10_000, 13_000, 16_000,
-                         20_000, 25_000, 30_000)
-"""Offered loads, messages/s over all senders (30,000 over 400 pairs is 37.5
-frames/s per connection, under ``MAX_PERSON_RATE``)."""
+                         18_000, 20_000, 22_000, 25_000, 28_000, 32_000)
+"""Offered loads, messages/s over all senders (32,000 over 400 pairs is 40
+frames/s per connection, under ``MAX_PERSON_RATE``). Steps of ~10 % near the
+ceilings, so that ratios between targets are not an artefact of the ramp."""
 DEFAULT_STEP_S: Final = 5.0
 """Long enough that a server just past its capacity builds a backlog the p99
 shows: with 2.5 s steps a server 10 % over its capacity still passed."""
