@@ -98,6 +98,10 @@ SEND_TIMEOUT_S: Final = 10.0
 RECEIVE_CHUNK_BYTES: Final = 64 * 1024
 """Read size from the socket."""
 
+READ_MUX_EVENTS_PER_ROUND: Final = 1024
+"""Ready connections the read multiplexer serves per round before other tasks
+run (the rest come again next round: it is level-triggered)."""
+
 SESSION_SWEEP_S: Final = 1.0
 """How often one task checks every connection's deadlines (Hello, idle, stuck writes)."""
 

@@ -34,18 +34,13 @@ import contextlib
 import logging
 import select
 from collections.abc import Callable
-from typing import Final
 
 import trio
 
+from ..limits import READ_MUX_EVENTS_PER_ROUND
 from ..logs import event
 
 log = logging.getLogger("imserver.gateway")
-
-MAX_EVENTS_PER_ROUND: Final = 1024
-"""Ready connections served per round before the other tasks get a turn
-(the rest are reported again in the next round: level-triggered)."""
-
 
 class ReadMux:
     """See the module docstring. ``run`` must be running for callbacks to fire."""
@@ -76,7 +71,7 @@ class ReadMux:
         try:
             while True:
                 await trio.lowlevel.wait_readable(epoll.fileno())
-                for fd, _ in epoll.poll(0, MAX_EVENTS_PER_ROUND):
+                for fd, _ in epoll.poll(0, READ_MUX_EVENTS_PER_ROUND):
                     # Looked up per event: an earlier callback of this round may
                     # have removed this descriptor.
                     callback = callbacks.get(fd)
