@@ -18,7 +18,7 @@ import msgspec
 from protocol import Conversation, ConvKind, ConvState, MemberRole, Role, Topic
 
 
-class Identity(msgspec.Struct, frozen=True, kw_only=True):
+class Identity(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """The authenticated user behind a connection."""
 
     user: str

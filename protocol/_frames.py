@@ -259,7 +259,7 @@ class Message(Struct, kw_only=True, omit_defaults=True, gc=False):
     """History only: the author recalled it; ``body`` is then emptied."""
 
 
-class Conversation(Struct, kw_only=True, omit_defaults=True):
+class Conversation(Struct, kw_only=True, omit_defaults=True, gc=False):
     id: ConvId
     kind: ConvKind
     shop: Id
@@ -279,14 +279,14 @@ class Conversation(Struct, kw_only=True, omit_defaults=True):
     """``last_seq - read_seq`` for the requesting user (per-user views only)."""
 
 
-class Presence(Struct, kw_only=True, omit_defaults=True):
+class Presence(Struct, kw_only=True, omit_defaults=True, gc=False):
     user: UserId
     online: bool
     devices: Count = 0
     last_seen: Millis = 0
 
 
-class Limits(Struct, kw_only=True):
+class Limits(Struct, kw_only=True, gc=False):
     """The limits this server enforces, announced in Welcome."""
 
     max_frame_bytes: Count
@@ -303,7 +303,7 @@ class Limits(Struct, kw_only=True):
 # --------------------------------------------------------------------------
 
 
-class ClientFrame(Struct, kw_only=True, omit_defaults=True, tag_field="t"):
+class ClientFrame(Struct, kw_only=True, omit_defaults=True, tag_field="t", gc=False):
     """Base of every frame a client sends."""
 
 
@@ -512,7 +512,7 @@ ClientFrameType = (
 # --------------------------------------------------------------------------
 
 
-class ServerFrame(Struct, kw_only=True, omit_defaults=True, tag_field="t"):
+class ServerFrame(Struct, kw_only=True, omit_defaults=True, tag_field="t", gc=False):
     """Base of every frame the server sends."""
 
 

@@ -14,12 +14,12 @@ from protocol import AnyBody, Channel, ConvState, MemberRole
 from ..policy import Identity
 
 
-class ReplyTo(msgspec.Struct, frozen=True):
+class ReplyTo(msgspec.Struct, frozen=True, gc=False):
     session: str
     request: int
 
 
-class Command(msgspec.Struct, kw_only=True):
+class Command(msgspec.Struct, kw_only=True, gc=False):
     conv: str
     who: Identity
     reply: ReplyTo | None = None

@@ -39,26 +39,26 @@ from protocol import (
 # ---------------------------------------------------------------- write ops
 
 
-class PutConversation(msgspec.Struct, kw_only=True, tag="conversation"):
+class PutConversation(msgspec.Struct, kw_only=True, tag="conversation", gc=False):
     """Insert or replace the conversation row (per-user fields read_seq/unread ignored)."""
 
     conversation: Conversation
 
 
-class PutMessage(msgspec.Struct, kw_only=True, tag="message"):
+class PutMessage(msgspec.Struct, kw_only=True, tag="message", gc=False):
     """Insert a message. Also raises the conversation's last_seq and updated_at
     to the message's seq and ts (never lowers them)."""
 
     message: Message
 
 
-class SetMembers(msgspec.Struct, kw_only=True, tag="members"):
+class SetMembers(msgspec.Struct, kw_only=True, tag="members", gc=False):
     conv: str
     add: dict[str, MemberRole] = {}
     remove: list[str] = []
 
 
-class SetReadPoint(msgspec.Struct, kw_only=True, tag="read"):
+class SetReadPoint(msgspec.Struct, kw_only=True, tag="read", gc=False):
     """Raise ``user``'s read point in ``conv`` to ``seq`` (never lowers it)."""
 
     conv: str
@@ -66,21 +66,21 @@ class SetReadPoint(msgspec.Struct, kw_only=True, tag="read"):
     seq: int
 
 
-class MarkRecalled(msgspec.Struct, kw_only=True, tag="recalled"):
+class MarkRecalled(msgspec.Struct, kw_only=True, tag="recalled", gc=False):
     """Message ``seq`` was recalled: its body is erased (history shows recalled=True)."""
 
     conv: str
     seq: int
 
 
-class PutAgent(msgspec.Struct, kw_only=True, tag="agent"):
+class PutAgent(msgspec.Struct, kw_only=True, tag="agent", gc=False):
     shop: str
     agent: str
     status: AgentStatus
     ts: int
 
 
-class PutAppliedKey(msgspec.Struct, kw_only=True, tag="applied_key"):
+class PutAppliedKey(msgspec.Struct, kw_only=True, tag="applied_key", gc=False):
     """An idempotency key of a conversation update, remembered for dedup."""
 
     conv: str
@@ -88,7 +88,7 @@ class PutAppliedKey(msgspec.Struct, kw_only=True, tag="applied_key"):
     ts: int
 
 
-class PutEvent(msgspec.Struct, kw_only=True, tag="event"):
+class PutEvent(msgspec.Struct, kw_only=True, tag="event", gc=False):
     """Append a worker event to the log. The store numbers events in commit
     order and writes the number into ``id`` before ``write`` returns."""
 
@@ -101,7 +101,7 @@ class PutEvent(msgspec.Struct, kw_only=True, tag="event"):
         return StoredEvent(id=self.id, shard=self.shard, kind=self.kind, event=self.event)
 
 
-class PutCursor(msgspec.Struct, kw_only=True, tag="cursor"):
+class PutCursor(msgspec.Struct, kw_only=True, tag="cursor", gc=False):
     """A worker plugin has acked every event up to ``event_id``."""
 
     plugin: str
