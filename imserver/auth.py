@@ -8,7 +8,9 @@ Claims: ``sub`` user id, ``role``, ``shop`` (the tenant; "" for customers,
 "*" for global workers and admins), ``iat`` and ``exp`` (unix seconds),
 ``jti`` (a unique id) and ``once``. A token with ``once`` set is single use:
 its jti is remembered until it expires and a second Hello with it is refused
-as a replay. Shop backends mint such short-lived tokens for each connect;
+as a replay. The server also stores each used jti (``PutUsedToken``) and
+reloads the unexpired ones at start (``remember_used``), so a restart does not
+make a used token valid again. Shop backends mint such short-lived tokens for each connect;
 ``imserver token`` mints them for development.
 """
 
@@ -113,6 +115,13 @@ class TokenVerifier:
         if claims.once:
             self._remember(claims, now)
         return claims
+
+    def remember_used(self, jti: str, exp: int) -> None:
+        """A single-use token used before (e.g. before a restart); call in
+        ascending ``exp`` order, oldest first, as the cache evicts from the front."""
+        self._used[jti] = exp
+        while len(self._used) > self._replay_cache:
+            self._used.popitem(last=False)
 
     def _remember(self, claims: Claims, now: float) -> None:
         while self._used:

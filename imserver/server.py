@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import secrets
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ from .limits import (
     RETENTION_SWEEP_S,
     SESSION_SWEEP_S,
     SHARD_COUNT,
+    TOKEN_REPLAY_CACHE,
     WORKER_EVENT_RETENTION_MS,
 )
 from .logs import event, now_ms
@@ -134,6 +136,10 @@ class Server:
                                  read_mux=(read_mux := ReadMux()))
             self.ctx = ctx
             root.start_soon(read_mux.run)
+            # Single-use tokens used before a restart stay refused.
+            for jti, exp in reversed(await store.used_tokens(int(time.time()),
+                                                             TOKEN_REPLAY_CACHE)):
+                ctx.verifier.remember_used(jti, exp)
             root.start_soon(self._retention_sweep, store)
             root.start_soon(self._sweep_sessions, ctx)
             async with trio.open_nursery() as connections:
@@ -234,6 +240,7 @@ class Server:
             try:
                 removed = await store.prune(cutoff)
                 events = await store.prune_events(now_ms() - WORKER_EVENT_RETENTION_MS)
+                await store.prune_used_tokens(int(time.time()))
                 if removed or events:
                     event(log, "retention", removed=removed, worker_events=events)
             except Exception as exc:

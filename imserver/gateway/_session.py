@@ -145,7 +145,7 @@ from ..shards import (
     UpdateCmd,
     customer_view,
 )
-from ..store import PageRead, PutAgent, Scope, Store
+from ..store import PageRead, PutAgent, PutUsedToken, Scope, Store
 from ._frame import binary_frame, ends_on_frame_boundary, split_plain_frames
 from ._ids import direct_conversation_id, group_conversation_id
 from ._readmux import ReadMux
@@ -511,6 +511,9 @@ class Session:
         who = policy.Identity(user=claims.sub, role=claims.role, shop=claims.shop,
                               session=self.id, device=hello.device)
         self.identity = who
+        assert self._nursery is not None
+        if claims.once:  # refused from memory from now on; stored for after a restart
+            self._nursery.start_soon(self._store_used_token, claims.jti, claims.exp)
         if who.role in (Role.WORKER, Role.ADMIN):
             self.conn.set_rate(WORKER_FRAMES_PER_SECOND, WORKER_FRAMES_BURST, trio.current_time())
         if who.role is Role.WORKER:
@@ -544,6 +547,12 @@ class Session:
               device=hello.device, resume=len(hello.resume))
         assert self._nursery is not None
         self._nursery.start_soon(self._resume, dict(hello.resume))
+
+    async def _store_used_token(self, jti: str, exp: int) -> None:
+        try:
+            await self.ctx.store.write([PutUsedToken(jti=jti, exp=exp)])
+        except Exception as exc:  # the in-memory refusal still holds until a restart
+            event(log, "used_token_not_stored", level=logging.ERROR, error=repr(exc))
 
     async def _resume(self, points: dict[str, int]) -> None:
         who = self.identity

@@ -108,9 +108,16 @@ class PutCursor(msgspec.Struct, kw_only=True, tag="cursor", gc=False):
     event_id: int
 
 
+class PutUsedToken(msgspec.Struct, kw_only=True, tag="used_token", gc=False):
+    """A single-use token was accepted: refuse it again until ``exp`` (unix seconds)."""
+
+    jti: str
+    exp: int
+
+
 WriteOp = (
     PutConversation | PutMessage | SetMembers | SetReadPoint | MarkRecalled | PutAgent
-    | PutAppliedKey | PutEvent | PutCursor
+    | PutAppliedKey | PutEvent | PutCursor | PutUsedToken
 )
 
 
@@ -208,6 +215,9 @@ class Store(Protocol):
         """Apply ``ops`` atomically; return once durable."""
 
     async def load_actor(self, conv: str, *, dedup_window: int, keys_window: int) -> ActorSnapshot: ...
+
+    async def used_tokens(self, now_s: int, limit: int) -> list[tuple[str, int]]:
+        """(jti, exp) of used single-use tokens not yet expired, latest expiry first."""
 
     async def get_conversation(self, conv: str) -> Conversation | None: ...
 

@@ -167,9 +167,20 @@ CREATE TABLE worker_cursors (
 ) WITHOUT ROWID;
 """
 
+_V3_SQL: Final = """
+-- Single-use tokens already used, kept until they expire, so that a restart
+-- does not make them usable again. exp is in unix seconds.
+CREATE TABLE used_tokens (
+    jti  TEXT    NOT NULL PRIMARY KEY,
+    exp  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX used_tokens_by_exp ON used_tokens(exp);
+"""
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "initial schema", _V1_SQL),
     Migration(2, "worker event log", _V2_SQL),
+    Migration(3, "used single-use tokens", _V3_SQL),
 )
 
 SCHEMA_VERSION: Final = MIGRATIONS[-1].version

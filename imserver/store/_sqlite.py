@@ -139,6 +139,7 @@ from ._base import (
     PutCursor,
     PutEvent,
     PutMessage,
+    PutUsedToken,
     Scope,
     ScopeKind,
     SetMembers,
@@ -185,6 +186,7 @@ _OP_TYPES: Final = (
     PutAppliedKey,
     PutEvent,
     PutCursor,
+    PutUsedToken,
 )
 
 OnCommit = Callable[[float, int, int], None]
@@ -197,7 +199,7 @@ OnCommit = Callable[[float, int, int], None]
 class _PruneStep:
     """Delete at most ``limit`` rows of ``table`` with ts < ``cutoff``."""
 
-    table: Literal["messages", "applied_keys", "worker_events"]
+    table: Literal["messages", "applied_keys", "worker_events", "used_tokens"]
     cutoff: int
     limit: int
 
@@ -332,7 +334,15 @@ _SQL_PUT_CURSOR: Final = """
 INSERT INTO worker_cursors (plugin, event_id) VALUES (?, ?)
 ON CONFLICT (plugin) DO UPDATE SET event_id = MAX(event_id, excluded.event_id)
 """
+_SQL_PUT_USED_TOKEN: Final = """
+INSERT INTO used_tokens (jti, exp) VALUES (?, ?) ON CONFLICT (jti) DO NOTHING
+"""
+_SQL_USED_TOKENS: Final = "SELECT jti, exp FROM used_tokens WHERE exp > ? ORDER BY exp DESC LIMIT ?"
+
 _SQL_PRUNE: Final = {
+    "used_tokens": """
+        DELETE FROM used_tokens WHERE jti IN
+            (SELECT jti FROM used_tokens WHERE exp < ? ORDER BY exp LIMIT ?)""",
     "messages": """
         DELETE FROM messages WHERE (conv, seq) IN
             (SELECT conv, seq FROM messages WHERE ts < ? ORDER BY ts LIMIT ?)""",
@@ -638,6 +648,8 @@ def _apply_ops(rows: _Rows, ops: list[WriteOp]) -> None:
             cur.execute(_SQL_PUT_KEY, (op.conv, op.key, op.ts))
         elif isinstance(op, PutCursor):
             cur.execute(_SQL_PUT_CURSOR, (op.plugin, op.event_id))
+        elif isinstance(op, PutUsedToken):
+            cur.execute(_SQL_PUT_USED_TOKEN, (op.jti, op.exp))
         else:  # pragma: no cover - write() checks types before enqueueing
             raise TypeError(f"not a store write op: {op!r}")
 
@@ -1145,8 +1157,12 @@ class SqliteStore:
         ``RETENTION_DELETE_BATCH`` rows per transaction."""
         return await self._prune_table("worker_events", older_than_ms)
 
+    async def prune_used_tokens(self, now_s: int) -> int:
+        """Forget used single-use tokens that have expired by ``now_s``."""
+        return await self._prune_table("used_tokens", now_s)
+
     async def _prune_table(
-        self, table: Literal["messages", "applied_keys", "worker_events"], older_than_ms: int
+        self, table: Literal["messages", "applied_keys", "worker_events", "used_tokens"], older_than_ms: int
     ) -> int:
         deleted = 0
         while True:
@@ -1177,6 +1193,12 @@ class SqliteStore:
 
     async def get_conversation(self, conv: str) -> Conversation | None:
         return await self._read(lambda c: _q_get_conversation(c, conv))
+
+    async def used_tokens(self, now_s: int, limit: int) -> list[tuple[str, int]]:
+        def query(conn: sqlite3.Connection) -> list[tuple[str, int]]:
+            return [(jti, exp) for jti, exp in conn.execute(_SQL_USED_TOKENS, (now_s, limit))]
+
+        return await self._read(query)
 
     async def get_members(self, conv: str) -> dict[str, MemberRole]:
         return await self._read(lambda c: _q_get_members(c, conv))

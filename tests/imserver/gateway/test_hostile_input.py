@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 import msgspec
 import pytest
 import trio
+import trio.testing
 from websockets.frames import Frame, Opcode
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -366,3 +367,30 @@ async def test_hello_sent_with_the_upgrade_request_is_read(server: RunningServer
                 frames += raw.queue
                 raw.queue = []
         assert isinstance(frames[0], Welcome) and isinstance(frames[1], Synced)
+
+
+async def test_single_use_token_stays_used_across_a_restart(tmp_path: Path) -> None:
+    """A used single-use token is stored, so a restarted server still refuses it."""
+    from imserver.auth import mint_token
+    from imserver.server import Server, ServerConfig
+    from tests.conftest import SECRET
+
+    token = mint_token(SECRET, user="eve", role="customer", once=True)
+    config = ServerConfig(data_dir=tmp_path / "data", secret=SECRET, port=0)
+    for attempt in ("first use", "replay after restart"):
+        server = Server(config)
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(server.serve)
+            async with raw_ws(url) as raw:
+                await raw.send_bytes(encode(Hello(v=1, token=token, device="d")))
+                if attempt == "first use":
+                    assert isinstance(await raw.next_frame(), Welcome)
+                    # The jti's write is queued by now; stopping the server commits it.
+                    await trio.testing.wait_all_tasks_blocked()
+                else:
+                    frames = await raw.frames()
+                    assert isinstance(frames[0], Error)
+                    assert frames[0].code == ErrorCode.UNAUTHORIZED
+                    assert "replayed" in frames[0].message
+                    assert raw.close_code == CloseCode.UNAUTHORIZED
+            server.stop()

@@ -17,6 +17,7 @@ from imserver.store import (
     MarkRecalled,
     PutAgent,
     PutAppliedKey,
+    PutUsedToken,
     SetMembers,
     SetReadPoint,
     SqliteStore,
@@ -405,3 +406,14 @@ async def test_a_dead_writer_process_fails_its_batch_and_is_replaced(
         await store.aclose()
     seqs = [seq for (seq,) in raw.execute("SELECT seq FROM messages ORDER BY seq")]
     assert seqs == [1, 3]  # the batch sent to the dead process never committed
+
+
+async def test_used_tokens_are_kept_until_they_expire(store: SqliteStore) -> None:
+    await store.write([PutUsedToken(jti="a", exp=100), PutUsedToken(jti="b", exp=300)])
+    await store.write([PutUsedToken(jti="a", exp=100)])  # a repeat is a no-op
+    await store.write([PutUsedToken(jti="c", exp=200)])
+    assert await store.used_tokens(0, 10) == [("b", 300), ("c", 200), ("a", 100)]
+    assert await store.used_tokens(150, 10) == [("b", 300), ("c", 200)]  # unexpired only
+    assert await store.used_tokens(0, 1) == [("b", 300)]  # the latest expiry first
+    assert await store.prune_used_tokens(250) == 2
+    assert await store.used_tokens(0, 10) == [("b", 300)]
