@@ -2,11 +2,15 @@
 
 Theory of operation
 -------------------
-A session owns three tasks in its own nursery: the reader (this class's
-``_read_loop``: WebSocket events -> ``protocol.ServerConnection`` -> events),
-the writer (``Outbox.run``) and a watchdog (handshake deadline, idle
-timeout). When the writer finishes -- close frame written, socket dead, or
-slow consumer cut off -- it cancels the nursery, so no task outlives the
+A session owns two tasks in its own nursery: the reader (``_read_loop``:
+WebSocket frames -> ``protocol.ServerConnection`` -> events) and the writer
+(``Outbox.run``); deadlines (handshake, idle timeout, stuck writes) are
+checked by the server's sweep (``check``). On plain TCP the bytes are read
+and processed synchronously in the server's ``ReadMux`` callback
+(``_on_readable``), and the reader task only waits, or takes over while a
+full shard queue holds the reading back; TLS connections are read by the
+task. When the writer finishes -- close frame written, socket dead, or slow
+consumer cut off -- it cancels the nursery, so no task outlives the
 connection.
 
 Requests never block the reader. Commands about a conversation are
@@ -149,7 +153,7 @@ from ..store import PageRead, PutAgent, PutUsedToken, Scope, Store
 from ._frame import binary_frame, ends_on_frame_boundary, split_plain_frames
 from ._ids import direct_conversation_id, group_conversation_id
 from ._readmux import ReadMux
-from ._websocket import Outbox, SocketReader
+from ._websocket import Outbox
 
 if TYPE_CHECKING:
     from ..dispatch import WorkerDispatcher
@@ -169,11 +173,11 @@ class GatewayContext:
     hub: Hub
     verifier: TokenVerifier
     dispatcher: WorkerDispatcher
+    read_mux: ReadMux
+    """Reads the plain-TCP connections (TLS ones have a reader task each)."""
     idle_timeout_ms: int = IDLE_TIMEOUT_MS
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
     outbound_buffer_bytes: int = OUTBOUND_BUFFER_BYTES
-    read_mux: ReadMux | None = None
-    """Reads the plain-TCP connections (None: a reader task per connection)."""
     draining: bool = False
     sessions: set[Session] = field(default_factory=set)
 
@@ -206,6 +210,7 @@ class Session:
         self._plain = True
         """The library is at a frame boundary: plain chunks may skip it (``_frame``)."""
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        """Plain TCP (read by the mux); -1 for TLS (read by the session task)."""
         self._mux_wake = trio.Event()
         self._mux_result: _ReadResult = _CONTINUE
         self._worker: Instance | None = None
@@ -335,13 +340,11 @@ class Session:
             result = await self._until_done(self._feed(data))
             if result is not _CONTINUE:
                 return result is _PEER_DONE
-        mux = self.ctx.read_mux
-        if mux is not None and isinstance(self.stream, trio.SocketStream):
-            return await self._read_via_mux(mux, self.stream.socket.fileno())
-        reader = SocketReader(self.stream)
+        if self._fd >= 0:
+            return await self._read_via_mux(self.ctx.read_mux)
         while self._reading:
             try:
-                data = await reader.receive()
+                data = bytes(await self.stream.receive_some(RECEIVE_CHUNK_BYTES))  # TLS: a bytearray
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return True
             if not data:
@@ -352,18 +355,18 @@ class Session:
                 return result is _PEER_DONE
         return False
 
-    async def _read_via_mux(self, mux: ReadMux, fd: int) -> bool:
+    async def _read_via_mux(self, mux: ReadMux) -> bool:
         while self._reading:
             self._mux_result = _CONTINUE
             self._mux_wake = trio.Event()
             try:
-                mux.add(fd, self._on_readable)
+                mux.add(self._fd, self._on_readable)
             except trio.ClosedResourceError:  # the server is stopping
                 return True
             try:
                 await self._mux_wake.wait()
             finally:
-                mux.remove(fd)
+                mux.remove(self._fd)
             result = await self._until_done(self._mux_result)
             if result is not _CONTINUE:
                 return result is _PEER_DONE
@@ -420,12 +423,21 @@ class Session:
 
     def _process_payloads(self, payloads: list[bytes]) -> _ReadResult:
         for index, payload in enumerate(payloads):
-            METRICS.hot.frames_in += 1
-            self._handle(self.conn.receive(payload, trio.current_time()))
-            if self._blocked or self.outbox.closing is not None:
+            result = self._deliver(payload)
+            if result is not _CONTINUE:
                 # Keep the rest as frames for _process_frames (after the wait).
                 self._frames.extend(Frame(Opcode.BINARY, p) for p in payloads[index + 1:])
-                return _BLOCKED if self._blocked else _WE_CLOSED
+                return result
+        return _CONTINUE
+
+    def _deliver(self, payload: bytes) -> _ReadResult:
+        """One whole binary message: a protocol frame."""
+        METRICS.hot.frames_in += 1
+        self._handle(self.conn.receive(payload, trio.current_time()))
+        if self._blocked:  # backpressure: stop reading until queued
+            return _BLOCKED
+        if self.outbox.closing is not None:  # we refused and closed
+            return _WE_CLOSED
         return _CONTINUE
 
     def _process_frames(self) -> _ReadResult:
@@ -446,12 +458,9 @@ class Session:
                         continue
                     frame_bytes = bytes(pending)
                     pending.clear()
-                METRICS.hot.frames_in += 1
-                self._handle(self.conn.receive(frame_bytes, trio.current_time()))
-                if self._blocked:  # backpressure: stop reading until queued
-                    return _BLOCKED
-                if self.outbox.closing is not None:  # we refused and closed
-                    return _WE_CLOSED
+                result = self._deliver(frame_bytes)
+                if result is not _CONTINUE:
+                    return result
             elif opcode is Opcode.TEXT:
                 self._handle(self.conn.receive_text())
                 return _WE_CLOSED

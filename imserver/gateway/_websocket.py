@@ -12,14 +12,6 @@ request is plain HTTP, answered by h11 through the ``http_handler`` callback
 arrived after the request head (a client that sends its Hello without
 waiting for the 101) are handed to the session, not lost.
 
-``SocketReader`` reads a connection. On plain TCP it waits for readability
-*first* and then makes one ``recv``: trio's ``receive_some`` tries the
-``recv`` first, which on a connection that carries a message every few
-milliseconds fails (one more system call and one ``BlockingIOError`` per
-message) before it waits anyway. After a read that filled the whole buffer,
-more is probably waiting, so the next read is tried at once. TLS streams use
-``receive_some``.
-
 ``Outbox`` is the only writer of a connection's socket. Producers (replies,
 fan-out, control frames) hand it already framed bytes without awaiting. When
 nothing is queued and no write is in flight, the bytes go to the (non-blocking)
@@ -56,7 +48,6 @@ from ..limits import (
     OUTBOUND_BUFFER_BYTES,
     OUTBOUND_BUFFER_FRAMES,
     OUTBOUND_BUFFER_HARD_BYTES,
-    RECEIVE_CHUNK_BYTES,
     SEND_TIMEOUT_S,
     SLOW_CONSUMER_GRACE_S,
 )
@@ -156,43 +147,6 @@ async def accept(
         raise HandshakeFailed(f"bad WebSocket upgrade: {response.status_code}")
     await _respond_http(stream, 400, "text/plain", b"bad WebSocket upgrade\n")
     raise HandshakeFailed("bad WebSocket upgrade")
-
-
-class SocketReader:
-    """The receiving side of one connection. See the module docstring."""
-
-    __slots__ = ("_fd", "_more_likely", "_socket", "_stream")
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self._stream = stream
-        # Plain TCP only: TLS must go through the SSL stream.
-        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
-        self._fd = self._socket.fileno() if self._socket is not None else -1
-        self._more_likely = False
-
-    async def receive(self) -> bytes:
-        """The next bytes; b"" at end of stream. Raises trio.BrokenResourceError
-        (reset) or trio.ClosedResourceError (closed here meanwhile)."""
-        fd = self._fd
-        if fd < 0:
-            return bytes(await self._stream.receive_some(RECEIVE_CHUNK_BYTES))
-        if self._more_likely:
-            await trio.lowlevel.checkpoint()
-            assert self._socket is not None
-            if self._socket.fileno() != fd:  # closed meanwhile: never read a reused fd
-                raise trio.ClosedResourceError("the connection was closed")
-        else:
-            await trio.lowlevel.wait_readable(fd)
-        while True:
-            try:
-                data = os.read(fd, RECEIVE_CHUNK_BYTES)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
-                continue
-            except OSError as exc:  # reset by peer, or the fd was closed under us
-                raise trio.BrokenResourceError(str(exc)) from exc
-            self._more_likely = len(data) == RECEIVE_CHUNK_BYTES
-            return data
 
 
 class Outbox:
