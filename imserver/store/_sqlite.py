@@ -531,18 +531,19 @@ def _multi_row_sql(kind: str, rows: int) -> str:
     raise ValueError(kind)
 
 
-def _execute_rows(cur: sqlite3.Cursor, kind: str, rows: Sequence[tuple[Any, ...]]) -> list[int]:
-    """Execute ``rows`` in multi-row statements, in order; returns the last
-    row id after each statement (with its row count), for event numbering."""
+def _execute_rows(cur: sqlite3.Cursor, kind: str,
+                  rows: Sequence[tuple[Any, ...]]) -> list[tuple[int, int]]:
+    """Execute ``rows`` in multi-row statements, in order; returns (rows, last
+    row id) of each statement, for event numbering."""
     done = 0
-    last_ids: list[int] = []
+    statements: list[tuple[int, int]] = []
     for size in ROWS_PER_STATEMENT:
         while len(rows) - done >= size:
             params = [value for row in rows[done:done + size] for value in row]
             cur.execute(_multi_row_sql(kind, size), params)
-            last_ids.append(cur.lastrowid or 0)
+            statements.append((size, cur.lastrowid or 0))
             done += size
-    return last_ids
+    return statements
 
 
 class _Rows:
@@ -596,22 +597,11 @@ class _Rows:
             # AUTOINCREMENT ids of one multi-row INSERT are consecutive, in VALUES
             # order (one writer, and an id is max(ever used) + 1).
             done = 0
-            for size, last_id in zip(_statement_sizes(len(rows)), _execute_rows(cur, "events", rows),
-                                     strict=True):
+            for size, last_id in _execute_rows(cur, "events", rows):
                 for offset, op in enumerate(events[done:done + size]):
                     self.numbered.append((op, last_id - size + 1 + offset))
                 done += size
             self.events = []
-
-
-def _statement_sizes(count: int) -> list[int]:
-    """The row counts ``_execute_rows`` uses for ``count`` rows, in order."""
-    sizes = []
-    for size in ROWS_PER_STATEMENT:
-        while count >= size:
-            sizes.append(size)
-            count -= size
-    return sizes
 
 
 def _apply_ops(rows: _Rows, ops: list[WriteOp]) -> None:
