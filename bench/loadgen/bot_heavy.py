@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import heapq
 import math
 import random
 import time
@@ -89,8 +88,8 @@ from .common import (
     close_all,
     customer,
     gather_bounded,
+    pace,
     process_cpu_s,
-    sleep_until_due,
 )
 from .histogram import EncodedHistogram, LatencyHistogram, LatencySummary
 from .pool import WorkerPool, sleep_until, start_at
@@ -546,27 +545,17 @@ class BotHeavyWorker:
         customers = [c for c in self.customers if c.welcomed]
         if not customers:
             return
-        interval = int(1e9 / self.params.rate)
-        rng = random.Random(self.index)
-        heap = [(start_ns + rng.randrange(interval), i) for i in range(len(customers))]
-        heapq.heapify(heap)
-        monotonic_ns = time.monotonic_ns
-        while True:
-            due, i = heap[0]
-            if due >= stop_ns:
-                return
-            now = monotonic_ns()
-            if due > now:
-                await sleep_until_due(due, now)
-                continue
-            heapq.heapreplace(heap, (due + interval, i))
+        def ask(i: int, due: int, now: int) -> None:
             self.lag.record_ns(now - due)
             cust = customers[i]
             if cust.retired:
                 self.counts["not_asked"] += 1
-                continue
+                return
             cust.backlog.append(due)
             self._pump(cust)
+
+        await pace(len(customers), int(1e9 / self.params.rate), start_ns, stop_ns,
+                   random.Random(self.index), ask)
 
     def _settled(self) -> bool:
         return all(c.retired or (c.welcomed and not c.pending and not c.backlog

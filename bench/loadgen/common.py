@@ -11,7 +11,10 @@ per-run tag so that runs never collide, and shops are spread over
 from __future__ import annotations
 
 import asyncio
+import heapq
+import random
 import resource
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Final, NamedTuple, TypeVar
 
@@ -42,11 +45,41 @@ above ~8,000 msg/s looked generator-bound when it was not."""
 T = TypeVar("T")
 
 
-async def sleep_until_due(due_ns: int, now_ns: int) -> None:
-    """A pacer's wait for its next due send: at least one timer tick, so the
-    sends due within a millisecond go out together (their lateness is recorded
-    as send lag, and charged to the latency, since payloads carry the due time)."""
-    await asyncio.sleep(max(due_ns - now_ns, TIMER_RESOLUTION_NS) / 1e9)
+SENDS_BETWEEN_YIELDS: Final = 64
+"""Sends a late pacer makes before it lets the readers run."""
+
+PacedSend = Callable[[int, int, int], object]
+"""(stream index, due time ns, now ns) -> anything: one due send."""
+
+
+async def pace(count: int, interval_ns: int, start_ns: int, stop_ns: int,
+               rng: random.Random, send: PacedSend) -> None:
+    """Open-loop pacing of ``count`` streams, each due every ``interval_ns``
+    from a random phase after ``start_ns``, until ``stop_ns``: ``send`` is
+    called for each due send, in due order, at once (never awaited), so a slow
+    connection delays nobody. The wait for the next due send is at least one
+    timer tick: the sends due within a millisecond go out together (their
+    lateness is the caller's send lag, and is charged to latency, since
+    payloads carry the due time)."""
+    heap = [(start_ns + rng.randrange(interval_ns), i) for i in range(count)]
+    heapq.heapify(heap)
+    monotonic_ns = time.monotonic_ns
+    burst = 0
+    while heap:
+        due, i = heap[0]
+        if due >= stop_ns:
+            return
+        now = monotonic_ns()
+        if due > now:
+            burst = 0
+            await asyncio.sleep(max(due - now, TIMER_RESOLUTION_NS) / 1e9)
+            continue
+        heapq.heapreplace(heap, (due + interval_ns, i))
+        send(i, due, now)
+        burst += 1
+        if burst >= SENDS_BETWEEN_YIELDS:
+            burst = 0
+            await asyncio.sleep(0)
 
 
 def customer(tag: str, index: int) -> Identity:

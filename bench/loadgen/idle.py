@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import heapq
 import random
 import time
 from collections import Counter
@@ -32,7 +31,7 @@ import msgspec
 from protocol import Error, Message, Ping, Pong, Role, ServerFrameType, encode
 
 from .client import Identity, ImClient
-from .common import close_all, gather_bounded, process_cpu_s, sleep_until_due
+from .common import close_all, gather_bounded, pace, process_cpu_s
 from .histogram import EncodedHistogram, LatencyHistogram, LatencySummary
 from .pool import WorkerPool, start_at
 from .sysstat import ServerProbe
@@ -137,26 +136,19 @@ class IdleWorker:
 
     async def _hold(self, cmd: Hold) -> Held:
         cpu0 = process_cpu_s()
-        interval = int(self.heartbeat_s * 1e9)
         end = cmd.start_ns + int(cmd.hold_s * 1e9)
-        rng = random.Random(self.index)
-        heap = [(cmd.start_ns + rng.randrange(interval), i) for i in range(len(self.clients))]
-        heapq.heapify(heap)
         pings = 0
-        while heap:
-            due, i = heap[0]
-            if due >= end:
-                break
-            now = time.monotonic_ns()
-            if due > now:
-                await sleep_until_due(due, now)
-                continue
-            heapq.heapreplace(heap, (due + interval, i))
+
+        def ping(i: int, due: int, now: int) -> None:
+            nonlocal pings
             client = self.clients[i]
             request_id = client.next_id()
             if client.write(encode(Ping(id=request_id))):
                 self.inflight[client, request_id] = due
                 pings += 1
+
+        await pace(len(self.clients), int(self.heartbeat_s * 1e9), cmd.start_ns, end,
+                   random.Random(self.index), ping)
         delay = (end - time.monotonic_ns()) / 1e9
         if delay > 0:
             await asyncio.sleep(delay)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import heapq
 import random
 import time
 from collections import Counter
@@ -46,8 +45,8 @@ from .common import (
     close_all,
     gather_bounded,
     open_pair,
+    pace,
     process_cpu_s,
-    sleep_until_due,
 )
 from .histogram import EncodedHistogram, LatencyHistogram, LatencySummary
 from .payload import PAYLOAD_CHARS, make_text, parse_text
@@ -67,8 +66,6 @@ DEFAULT_DRAIN_S: Final = 2.0
 P99_SLO_MS: Final = 500.0
 SETUP_TIMEOUT_S: Final = 180.0
 STEP_TIMEOUT_MARGIN_S: Final = 30.0
-YIELD_EVERY: Final = 64
-"""Sends between forced yields when the scheduler is behind (lets readers run)."""
 DRAIN_POLL_S: Final = 0.02
 GENERATOR_BOUND_PCT: Final = 90.0
 """A load worker this busy (% of one core) may be what limits the step."""
@@ -239,23 +236,9 @@ class PeakSaleWorker:
     async def _drive(self, stats: _StepStats, step: int, rate: float,
                      start_ns: int, end_ns: int) -> None:
         sides = self.sides
-        interval = int(1e9 / rate)
-        rng = random.Random(step * 1_000_003 + self.index)
-        heap = [(start_ns + rng.randrange(interval), i) for i in range(len(sides))]
-        heapq.heapify(heap)
         chars = self.params.payload_chars
-        monotonic_ns = time.monotonic_ns
-        burst = 0
-        while True:
-            due, i = heap[0]
-            if due >= end_ns:
-                return
-            now = monotonic_ns()
-            if due > now:
-                burst = 0
-                await sleep_until_due(due, now)
-                continue
-            heapq.heapreplace(heap, (due + interval, i))
+
+        def send(i: int, due: int, now: int) -> None:
             side = sides[i]
             client = side.client
             side.sent += 1
@@ -268,10 +251,9 @@ class PeakSaleWorker:
             else:
                 stats.unsent += 1
             stats.lag.record_ns(now - due)
-            burst += 1
-            if burst >= YIELD_EVERY:
-                burst = 0
-                await asyncio.sleep(0)
+
+        await pace(len(sides), int(1e9 / rate), start_ns, end_ns,
+                   random.Random(step * 1_000_003 + self.index), send)
 
 
 # ------------------------------------------------------------- coordinator

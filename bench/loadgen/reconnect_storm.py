@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import heapq
 import random
 import time
 from collections import Counter
@@ -63,8 +62,8 @@ from .common import (
     close_all,
     gather_bounded,
     open_pair,
+    pace,
     process_cpu_s,
-    sleep_until_due,
 )
 from .histogram import EncodedHistogram, LatencyHistogram, LatencySummary
 from .payload import PAYLOAD_CHARS, make_text, parse_text
@@ -302,26 +301,18 @@ class StormWorker:
             return
 
     async def _drive(self, start_ns: int, stop_ns: int) -> None:
-        p = self.params
-        interval = int(1e9 / p.rate)
-        rng = random.Random(self.index)
-        heap = [(start_ns + rng.randrange(interval), i) for i in range(len(self.sides))]
-        heapq.heapify(heap)
-        while heap:
-            due, i = heap[0]
-            if due >= stop_ns:
-                return
-            now = time.monotonic_ns()
-            if due > now:
-                await sleep_until_due(due, now)
-                continue
-            heapq.heapreplace(heap, (due + interval, i))
+        chars = self.params.payload_chars
+
+        def send(i: int, due: int, now: int) -> None:
             side = self.sides[i]
             side.sent += 1
             cmid = f"{side.prefix}{side.sent}"
             side.outbox[cmid] = due
             if side.ready:
-                side.transmit(cmid, due, p.payload_chars)
+                side.transmit(cmid, due, chars)
+
+        await pace(len(self.sides), int(1e9 / self.params.rate), start_ns, stop_ns,
+                   random.Random(self.index), send)
 
     async def _go(self, cmd: Go) -> GoResult:
         await sleep_until(cmd.start_ns)
