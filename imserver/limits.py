@@ -133,6 +133,24 @@ TOKEN_REPLAY_CACHE: Final = 200_000
 MAX_TOKEN_TTL_S: Final = 30 * 24 * 3600
 """Tokens claiming a longer life are refused."""
 
+TOKEN_CLOCK_SKEW_S: Final = 300
+"""How far in the future a token's ``iat`` (or ``nbf``) may lie: the issuer's
+clock may run a little ahead of ours. Further is refused."""
+
+MIN_SECRET_BYTES: Final = 32
+"""Shortest server signing secret: HS256 wants a key of at least 256 bits
+(RFC 7518, section 3.2)."""
+
+JWKS_RECHECK_S: Final = 1.0
+"""How often the shops' JWKS files (and the directory holding them) are checked
+for changes: an added, rotated or withdrawn shop key takes effect within it."""
+
+MAX_JWKS_BYTES: Final = 65_536
+"""Largest JWKS file read; a larger one is refused (its shop then has no keys)."""
+
+MAX_JWKS_KEYS: Final = 16
+"""Most keys in one shop's JWKS (rotation needs two or three)."""
+
 GC_THRESHOLDS: Final = (50_000, 20, 1000)
 """Python's cyclic collector thresholds (gen0 allocations, gen1, gen2 counts) for
 the server process. A full (gen-2) collection stops the server for 100-330 ms

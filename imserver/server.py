@@ -34,7 +34,7 @@ import trio
 
 from protocol import CloseCode
 
-from .auth import TokenVerifier
+from .auth import ShopKeys, TokenVerifier
 from .dispatch import WorkerDispatcher
 from .fanout import Hub
 from .gateway._readmux import ReadMux
@@ -63,6 +63,7 @@ log = logging.getLogger("imserver.server")
 
 DB_FILE = "imserver.db"
 SECRET_FILE = "secret"
+JWKS_DIR = "jwks"  # SHOP.json: the public keys shop SHOP's backend signs tokens with
 
 
 def load_or_create_secret(data_dir: Path) -> bytes:
@@ -92,6 +93,7 @@ class ServerConfig:
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
     outbound_buffer_bytes: int = OUTBOUND_BUFFER_BYTES
     extra: dict[str, str] = field(default_factory=dict)
+    jwks: dict[str, Path] = field(default_factory=dict)  # shop -> its JWKS file (besides DATA/jwks/)
 
 
 class Server:
@@ -104,6 +106,7 @@ class Server:
         if config.cert and config.key:
             self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self._ssl.load_cert_chain(config.cert, config.key)
+        self._shop_keys = ShopKeys(config.jwks, config.data_dir / JWKS_DIR)
         self.ctx: GatewayContext | None = None
         self.shards: LocalShards | None = None
         self.store: SqliteStore | None = None
@@ -134,7 +137,7 @@ class Server:
                 shards=shards,
                 hub=hub,
                 dispatcher=dispatcher,
-                verifier=TokenVerifier(config.secret),
+                verifier=TokenVerifier(config.secret, shop_keys=self._shop_keys),
                 idle_timeout_ms=config.idle_timeout_ms,
                 handshake_timeout_s=config.handshake_timeout_s,
                 outbound_buffer_bytes=config.outbound_buffer_bytes,

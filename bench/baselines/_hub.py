@@ -110,7 +110,7 @@ consumer (imserver's OUTBOUND_BUFFER_BYTES). The I/O layers enforce it."""
 WS_PATH: Final = "/ws"
 """The only path a WebSocket upgrade is accepted on."""
 
-_claims_decoder: Final = msgspec.msgpack.Decoder(Claims)
+_claims_decoder: Final = msgspec.json.Decoder(Claims)
 
 
 class Peer(Protocol):
@@ -125,7 +125,8 @@ class Peer(Protocol):
 
 def identity_from_token(token: str) -> tuple[str, Role, str] | None:
     """(user, role, shop) from a token's claims, without verifying it (no auth)."""
-    body, _, _ = token.partition(".")
+    _, _, rest = token.partition(".")  # a JWT: header.claims.signature
+    body, _, _ = rest.partition(".")
     try:
         claims = _claims_decoder.decode(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
     except (ValueError, msgspec.DecodeError):
