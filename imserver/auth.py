@@ -101,8 +101,8 @@ class Claims(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
     plugin: _OptId = ""
 
 
-class _Payload(Claims, kw_only=True, frozen=True):
-    """Claims as they arrive: also the registered ``nbf``, checked and dropped."""
+class _NotBefore(msgspec.Struct):
+    """The registered ``nbf`` claim, checked if present and then dropped."""
 
     nbf: int | None = None
 
@@ -138,14 +138,23 @@ def _unb64(segment: str) -> bytes:
     return raw
 
 
-_json: Final = json.JSONDecoder(object_pairs_hook=_unique_keys)  # built once: json.loads(hook=) builds one a call
+_json: Final = json.JSONDecoder(
+    object_pairs_hook=_unique_keys
+)  # built once: json.loads(hook=) builds one a call
 
 
-def _segment(segment: str, kind: type[_T], what: str) -> _T:
-    """One base64url JSON segment, typed; duplicate keys refused."""
+def _segment(segment: str, what: str) -> Any:
+    """One base64url JSON segment; duplicate keys refused."""
     try:
-        return msgspec.convert(_json.decode(_unb64(segment).decode("utf-8")), kind)
-    except (ValueError, RecursionError, msgspec.ValidationError) as exc:
+        return _json.decode(_unb64(segment).decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise TokenError(f"malformed token {what}: {exc}") from None
+
+
+def _typed(obj: Any, kind: type[_T], what: str) -> _T:
+    try:
+        return msgspec.convert(obj, kind)
+    except msgspec.ValidationError as exc:
         raise TokenError(f"malformed token {what}: {exc}") from None
 
 
@@ -336,7 +345,9 @@ class ShopKeys:
             if strict:
                 raise ValueError(str(exc)) from None
             keyset.stamp, keyset.keys = None, {}
-            logs.event(log, "jwks_invalid", level=logging.ERROR, path=str(keyset.path), why=str(exc))
+            logs.event(
+                log, "jwks_invalid", level=logging.ERROR, path=str(keyset.path), why=str(exc)
+            )
         else:
             logs.event(log, "jwks_loaded", path=str(keyset.path), kids=sorted(keyset.keys))
 
@@ -364,8 +375,10 @@ class TokenVerifier:
         if not _COMPACT.fullmatch(token):
             raise TokenError("malformed token (not three unpadded base64url segments)")
         head, body, signature = token.split(".")
-        header = _segment(head, _Header, "header")
-        claims = _segment(body, _Payload, "claims")
+        header = _typed(_segment(head, "header"), _Header, "header")
+        payload = _segment(body, "claims")
+        claims = _typed(payload, Claims, "claims")
+        not_before = _typed(payload, _NotBefore, "claims")
         try:
             _unb64(signature)
         except ValueError:
@@ -383,7 +396,9 @@ class TokenVerifier:
         except jwt.InvalidSignatureError:
             raise TokenError("bad token signature") from None
         except jwt.InvalidAlgorithmError:
-            raise TokenError(f"token algorithm not allowed (this key verifies {algorithm})") from None
+            raise TokenError(
+                f"token algorithm not allowed (this key verifies {algorithm})"
+            ) from None
         except jwt.PyJWTError as exc:
             raise TokenError(f"malformed token: {exc}") from None
         if header.kid:
@@ -397,7 +412,7 @@ class TokenVerifier:
             raise TokenError("token lifetime over the maximum")
         if claims.iat > now + TOKEN_CLOCK_SKEW_S:
             raise TokenError("token issued in the future")
-        if claims.nbf is not None and claims.nbf > now + TOKEN_CLOCK_SKEW_S:
+        if not_before.nbf is not None and not_before.nbf > now + TOKEN_CLOCK_SKEW_S:
             raise TokenError("token not valid yet (nbf)")
         problem = _claims_problem(claims.role, claims.shop, claims.plugin)
         if problem:

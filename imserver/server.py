@@ -93,7 +93,9 @@ class ServerConfig:
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
     outbound_buffer_bytes: int = OUTBOUND_BUFFER_BYTES
     extra: dict[str, str] = field(default_factory=dict)
-    jwks: dict[str, Path] = field(default_factory=dict)  # shop -> its JWKS file (besides DATA/jwks/)
+    jwks: dict[str, Path] = field(
+        default_factory=dict
+    )  # shop -> its JWKS file (besides DATA/jwks/)
 
 
 class Server:

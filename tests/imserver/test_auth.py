@@ -55,8 +55,14 @@ def _write_jwks(path: Path, *keys: dict[str, Any]) -> Path:
 
 
 def _claims(**over: object) -> dict[str, Any]:
-    claims: dict[str, Any] = {"sub": "shop1:alice", "role": "customer", "shop": "shop1",
-                              "iat": NOW, "exp": NOW + 600, "jti": "j-1"}
+    claims: dict[str, Any] = {
+        "sub": "shop1:alice",
+        "role": "customer",
+        "shop": "shop1",
+        "iat": NOW,
+        "exp": NOW + 600,
+        "jti": "j-1",
+    }
     claims.update(over)
     return {k: v for k, v in claims.items() if v is not None}
 
@@ -114,8 +120,14 @@ def shop_env(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> tuple[TokenVerifier,
 def test_minted_tokens_are_standard_jwts() -> None:
     token = mint_token(SECRET, user="a1", role="agent", shop="s1", now=NOW, ttl_s=60)
     decoded = jwt.decode(token, SECRET, algorithms=["HS256"], options=LENIENT)
-    assert decoded == {"sub": "a1", "role": "agent", "shop": "s1", "iat": NOW, "exp": NOW + 60,
-                       "jti": decoded["jti"]}  # defaults (once, plugin) are left out
+    assert decoded == {
+        "sub": "a1",
+        "role": "agent",
+        "shop": "s1",
+        "iat": NOW,
+        "exp": NOW + 60,
+        "jti": decoded["jti"],
+    }  # defaults (once, plugin) are left out
     assert jwt.get_unverified_header(token) == {"alg": "HS256", "typ": "JWT"}
     claims = TokenVerifier(SECRET).verify(token, now=NOW + 30)
     assert (claims.sub, claims.role, claims.shop, claims.once) == ("a1", Role.AGENT, "s1", False)
@@ -218,10 +230,20 @@ def test_required_claims(missing: str) -> None:
         TokenVerifier(SECRET).verify(_platform_token(**{missing: None}), now=NOW)
 
 
-@pytest.mark.parametrize(("claim", "value"), [
-    ("iat", "1800000000"), ("exp", 1800000600.5), ("exp", True), ("role", "root"),
-    ("sub", ""), ("sub", 7), ("jti", ""), ("once", "yes"), ("shop", None),
-])
+@pytest.mark.parametrize(
+    ("claim", "value"),
+    [
+        ("iat", "1800000000"),
+        ("exp", 1800000600.5),
+        ("exp", True),
+        ("role", "root"),
+        ("sub", ""),
+        ("sub", 7),
+        ("jti", ""),
+        ("once", "yes"),
+        ("shop", None),
+    ],
+)
 def test_claims_are_typed(claim: str, value: object) -> None:
     verifier = TokenVerifier(SECRET)
     token = _platform_token(**{claim: value})
@@ -240,45 +262,86 @@ HEADER = {"alg": "HS256", "typ": "JWT"}
 PAYLOAD = _claims(sub="alice", shop="")
 
 
-@pytest.mark.parametrize(("name", "make", "reason"), [
-    ("alg none, empty signature",
-     lambda: jwt.encode(PAYLOAD, None, algorithm="none"), "malformed"),
-    ("alg none, any signature", lambda: _raw({"alg": "none"}, PAYLOAD), "algorithm"),
-    ("alg missing", lambda: _raw({"typ": "JWT"}, PAYLOAD), "header"),
-    ("unknown alg", lambda: _raw({"alg": "HS999"}, PAYLOAD), "algorithm"),
-    ("another HMAC", lambda: jwt.encode(PAYLOAD, SECRET * 2, algorithm="HS512"), "algorithm"),
-    ("RS256 without a kid", lambda: _raw({"alg": "RS256"}, PAYLOAD), "algorithm"),
-    ("tampered claims",
-     lambda: ".".join([(t := _platform_token()).split(".")[0],
-                       _b64(json.dumps(_claims(sub="alice", shop="", role="admin")).encode()),
-                       t.split(".")[2]]), "signature"),
-    ("tampered signature", lambda: _flip_last_char(_platform_token()), "signature|canonical"),
-    ("padding", lambda: _platform_token() + "=", "malformed"),
-    ("padded claims", lambda: _raw(HEADER, b'{"sub":"a","role":"customer","iat":1800000000,'
-                                           b'"exp":1800000600,"jti":"j-1"}').replace(".", "=.", 1),
-     "malformed"),
-    ("whitespace", lambda: " " + _platform_token(), "malformed"),
-    ("line break", lambda: _platform_token().replace(".", ".\n", 1), "malformed"),
-    ("base64 not url", lambda: _platform_token().replace("-", "+").replace("_", "/") + "+/",
-     "malformed"),
-    ("four segments", lambda: _platform_token() + ".AAAA", "malformed"),
-    ("empty", lambda: "", "malformed"),
-    ("non-canonical trailing bits",
-     # 32 signature bytes = 43 characters, the last of which carries 2 unused bits
-     lambda: (t := _platform_token())[:-1]
-     + "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[
-         "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".index(t[-1]) | 1],
-     "canonical|signature"),
-    ("duplicate claim", lambda: _raw(HEADER, b'{"sub":"alice","role":"customer","role":"admin",'
-                                             b'"shop":"*","iat":1800000000,"exp":1800000600,'
-                                             b'"jti":"j-1"}'), "duplicate"),
-    ("duplicate header key", lambda: _raw(b'{"alg":"none","alg":"HS256"}', PAYLOAD), "duplicate"),
-    ("claims not JSON", lambda: _raw(HEADER, b"\x93\xa3sub"), "claims"),
-    ("claims a list", lambda: _raw(HEADER, b"[1,2]"), "claims"),
-    ("deep nesting", lambda: _raw(HEADER, b"[" * 5000 + b"]" * 5000), "claims"),
-    ("crit extension", lambda: _raw({"alg": "HS256", "crit": ["exp"], "exp": 1}, PAYLOAD),
-     "critical|malformed"),
-])
+@pytest.mark.parametrize(
+    ("name", "make", "reason"),
+    [
+        (
+            "alg none, empty signature",
+            lambda: jwt.encode(PAYLOAD, "", algorithm="none"),
+            "malformed",
+        ),
+        ("alg none, any signature", lambda: _raw({"alg": "none"}, PAYLOAD), "algorithm"),
+        ("alg missing", lambda: _raw({"typ": "JWT"}, PAYLOAD), "header"),
+        ("unknown alg", lambda: _raw({"alg": "HS999"}, PAYLOAD), "algorithm"),
+        ("another HMAC", lambda: jwt.encode(PAYLOAD, SECRET * 2, algorithm="HS512"), "algorithm"),
+        ("RS256 without a kid", lambda: _raw({"alg": "RS256"}, PAYLOAD), "algorithm"),
+        (
+            "tampered claims",
+            lambda: ".".join(
+                [
+                    (t := _platform_token()).split(".")[0],
+                    _b64(json.dumps(_claims(sub="alice", shop="", role="admin")).encode()),
+                    t.split(".")[2],
+                ]
+            ),
+            "signature",
+        ),
+        ("tampered signature", lambda: _flip_last_char(_platform_token()), "signature|canonical"),
+        ("padding", lambda: _platform_token() + "=", "malformed"),
+        (
+            "padded claims",
+            lambda: _raw(
+                HEADER,
+                b'{"sub":"a","role":"customer","iat":1800000000,"exp":1800000600,"jti":"j-1"}',
+            ).replace(".", "=.", 1),
+            "malformed",
+        ),
+        ("whitespace", lambda: " " + _platform_token(), "malformed"),
+        ("line break", lambda: _platform_token().replace(".", ".\n", 1), "malformed"),
+        (
+            "base64 not url",
+            lambda: _platform_token().replace("-", "+").replace("_", "/") + "+/",
+            "malformed",
+        ),
+        ("four segments", lambda: _platform_token() + ".AAAA", "malformed"),
+        ("empty", lambda: "", "malformed"),
+        (
+            "non-canonical trailing bits",
+            # 32 signature bytes = 43 characters, the last of which carries 2 unused bits
+            lambda: (
+                (t := _platform_token())[:-1]
+                + "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[
+                    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".index(t[-1])
+                    | 1
+                ]
+            ),
+            "canonical|signature",
+        ),
+        (
+            "duplicate claim",
+            lambda: _raw(
+                HEADER,
+                b'{"sub":"alice","role":"customer","role":"admin",'
+                b'"shop":"*","iat":1800000000,"exp":1800000600,'
+                b'"jti":"j-1"}',
+            ),
+            "duplicate",
+        ),
+        (
+            "duplicate header key",
+            lambda: _raw(b'{"alg":"none","alg":"HS256"}', PAYLOAD),
+            "duplicate",
+        ),
+        ("claims not JSON", lambda: _raw(HEADER, b"\x93\xa3sub"), "claims"),
+        ("claims a list", lambda: _raw(HEADER, b"[1,2]"), "claims"),
+        ("deep nesting", lambda: _raw(HEADER, b"[" * 5000 + b"]" * 5000), "claims"),
+        (
+            "crit extension",
+            lambda: _raw({"alg": "HS256", "crit": ["exp"], "exp": 1}, PAYLOAD),
+            "critical|malformed",
+        ),
+    ],
+)
 def test_hostile_platform_tokens(name: str, make: Callable[[], str], reason: str) -> None:
     with pytest.raises(TokenError, match=reason):
         TokenVerifier(SECRET).verify(make(), now=NOW)
@@ -289,8 +352,11 @@ def test_what_pyjwt_alone_would_accept() -> None:
     a valid token (one token, several texts) and keeps the last of duplicate keys."""
     token = _platform_token()
     assert jwt.decode(token + "=", SECRET, algorithms=["HS256"], options=LENIENT)
-    duplicate = _raw(HEADER, b'{"sub":"alice","role":"customer","role":"admin","iat":1800000000,'
-                             b'"exp":1800000600,"jti":"j-1"}')
+    duplicate = _raw(
+        HEADER,
+        b'{"sub":"alice","role":"customer","role":"admin","iat":1800000000,'
+        b'"exp":1800000600,"jti":"j-1"}',
+    )
     decoded = jwt.decode(duplicate, SECRET, algorithms=["HS256"], options=LENIENT)
     assert decoded["role"] == "admin"
 
@@ -302,28 +368,46 @@ def test_shop_keys_vouch_for_their_own_shop(shop_env: tuple[TokenVerifier, dict[
     verifier, keys = shop_env
     buyer = verifier.verify(_shop_token(keys["rsa"], "r1", "RS256"), now=NOW)
     assert (buyer.sub, buyer.role, buyer.shop) == ("shop1:alice", Role.CUSTOMER, "shop1")
-    agent = verifier.verify(_shop_token(keys["ed1"], "e1", "EdDSA", sub="shop1:a7",
-                                        role="agent", jti="j-2"), now=NOW)
+    agent = verifier.verify(
+        _shop_token(keys["ed1"], "e1", "EdDSA", sub="shop1:a7", role="agent", jti="j-2"), now=NOW
+    )
     assert (agent.role, agent.shop) == (Role.AGENT, "shop1")
-    bot = verifier.verify(_shop_token(keys["ed2"], "r1", "EdDSA", sub="shop2:bot", role="worker",
-                                      shop="shop2", plugin="faq", jti="j-3"), now=NOW)
+    bot = verifier.verify(
+        _shop_token(
+            keys["ed2"],
+            "r1",
+            "EdDSA",
+            sub="shop2:bot",
+            role="worker",
+            shop="shop2",
+            plugin="faq",
+            jti="j-3",
+        ),
+        now=NOW,
+    )
     assert (bot.shop, bot.plugin) == ("shop2", "faq")
 
 
-@pytest.mark.parametrize(("name", "over", "reason"), [
-    # shop1's key claiming shop2: only shop2's keys are tried (its kid r1 is an EdDSA key)
-    ("buyer of another shop", {"shop": "shop2", "sub": "shop2:alice"}, "algorithm"),
-    ("staff of another shop", {"shop": "shop2", "sub": "shop2:a1", "role": "supervisor"},
-     "algorithm"),
-    ("a shop with no keys", {"shop": "shop3", "sub": "shop3:alice"}, "unknown token key"),
-    ("all shops", {"shop": "*", "sub": "*:w", "role": "worker"}, "unknown token key"),
-    ("no shop", {"shop": None, "sub": "alice"}, "unknown token key"),
-    ("admin", {"role": "admin", "sub": "shop1:root"}, "admin"),
-    ("a platform user", {"sub": "alice"}, "names users 'shop1:"),
-    ("another shop's user", {"sub": "shop2:alice"}, "names users 'shop1:"),
-    ("expired", {"exp": NOW}, "expired"),
-    ("too long", {"exp": NOW + MAX_TOKEN_TTL_S + 1}, "lifetime"),
-])
+@pytest.mark.parametrize(
+    ("name", "over", "reason"),
+    [
+        # shop1's key claiming shop2: only shop2's keys are tried (its kid r1 is an EdDSA key)
+        ("buyer of another shop", {"shop": "shop2", "sub": "shop2:alice"}, "algorithm"),
+        (
+            "staff of another shop",
+            {"shop": "shop2", "sub": "shop2:a1", "role": "supervisor"},
+            "algorithm",
+        ),
+        ("a shop with no keys", {"shop": "shop3", "sub": "shop3:alice"}, "unknown token key"),
+        ("all shops", {"shop": "*", "sub": "*:w", "role": "worker"}, "unknown token key"),
+        ("no shop", {"shop": None, "sub": "alice"}, "unknown token key"),
+        ("admin", {"role": "admin", "sub": "shop1:root"}, "admin"),
+        ("a platform user", {"sub": "alice"}, "names users 'shop1:"),
+        ("another shop's user", {"sub": "shop2:alice"}, "names users 'shop1:"),
+        ("expired", {"exp": NOW}, "expired"),
+        ("too long", {"exp": NOW + MAX_TOKEN_TTL_S + 1}, "lifetime"),
+    ],
+)
 def test_a_shop_key_cannot_reach_beyond_its_shop(
     shop_env: tuple[TokenVerifier, dict[str, Any]], name: str, over: dict[str, object], reason: str
 ) -> None:
@@ -337,7 +421,8 @@ def test_algorithm_confusion_and_forgery_with_shop_keys(
 ) -> None:
     verifier, keys = shop_env
     public_pem = rsa_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     header = {"alg": "HS256", "typ": "JWT", "kid": "r1"}
     body = _b64(json.dumps(_claims()).encode())
     import hashlib
@@ -410,24 +495,43 @@ def test_jwks_directory_picks_up_and_drops_shops(tmp_path: Path) -> None:
         verifier.verify(token, now=NOW)
 
 
-@pytest.mark.parametrize(("name", "jwks", "reason"), [
-    ("private key", lambda k, r: {"keys": [json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(k))
-                                           | {"kid": "a"}]}, "private"),
-    ("symmetric key", lambda k, r: {"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "a"}]},
-     "secret"),
-    ("no kid", lambda k, r: {"keys": [_jwk(k, "a") | {"kid": ""}]}, "kid"),
-    ("same kid twice", lambda k, r: {"keys": [_jwk(k, "a"), _jwk(r, "a")]}, "kid"),
-    ("HS256 alg", lambda k, r: {"keys": [_jwk(r, "a", alg="HS256")]}, "alg"),
-    ("RS512 alg", lambda k, r: {"keys": [_jwk(r, "a", alg="RS512")]}, "alg"),
-    ("encryption key", lambda k, r: {"keys": [_jwk(k, "a", use="enc")]}, "signing"),
-    ("short RSA", lambda k, r: {"keys": [_jwk(rsa.generate_private_key(
-        public_exponent=65537, key_size=1024), "a")]}, "2048|short|length"),
-    ("P-384 (ES384)", lambda k, r: {"keys": [_jwk(ec.generate_private_key(ec.SECP384R1()), "a")]},
-     "not allowed"),
-    ("no keys", lambda k, r: {"keys": []}, "keys"),
-    ("too many keys", lambda k, r: {"keys": [_jwk(k, str(i)) for i in range(17)]}, "keys"),
-    ("not an object", lambda k, r: [1], "keys"),
-])
+@pytest.mark.parametrize(
+    ("name", "jwks", "reason"),
+    [
+        (
+            "private key",
+            lambda k, r: {
+                "keys": [json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(k)) | {"kid": "a"}]
+            },
+            "private",
+        ),
+        (
+            "symmetric key",
+            lambda k, r: {"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "a"}]},
+            "secret",
+        ),
+        ("no kid", lambda k, r: {"keys": [_jwk(k, "a") | {"kid": ""}]}, "kid"),
+        ("same kid twice", lambda k, r: {"keys": [_jwk(k, "a"), _jwk(r, "a")]}, "kid"),
+        ("HS256 alg", lambda k, r: {"keys": [_jwk(r, "a", alg="HS256")]}, "alg"),
+        ("RS512 alg", lambda k, r: {"keys": [_jwk(r, "a", alg="RS512")]}, "alg"),
+        ("encryption key", lambda k, r: {"keys": [_jwk(k, "a", use="enc")]}, "signing"),
+        (
+            "short RSA",
+            lambda k, r: {
+                "keys": [_jwk(rsa.generate_private_key(public_exponent=65537, key_size=1024), "a")]
+            },
+            "2048|short|length",
+        ),
+        (
+            "P-384 (ES384)",
+            lambda k, r: {"keys": [_jwk(ec.generate_private_key(ec.SECP384R1()), "a")]},
+            "not allowed",
+        ),
+        ("no keys", lambda k, r: {"keys": []}, "keys"),
+        ("too many keys", lambda k, r: {"keys": [_jwk(k, str(i)) for i in range(17)]}, "keys"),
+        ("not an object", lambda k, r: [1], "keys"),
+    ],
+)
 def test_jwks_files_are_strict(
     rsa_key: rsa.RSAPrivateKey, name: str, jwks: Callable[..., object], reason: str
 ) -> None:
@@ -458,10 +562,26 @@ def test_shop_keys_refuse_bad_configuration(tmp_path: Path) -> None:
 
 def test_serve_refuses_a_broken_jwks_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "jwks").mkdir()
-    (tmp_path / "jwks" / "shop1.json").write_text('{"keys": [{"kty": "oct", "k": "x", "kid": "a"}]}')
+    (tmp_path / "jwks" / "shop1.json").write_text(
+        '{"keys": [{"kty": "oct", "k": "x", "kid": "a"}]}'
+    )
     done = subprocess.run(
-        [sys.executable, "-m", "imserver", "serve", "--data", str(tmp_path), "--port", "0",
-         "--secret", SECRET.decode()], capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "imserver",
+            "serve",
+            "--data",
+            str(tmp_path),
+            "--port",
+            "0",
+            "--secret",
+            SECRET.decode(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "shop1.json" in done.stderr, done.stderr
 
@@ -471,8 +591,9 @@ async def test_a_shop_signed_buyer_connects_and_a_foreign_one_is_refused(tmp_pat
     own key; the same key cannot get a buyer of shop2 in."""
     key = ed25519.Ed25519PrivateKey.generate()
     path = _write_jwks(tmp_path / "shop1.json", _jwk(key, "k1"))
-    server = Server(ServerConfig(data_dir=tmp_path / "data", secret=SECRET, port=0,
-                                 jwks={"shop1": path}))
+    server = Server(
+        ServerConfig(data_dir=tmp_path / "data", secret=SECRET, port=0, jwks={"shop1": path})
+    )
     t = int(time.time())  # the server verifies against its own clock
     async with trio.open_nursery() as nursery:
         url = await nursery.start(server.serve)
@@ -481,10 +602,43 @@ async def test_a_shop_signed_buyer_connects_and_a_foreign_one_is_refused(tmp_pat
             assert (client.welcome.user, client.welcome.shop) == ("shop1:alice", "shop1")
             info = await client.request(OpenConversation(id=0, shop="shop1"))
             assert info.conversation.customer == "shop1:alice"
-        foreign = _shop_token(key, "k1", "EdDSA", iat=t, exp=t + 60, shop="shop2",
-                              sub="shop2:alice", jti="j-2")
+        foreign = _shop_token(
+            key, "k1", "EdDSA", iat=t, exp=t + 60, shop="shop2", sub="shop2:alice", jti="j-2"
+        )
         with pytest.raises(ServerError) as refused:
             async with connect(url, foreign, device="d2"):
                 pass
         assert refused.value.code == ErrorCode.UNAUTHORIZED
         server.stop()
+
+
+# --- docs/PROTOCOL.md ------------------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
+
+
+def test_the_worked_example_token_is_genuine() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    line = text[text.index("Token (HS256, secret `") :].split("\n", 1)[0]
+    secret = line.split("`")[1].encode()
+    token = text[text.index("```text\n", text.index(line)) + 8 :].split("\n", 1)[0]
+    claims = TokenVerifier(secret).verify(token, now=1732406400)
+    stated = json.loads(line[line.index('claims {"') + 7 : line.index("}:") + 1])
+    assert jwt.decode(token, secret, algorithms=["HS256"], options=LENIENT) == stated
+    assert (claims.sub, claims.role, claims.shop) == ("cust-1001", Role.CUSTOMER, "")
+    assert f'"token": "{token}"' in text  # the Hello dumps carry this token
+
+
+def test_the_shop_minting_example_works(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = DOC.read_text(encoding="utf-8")
+    start = text.index("```python\n", text.index("**Minting with a shop key**")) + 10
+    example: dict[str, Any] = {}
+    exec(text[start : text.index("```", start)], example)  # the documented code, as written
+    jwk = json.loads(capsys.readouterr().out) | {"kid": "2026-11"}
+    _write_jwks(tmp_path / "jwks" / "shop-42.json", jwk)
+    verifier = TokenVerifier(SECRET, shop_keys=ShopKeys(directory=tmp_path / "jwks"))
+    token = example["buyer_token"]("cust-1001")
+    claims = verifier.verify(token)
+    assert (claims.sub, claims.shop, claims.once) == ("shop-42:cust-1001", "shop-42", True)
+    with pytest.raises(TokenError, match="replayed"):
+        verifier.verify(token)
