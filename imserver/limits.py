@@ -111,6 +111,9 @@ DRAIN_TIMEOUT_S: Final = 10.0
 MAX_WATCHED_USERS: Final = 1000
 """Presence subscriptions one connection may hold."""
 
+MAX_AGENT_LIST: Final = 5000
+"""Most agents one ``ListAgents`` reply names (by id; ``truncated`` says there were more)."""
+
 MAX_DEVICES_PER_USER: Final = 20
 """Concurrent connections of one user (all devices); the oldest is closed with 4010."""
 

@@ -28,6 +28,8 @@ from msgspec import inspect as mi
 import protocol
 from protocol import (
     AgentEvent,
+    AgentInfo,
+    AgentList,
     AgentStatus,
     Channel,
     ClientFrameType,
@@ -49,6 +51,7 @@ from protocol import (
     HistoryPage,
     ImageBody,
     Limits,
+    ListAgents,
     ListConversations,
     MemberRole,
     Message,
@@ -166,6 +169,10 @@ CLIENT_SAMPLES: list[Any] = [
                        tags_add=["vip"], tags_remove=["new"], note="VIP, be nice", key="k-1"),
     UpdateConversation(id=10, conv="c-1"),
     SetAgentStatus(id=11, status=AgentStatus.BUSY),
+    UpdateConversation(id=10, conv="c-1", state=ConvState.ASSIGNED, agent="agent-7",
+                       if_state=ConvState.QUEUED, if_agent="agent-1"),
+    ListAgents(id=11, shop="shop-1"),
+    ListAgents(id=11),
     WatchPresence(id=12, users=["agent-7", "cust-1"]),
     Subscribe(id=13, topics=[Topic.CONVERSATIONS, Topic.MESSAGES, Topic.AGENTS], shop="shop-1"),
     Subscribe(id=13, topics=[]),
@@ -215,6 +222,10 @@ SERVER_SAMPLES: list[Any] = [
     AgentEvent(shop="shop-1", agent="agent-7", status=AgentStatus.AWAY),
     Synced(last_seq={"c-1": 12, "g-1": 0}),
     WorkerJoined(id=14, instance="i-1", shards=[0, 3, 15], shard_count=16),
+    AgentList(id=15, shop="shop-1", truncated=True, agents=[
+        AgentInfo(agent="agent-7", status=AgentStatus.ONLINE, since=1_700_000_000_000,
+                  connected=True),
+        AgentInfo(agent="agent-8", status=AgentStatus.OFFLINE, since=1)]),
     WorkerAssignment(shards=[], shard_count=16),
     WorkerEvent(event_id=9, shard=3, kind=WorkerEventKind.MESSAGE, ts=1_700_000_000_001,
                 conversation=CONVERSATION, message=message(1, BODIES[0]), shop="shop-1",
