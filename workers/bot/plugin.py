@@ -33,6 +33,8 @@ from workers.crm.plugin import DEFAULT_DB
 from workers.crm.repository import CrmRepository
 from workers.sdk import Plugin, WorkerContext
 
+from workers.handoff import handoff_tags
+
 from .engine import DEFAULT_HANDOFF_THRESHOLD, BotEngine
 from .hours import BusinessHours
 from .knowledge import KnowledgeBase
@@ -144,8 +146,6 @@ class BotPlugin(Plugin):
                             quick_replies=decision.reply.quick_replies or None, part="answer")
         handoff = decision.handoff
         if handoff is not None:
-            tags = [f"skill:{handoff.skill}", f"handoff:{handoff.reason}"]
-            if decision.intent:
-                tags.append(f"intent:{decision.intent}")
+            tags = handoff_tags(handoff.reason, handoff.skill, decision.intent)
             await ctx.update(conv.id, state=ConvState.QUEUED, priority=handoff.priority,
                              tags_add=tags, note=handoff.note[:500], part="handoff")
