@@ -31,9 +31,8 @@ from typing import Any, ClassVar, Final, TypeVar
 from protocol import ConvState, Role, TextBody, WorkerEvent, WorkerEventKind
 from workers.crm.plugin import DEFAULT_DB
 from workers.crm.repository import CrmRepository
-from workers.sdk import Plugin, WorkerContext
-
 from workers.handoff import handoff_tags
+from workers.sdk import Plugin, WorkerContext
 
 from .engine import DEFAULT_HANDOFF_THRESHOLD, BotEngine
 from .hours import BusinessHours

@@ -58,8 +58,23 @@ customer is told it with ``Queued``/``Requeue`` and then with ``QueuePosition``
 each time it changes (it can grow when a more urgent conversation arrives).
 The queue is bounded by ``max_queue_per_shop`` for new requests: a request
 finding it full is assigned if an agent is free, else ``Rejected``
-(``queue_full``) and left with the bot. Conversations taken back from agents
-are never refused; they are bounded by the agents' total ``max_chats``.
+(``queue_full``): the caller keeps it (routing leaves it queued in the store
+and offers it again later). Conversations taken back from agents are never
+refused; they are bounded by the agents' total ``max_chats``. Below that hard
+bound, ``queue_limit`` (``None``: none) is the shop's *overflow* mark: a new
+request that finds at least that many conversations queued is queued all the
+same, in its place, and its ``Queued`` says ``overflow=True`` (routing tells
+the customer the shop is busy and lets the bot keep answering meanwhile).
+
+Restore. The engine's state is a cache of durable facts, so a new routing
+process can rebuild it: ``restore`` puts a conversation where the store says it
+is -- queued since a time (at the head if it had been taken back from an agent)
+or assigned to an agent since a time -- with its SLA clock from the durable
+timestamps, announcing nothing; ``settle`` then dispatches and tells every
+queued customer their position. Restoring onto an agent who has no room is
+allowed (a person claimed the chat, or settings changed meanwhile): the chat is
+*forced*, counts toward the load, and the agent gets nothing new until the load
+drops. ``forget_shop`` drops a shop (another routing instance owns it now).
 
 Dispatch. Every operation that can free capacity or make a queued conversation
 eligible (close, agent online, transfer, SLA breach, settings change, time
@@ -152,7 +167,7 @@ DEFAULT_EXCLUSION_SECONDS: Final = 300.0
 DEFAULT_HANDLE_SECONDS: Final = 300.0
 """Assumed handle time before a shop's first close."""
 DEFAULT_HANDLE_TIME_WINDOW: Final = 50
-DEFAULT_MAX_QUEUE_PER_SHOP: Final = 1000
+DEFAULT_MAX_QUEUE_PER_SHOP: Final = 20_000
 DEFAULT_MAX_AGENTS_PER_SHOP: Final = 2000
 DEFAULT_MAX_SHOPS: Final = 10_000
 
@@ -190,6 +205,10 @@ class RouterConfig(Struct, frozen=True, kw_only=True):
     default_handle_seconds: float = DEFAULT_HANDLE_SECONDS
     handle_time_window: int = DEFAULT_HANDLE_TIME_WINDOW
     max_queue_per_shop: int = DEFAULT_MAX_QUEUE_PER_SHOP
+    """Hard bound on a shop's queue (memory): beyond it new requests are ``Rejected``."""
+    queue_limit: int | None = None
+    """Overflow mark: a new request finding this many queued is queued with
+    ``Queued.overflow``. ``None``: no overflow."""
     max_agents_per_shop: int = DEFAULT_MAX_AGENTS_PER_SHOP
     max_shops: int = DEFAULT_MAX_SHOPS
     default_language: str | None = LANG_ZH
@@ -210,6 +229,8 @@ class RouterConfig(Struct, frozen=True, kw_only=True):
                      "max_shops"):
             if getattr(self, name) < 1:
                 raise RoutingError(f"{name} must be >= 1")
+        if self.queue_limit is not None and self.queue_limit < 0:
+            raise RoutingError("queue_limit must be None or >= 0")
         if self.default_language is not None and not self.default_language.startswith(
             LANG_PREFIX
         ):
@@ -313,6 +334,8 @@ class _AgentState:
     status: AgentStatus = AgentStatus.OFFLINE
     chats: dict[str, None] = field(default_factory=dict)
     last_assigned_at: float | None = None
+    forced: set[str] = field(default_factory=set)
+    """Chats restored onto this agent when it had no room (a subset of ``chats``)."""
 
     def has_room(self) -> bool:
         return len(self.chats) < self.max_chats
@@ -355,6 +378,12 @@ class _Conv:
     """Reason of the Assign if it is assigned within the current call."""
     announce: bool = False
     """Entered the queue in the current call; Queued/Requeue not yet emitted."""
+    overflow: bool = False
+    """Entered the queue past ``queue_limit`` (told with the next ``Queued``)."""
+    told_agent: str | None = None
+    """Where the outside world last put it: the agent of the last ``Assign`` (or
+    restore), ``None`` once ``Queued``/``Requeue`` said it is queued. An ``Assign``
+    carries it as ``expect_agent`` so that its update can be conditional."""
     position: int | None = None
     """Last position told to the customer."""
     _route: _Route = ("", None)
@@ -537,9 +566,87 @@ class Router:
             self._assign(c, choice[0], now, out, fallback=choice[1])
         else:
             self._convs[conv] = c
+            limit = self.config.queue_limit
+            c.overflow = limit is not None and len(state.queue) >= limit
             self._enqueue(state, c, now, head=False, reason=AssignReason.NEW)
         self._settle(state, now, out)
         return out
+
+    def restore(self, conv: str, shop: str, classification: Classification, *,
+                since: float, agent: str | None = None, customer: str | None = None,
+                unanswered_since: float | None = None, head: bool = False,
+                previous_agent: str | None = None) -> None:
+        """Track ``conv`` where the durable record says it is: queued since ``since``
+        (in the head band if ``head``), or assigned to ``agent`` since ``since``.
+        Moves it if it is tracked elsewhere; announces nothing (call ``settle``).
+        ``agent`` must be registered in ``shop`` (``RoutingError``)."""
+        since = _check_now(since)
+        _check_id("conv", conv)
+        _check_skill(classification.skill)
+        if not 0 <= classification.priority <= MAX_PRIORITY:
+            raise RoutingError(f"priority must be in 0..{MAX_PRIORITY}")
+        target = None
+        if agent is not None:
+            target = self._agents.get(agent)
+            if target is None or target.shop != shop:
+                raise RoutingError(f"unknown agent {agent!r} in shop {shop!r}")
+        c = self._convs.get(conv)
+        if c is not None:
+            if c.shop != shop:
+                raise RoutingError(f"conversation {conv!r} belongs to shop {c.shop!r}")
+            if c.agent == agent and (agent is not None or c.queue_key is not None):
+                return  # already there
+            state = self._shops[c.shop]
+            if c.agent is not None:
+                self._unassign(c)
+            else:
+                self._dequeue(state, c)
+        else:
+            state = self._shop(shop)
+            if state is None:
+                raise RoutingError(f"too many shops (max_shops={self.config.max_shops})")
+            c = _Conv(id=conv, shop=shop, customer=customer, skill=classification.skill,
+                      language=classification.language, priority=classification.priority)
+            self._convs[conv] = c
+        c.unanswered_since = unanswered_since
+        c.previous_agent = previous_agent
+        c.told_agent = agent
+        if target is not None:
+            c.agent = target.id
+            c.assigned_at = since
+            if not target.has_room():
+                target.forced.add(c.id)
+            target.chats[c.id] = None
+            if unanswered_since is not None:
+                self._arm_sla(c, max(unanswered_since, since) + self.config.sla_seconds)
+        else:
+            self._enqueue(state, c, since, head=head, reason=AssignReason.QUEUE)
+            c.announce = False  # it was told when it entered; settle tells its position
+
+    def settle(self, shop: str, now: float) -> list[Action]:
+        """Dispatch ``shop``'s queue and tell queued customers their positions
+        (after ``restore``)."""
+        now = _check_now(now)
+        state = self._shops.get(shop)
+        out: list[Action] = []
+        if state is not None:
+            state.queue_changed = True
+            self._settle(state, now, out)
+        return out
+
+    def forget_shop(self, shop: str) -> None:
+        """Drop everything about ``shop`` (another routing instance owns it now)."""
+        state = self._shops.pop(shop, None)
+        if state is None:
+            return
+        for agent_id in state.agents:
+            self._agents.pop(agent_id, None)
+        for conv in [k for k, c in self._convs.items() if c.shop == shop]:
+            del self._convs[conv]
+
+    def shops(self) -> list[str]:
+        """Shops the engine tracks."""
+        return sorted(self._shops)
 
     def on_customer_message(self, conv: str, now: float) -> list[Action]:
         """The customer wrote: start the SLA clock unless it is already running
@@ -575,7 +682,9 @@ class Router:
                 sample = min(max(now - c.assigned_at, MIN_HANDLE_SAMPLE_SECONDS),
                              MAX_HANDLE_SAMPLE_SECONDS)
                 state.handle_times.append(sample)
-            del self._agents[c.agent].chats[c.id]
+            holder = self._agents[c.agent]
+            del holder.chats[c.id]
+            holder.forced.discard(c.id)
             c.agent = None
         else:
             self._dequeue(state, c)
@@ -761,7 +870,7 @@ class Router:
             for agent_id, a in state.agents.items():
                 if self._agents.get(agent_id) is not a or a.shop != shop_id:
                     raise AssertionError(f"agent {agent_id} misfiled")
-                if len(a.chats) > a.max_chats:
+                if len(a.chats) - len(a.forced) > a.max_chats or not a.forced <= set(a.chats):
                     raise AssertionError(f"agent {agent_id} over max_chats")
                 if a.status is AgentStatus.OFFLINE and a.chats:
                     raise AssertionError(f"offline agent {agent_id} holds chats")
@@ -835,7 +944,9 @@ class Router:
             self._arm_sla(c, max(c.unanswered_since, now) + self.config.sla_seconds)
         out.append(Assign(conv=c.id, shop=c.shop, agent=agent.id,
                           previous_agent=c.previous_agent, reason=c.route_reason,
-                          priority=c.priority, note=c.note, fallback=fallback))
+                          priority=c.priority, note=c.note, fallback=fallback,
+                          expect_agent=c.told_agent))
+        c.told_agent = agent.id
         c.previous_agent = None
         c.note = ""
         c.route_reason = AssignReason.QUEUE
@@ -843,7 +954,9 @@ class Router:
 
     def _unassign(self, c: _Conv) -> None:
         assert c.agent is not None
-        del self._agents[c.agent].chats[c.id]
+        holder = self._agents[c.agent]
+        del holder.chats[c.id]
+        holder.forced.discard(c.id)
         c.previous_agent = c.agent
         c.agent = None
         c.assigned_at = None
@@ -950,10 +1063,12 @@ class Router:
                                    eta_seconds=eta, priority=c.priority))
             elif c.announce:
                 out.append(Queued(conv=c.id, shop=c.shop, position=position, eta_seconds=eta,
-                                  priority=c.priority))
+                                  priority=c.priority, overflow=c.overflow))
             else:
                 out.append(QueuePosition(conv=c.id, shop=c.shop, position=position,
                                          eta_seconds=eta))
+            if c.announce:
+                c.told_agent = None
             c.announce = False
             c.route_reason = AssignReason.QUEUE
             c.position = position

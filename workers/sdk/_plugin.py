@@ -24,6 +24,7 @@ from protocol import (
     Notify,
     QuickRepliesBody,
     Send,
+    ServerFrameType,
     Sent,
     TextBody,
     UpdateConversation,
@@ -48,6 +49,8 @@ class WorkerContext:
     data_dir: Path
     config: dict[str, Any] = field(default_factory=dict)
     event_key: str = ""
+    shard_count: int = 0
+    """How many shards the server splits events into (from ``WorkerJoined``)."""
 
     def key(self, part: str = "") -> str:
         """The idempotency key of an action. Outside an event (timers) there is no
@@ -70,11 +73,14 @@ class WorkerContext:
 
     async def update(self, conv: str, *, state: ConvState | None = None, agent: str | None = None,
                      priority: int | None = None, tags_add: list[str] | None = None,
-                     tags_remove: list[str] | None = None, note: str = "", part: str = "") -> None:
+                     tags_remove: list[str] | None = None, note: str = "", part: str = "",
+                     if_state: ConvState | None = None, if_agent: str | None = None) -> None:
+        """``if_state``/``if_agent``: apply only if the conversation is still in that
+        state / with that agent, else ``RequestFailed`` with code ``conflict``."""
         await self.client.request(UpdateConversation(
             id=0, conv=conv, state=state, agent=agent, priority=priority,
             tags_add=tags_add or [], tags_remove=tags_remove or [], note=note,
-            key=self.key(part or "update"),
+            key=self.key(part or "update"), if_state=if_state, if_agent=if_agent,
         ))
 
     async def notify(self, kind: str, data: dict[str, Any], *, conv: str | None = None,
@@ -112,7 +118,13 @@ class Plugin:
         """Periodic work; ``now`` is ``time.time()``."""
 
     async def on_shards(self, ctx: WorkerContext, shards: list[int]) -> None:
-        """This instance's shards changed."""
+        """This instance's shards changed (``[]`` when its connection ended; the
+        shards it gets after reconnecting come with the next call)."""
+
+    def on_push(self, ctx: WorkerContext, frame: ServerFrameType) -> None:
+        """Any other server push (topic events after a ``Subscribe``: conversation,
+        message and agent events), in the order received. Synchronous, so the order
+        is kept: queue the work, do not block."""
 
     async def teardown(self) -> None:
         """Close what ``setup`` opened."""

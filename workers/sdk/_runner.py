@@ -107,6 +107,7 @@ class WorkerRunner:
                     joined: WorkerJoined = await client.request(WorkerJoin(
                         id=0, plugin=self.plugin.name, kinds=sorted(self.plugin.kinds)))
                     self.shards = joined.shards
+                    self._ctx.shard_count = joined.shard_count
                     # One plain line on stdout, like the server's "listening on": supervisors
                     # and tests know the instance is serving.
                     print(f"imserver worker {self.plugin.name} joined as {joined.instance} "
@@ -122,6 +123,11 @@ class WorkerRunner:
                 finally:
                     self.connected.clear()
                     await client.close()
+                    if setup_done and self.shards and self._ctx is not None:
+                        # Whatever the instance owned went to the survivors meanwhile.
+                        self.shards = []
+                        with contextlib.suppress(Exception):
+                            await self.plugin.on_shards(self._ctx, [])
                 # Events of the old session will come again to whoever owns their shard.
                 self._queues.clear()
                 self._queued = 0
@@ -150,7 +156,13 @@ class WorkerRunner:
         elif isinstance(frame, WorkerAssignment):
             self.shards = frame.shards
             if self._ctx is not None:
+                self._ctx.shard_count = frame.shard_count
                 self._spawn(self.plugin.on_shards(self._ctx, frame.shards))
+        elif self._ctx is not None:
+            try:
+                self.plugin.on_push(self._ctx, frame)
+            except Exception as exc:
+                log.warning("push handler failed: %r", exc)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

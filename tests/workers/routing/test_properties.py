@@ -127,6 +127,8 @@ class Model:
             prior = self.where.get(conv)
             if isinstance(action, Assign):
                 assert prior is not None, f"assigned an unknown conversation {conv}"
+                # the condition the update carries is where the consumer last put it
+                assert action.expect_agent == (prior or None)
                 if prior:
                     assert action.previous_agent == prior
                     assert action.agent != prior

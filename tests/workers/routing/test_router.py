@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from protocol import AgentStatus, ConvState
+from workers.handoff import HANDOFF_PRIORITY, HandoffReason
 from workers.routing import (
     Action,
     AnyAction,
@@ -85,7 +86,7 @@ def test_complaint_is_handed_off_at_high_priority_to_a_refunds_agent() -> None:
     actions = r.request("c-complaint", SHOP, c, 1.0, customer="cust-9")
     assert actions == [Assign(conv="c-complaint", shop=SHOP, agent="refund-bob",
                               previous_agent=None, reason=AssignReason.NEW,
-                              priority=COMPLAINT_WEIGHT)]
+                              priority=HANDOFF_PRIORITY[HandoffReason.COMPLAINT])]
     placement = r.conversation("c-complaint")
     assert placement is not None
     assert (placement.state, placement.agent, placement.customer) == (
@@ -303,7 +304,7 @@ def test_sla_breach_moves_the_chat_to_another_agent() -> None:
     assert actions == [
         SlaBreach(conv="c", shop=SHOP, agent="a", waiting_seconds=60.5),
         Assign(conv="c", shop=SHOP, agent="b", previous_agent="a",
-               reason=AssignReason.SLA_BREACH, priority=0),
+               reason=AssignReason.SLA_BREACH, priority=0, expect_agent="a"),
     ]
     # b gets a full window from the moment it received the chat
     assert r.tick(120.0) == []
@@ -470,7 +471,7 @@ def test_transfer_to_a_colleague_with_note() -> None:
     actions = r.transfer("c", "a", "b", None, "wants express shipping", 5.0)
     assert actions == [Assign(conv="c", shop=SHOP, agent="b", previous_agent="a",
                               reason=AssignReason.TRANSFER, priority=0,
-                              note="wants express shipping")]
+                              note="wants express shipping", expect_agent="a")]
     assert chats(r, "a") == ()
     assert chats(r, "b") == ("c",)
     # a redelivered transfer changes nothing
@@ -521,7 +522,7 @@ def test_transfer_to_a_skill_group_routes_by_the_same_rule() -> None:
     # a has the skill and most room, but it is the one handing it over
     assert actions == [Assign(conv="c", shop=SHOP, agent="r2", previous_agent="a",
                               reason=AssignReason.TRANSFER, priority=0,
-                              note="refund of order 42")]
+                              note="refund of order 42", expect_agent="a")]
     placement = r.conversation("c")
     assert placement is not None
     assert placement.skill == "refunds"
