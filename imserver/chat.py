@@ -1,8 +1,9 @@
 """``imserver chat``: a line-based terminal chat for live demos.
 
 A customer opens (or reopens) their conversation with the shop; an agent
-claims a conversation (``--conv``) or, without it, watches the shop's queue
-and claims with ``/claim CONV``. Lines typed are sent; events are printed.
+goes online (so routing assigns them chats), claims a conversation
+(``--conv``) or, without it, watches the shop's queue and claims with
+``/claim CONV``. Lines typed are sent; events are printed.
 Commands: ``/history``, ``/close``, ``/quit``.
 """
 
@@ -16,6 +17,7 @@ import time
 import trio
 
 from protocol import (
+    AgentStatus,
     ConversationEvent,
     ConversationInfo,
     ConvState,
@@ -25,6 +27,7 @@ from protocol import (
     MessageEvent,
     OpenConversation,
     ReceiptEvent,
+    SetAgentStatus,
     Subscribe,
     SystemBody,
     TextBody,
@@ -73,6 +76,10 @@ async def _chat(args: argparse.Namespace, secret: bytes) -> None:
             conv = info.conversation.id
         else:
             await client.request(Subscribe(id=0, topics=[Topic.CONVERSATIONS]))
+            if args.role == "agent":
+                # Online: routing assigns this agent chats (closing the chat tool, the
+                # last connection, sets offline; routing requeues after its grace period).
+                await client.request(SetAgentStatus(id=0, status=AgentStatus.ONLINE))
             if conv:
                 await client.request(UpdateConversation(id=0, conv=conv, state=ConvState.ASSIGNED,
                                                         agent=args.user))

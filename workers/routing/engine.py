@@ -602,9 +602,10 @@ class Router:
             else:
                 self._dequeue(state, c)
         else:
-            state = self._shop(shop)
-            if state is None:
+            created = self._shop(shop)
+            if created is None:
                 raise RoutingError(f"too many shops (max_shops={self.config.max_shops})")
+            state = created
             c = _Conv(id=conv, shop=shop, customer=customer, skill=classification.skill,
                       language=classification.language, priority=classification.priority)
             self._convs[conv] = c
