@@ -92,8 +92,6 @@ from typing import Literal, Protocol
 
 import msgspec
 
-from ..handoff import HANDOFF_PRIORITY, REFUND_PRIORITY
-from ..handoff import HandoffReason as _Reason
 from .hours import BusinessHours, describe_back_at, require_aware
 from .knowledge import KnowledgeBase, Resolution
 from .lexicon import Signals, scan
@@ -149,16 +147,15 @@ answered; a message sharing only a generic word with the best variant is not."""
 SKILL_HINT_MIN_CONFIDENCE = 0.3
 """A low-confidence match still picks the handoff skill if at least this sure."""
 
-# The priorities are routing's too: one vocabulary (workers.handoff) for both.
-PRIORITY_COMPLAINT = HANDOFF_PRIORITY[_Reason.COMPLAINT]
+PRIORITY_COMPLAINT = 9
 """投诉/差评/12315: threatens the shop's rating (DSR); first in the queue."""
-PRIORITY_NEGATIVE = HANDOFF_PRIORITY[_Reason.NEGATIVE]
+PRIORITY_NEGATIVE = 8
 """Angry wording (骗子, scam, terrible)."""
-PRIORITY_REFUND = REFUND_PRIORITY
+PRIORITY_REFUND = 8
 """Money involved; the bot cannot act."""
-PRIORITY_REQUESTED = HANDOFF_PRIORITY[_Reason.REQUESTED]
+PRIORITY_REQUESTED = 5
 """The customer asked for a person."""
-PRIORITY_LOW_CONFIDENCE = HANDOFF_PRIORITY[_Reason.LOW_CONFIDENCE]
+PRIORITY_LOW_CONFIDENCE = 3
 """The bot did not understand; the customer is not (yet) upset."""
 
 SKILL_AFTER_SALE = "after-sale"

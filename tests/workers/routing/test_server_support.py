@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from functools import partial
+
 import pytest
 import trio
 
@@ -19,7 +23,7 @@ from protocol import (
     Topic,
     UpdateConversation,
 )
-from tests.conftest import RunningServer
+from tests.conftest import SECRET, RunningServer
 
 
 async def test_conditional_assign_is_refused_once_the_chat_moved_on(server: RunningServer) -> None:
@@ -77,3 +81,28 @@ async def test_list_agents_reports_status_since_and_connection(server: RunningSe
             with pytest.raises(ServerError) as foreign:
                 await other.request(ListAgents(id=0, shop="shop1"))
             assert foreign.value.code == "forbidden"
+
+
+async def test_the_cli_agent_goes_online(server: RunningServer) -> None:
+    """``imserver chat --role agent`` sets its status online (routing assigns it chats)
+    and, when it quits, its last connection closing sets it offline."""
+    async with server.connect("sup", "supervisor", "shop1") as sup:
+        await sup.request(Subscribe(id=0, topics=[Topic.AGENTS]))
+        command = [sys.executable, "-m", "imserver", "chat", "--url", server.url,
+                   "--secret", SECRET.decode(), "--data", str(server.data_dir),
+                   "--role", "agent", "--shop", "shop1", "cli-agent"]
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(partial(
+                trio.run_process, command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                check=False))
+            statuses: list[AgentStatus] = []
+            with trio.fail_after(30):
+                async for frame in sup.events:
+                    if isinstance(frame, AgentEvent) and frame.agent == "cli-agent":
+                        statuses.append(frame.status)
+                        if frame.status is AgentStatus.ONLINE:
+                            assert process.stdin is not None
+                            await process.stdin.send_all(b"/quit\n")
+                        if frame.status is AgentStatus.OFFLINE:
+                            break
+            assert statuses == [AgentStatus.ONLINE, AgentStatus.OFFLINE]
