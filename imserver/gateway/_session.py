@@ -166,8 +166,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("imserver.session")
 
 
-
-
 @dataclass
 class GatewayContext:
     """What sessions share: the engines and the server's state."""
@@ -187,8 +185,14 @@ class GatewayContext:
 
 
 class Session:
-    def __init__(self, ctx: GatewayContext, stream: trio.abc.Stream, ws: ServerProtocol,
-                 outbox: Outbox, early: bytes = b"") -> None:
+    def __init__(
+        self,
+        ctx: GatewayContext,
+        stream: trio.abc.Stream,
+        ws: ServerProtocol,
+        outbox: Outbox,
+        early: bytes = b"",
+    ) -> None:
         self.ctx = ctx
         self.stream = stream
         self.ws = ws
@@ -348,7 +352,9 @@ class Session:
             return await self._read_via_mux(self.ctx.read_mux)
         while self._reading:
             try:
-                data = bytes(await self.stream.receive_some(RECEIVE_CHUNK_BYTES))  # TLS: a bytearray
+                data = bytes(
+                    await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
+                )  # TLS: a bytearray
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return True
             if not data:
@@ -430,7 +436,7 @@ class Session:
             result = self._deliver(payload)
             if result is not _CONTINUE:
                 # Keep the rest as frames for _process_frames (after the wait).
-                self._frames.extend(Frame(Opcode.BINARY, p) for p in payloads[index + 1:])
+                self._frames.extend(Frame(Opcode.BINARY, p) for p in payloads[index + 1 :])
                 return result
         return _CONTINUE
 
@@ -491,15 +497,22 @@ class Session:
     def _handle(self, ev: ServerEvent) -> None:
         if isinstance(ev, RequestReceived):
             if self.ctx.draining:
-                self.send_frame(Error(code=ErrorCode.UNAVAILABLE, message="server draining",
-                                      id=ev.request.id, retry_after_ms=1000))
+                self.send_frame(
+                    Error(
+                        code=ErrorCode.UNAVAILABLE,
+                        message="server draining",
+                        id=ev.request.id,
+                        retry_after_ms=1000,
+                    )
+                )
                 return
             try:
                 _REQUEST_HANDLERS[type(ev.request)](self, ev.request)
             except Exception as exc:  # a bug must not take the connection down
                 event(log, "request_failed", level=logging.ERROR, error=repr(exc))
-                self.send_frame(Error(code=ErrorCode.INTERNAL, message="internal error",
-                                      id=ev.request.id))
+                self.send_frame(
+                    Error(code=ErrorCode.INTERNAL, message="internal error", id=ev.request.id)
+                )
         elif isinstance(ev, NoticeReceived):
             self._notice(ev.notice)
         elif isinstance(ev, HelloReceived):
@@ -519,10 +532,17 @@ class Session:
             self._handle(self.conn.reject(ErrorCode.UNAUTHORIZED, str(exc), CloseCode.UNAUTHORIZED))
             return
         if self.ctx.draining:
-            self._handle(self.conn.reject(ErrorCode.UNAVAILABLE, "server draining", CloseCode.GOING_AWAY))
+            self._handle(
+                self.conn.reject(ErrorCode.UNAVAILABLE, "server draining", CloseCode.GOING_AWAY)
+            )
             return
-        who = policy.Identity(user=claims.sub, role=claims.role, shop=claims.shop,
-                              session=self.id, device=hello.device)
+        who = policy.Identity(
+            user=claims.sub,
+            role=claims.role,
+            shop=claims.shop,
+            session=self.id,
+            device=hello.device,
+        )
         self.identity = who
         assert self._nursery is not None
         if claims.once:  # refused from memory from now on; stored for after a restart
@@ -533,14 +553,25 @@ class Session:
             self.idle_timeout_ms = min(self.idle_timeout_ms, WORKER_IDLE_TIMEOUT_MS)
             self.heartbeat_ms = min(self.heartbeat_ms, WORKER_HEARTBEAT_MS)
         welcome = Welcome(
-            v=PROTOCOL_VERSION, session=self.id, user=who.user, role=who.role, shop=who.shop,
-            server_time=now_ms(), heartbeat_ms=self.heartbeat_ms,
+            v=PROTOCOL_VERSION,
+            session=self.id,
+            user=who.user,
+            role=who.role,
+            shop=who.shop,
+            server_time=now_ms(),
+            heartbeat_ms=self.heartbeat_ms,
             idle_timeout_ms=self.idle_timeout_ms,
             limits=Limits(
-                max_frame_bytes=MAX_FRAME_BYTES, max_text_chars=MAX_TEXT_CHARS,
-                frames_per_second=self.conn.bucket.rate if who.role in (Role.WORKER, Role.ADMIN) else FRAMES_PER_SECOND,  # type: ignore[arg-type]
-                frames_burst=self.conn.bucket.burst if who.role in (Role.WORKER, Role.ADMIN) else FRAMES_BURST,  # type: ignore[arg-type]
-                max_inflight=MAX_INFLIGHT_REQUESTS, history_page=MAX_HISTORY_PAGE,
+                max_frame_bytes=MAX_FRAME_BYTES,
+                max_text_chars=MAX_TEXT_CHARS,
+                frames_per_second=self.conn.bucket.rate
+                if who.role in (Role.WORKER, Role.ADMIN)
+                else FRAMES_PER_SECOND,  # type: ignore[arg-type]
+                frames_burst=self.conn.bucket.burst
+                if who.role in (Role.WORKER, Role.ADMIN)
+                else FRAMES_BURST,  # type: ignore[arg-type]
+                max_inflight=MAX_INFLIGHT_REQUESTS,
+                history_page=MAX_HISTORY_PAGE,
                 recall_window_ms=RECALL_WINDOW_MS,
             ),
         )
@@ -551,13 +582,24 @@ class Session:
             self._catchup[conv] = []
         others = self.ctx.hub.register(self)
         for other in others:
-            if isinstance(other, Session) and other.identity and other.identity.device == who.device:
+            if (
+                isinstance(other, Session)
+                and other.identity
+                and other.identity.device == who.device
+            ):
                 other.close(CloseCode.SESSION_REPLACED, "logged in again from the same device")
         live = [o for o in others if isinstance(o, Session) and o.outbox.closing is None]
         for oldest in live[: max(0, len(live) + 1 - MAX_DEVICES_PER_USER)]:
             oldest.close(CloseCode.SESSION_REPLACED, "too many devices")
-        event(log, "login", user=who.user, role=who.role.value, session=self.id,
-              device=hello.device, resume=len(hello.resume))
+        event(
+            log,
+            "login",
+            user=who.user,
+            role=who.role.value,
+            session=self.id,
+            device=hello.device,
+            resume=len(hello.resume),
+        )
         assert self._nursery is not None
         self._nursery.start_soon(self._resume, dict(hello.resume))
 
@@ -590,8 +632,9 @@ class Session:
         last = after
         while True:
             while True:
-                page = await store.read_page(conv_id, user=who.user, before=None, after=last,
-                                             limit=RESUME_BATCH)
+                page = await store.read_page(
+                    conv_id, user=who.user, before=None, after=last, limit=RESUME_BATCH
+                )
                 if not _readable(who, page):
                     return None
                 for message in page.messages:
@@ -617,8 +660,16 @@ class Session:
             return
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             try:
-                await self.ctx.store.write([PutAgent(shop=who.shop, agent=who.user,
-                                                     status=AgentStatusEnum.OFFLINE, ts=now_ms())])
+                await self.ctx.store.write(
+                    [
+                        PutAgent(
+                            shop=who.shop,
+                            agent=who.user,
+                            status=AgentStatusEnum.OFFLINE,
+                            ts=now_ms(),
+                        )
+                    ]
+                )
             except Exception as exc:
                 event(log, "agent_offline_failed", level=logging.WARNING, error=repr(exc))
                 return
@@ -634,18 +685,27 @@ class Session:
         if not self.ctx.shards.submit(cmd):
             self._blocked.append(cmd)  # the read loop waits for room before reading on
 
-    def _spawn(self, request: Request, handler: Callable[[Any], Awaitable[ServerFrameType]]) -> None:
+    def _spawn(
+        self, request: Request, handler: Callable[[Any], Awaitable[ServerFrameType]]
+    ) -> None:
         assert self._nursery is not None
         self._nursery.start_soon(self._guarded, request, handler)
 
-    async def _guarded(self, request: Request, handler: Callable[[Any], Awaitable[ServerFrameType]]) -> None:
+    async def _guarded(
+        self, request: Request, handler: Callable[[Any], Awaitable[ServerFrameType]]
+    ) -> None:
         try:
             reply = await handler(request)
         except _Refuse as refusal:
             reply = Error(code=refusal.code, message=refusal.message, id=request.id)
         except Exception as exc:
-            event(log, "request_failed", level=logging.ERROR, request=type(request).__name__,
-                  error=repr(exc))
+            event(
+                log,
+                "request_failed",
+                level=logging.ERROR,
+                request=type(request).__name__,
+                error=repr(exc),
+            )
             reply = Error(code=ErrorCode.INTERNAL, message="internal error", id=request.id)
         self.send_frame(reply)
 
@@ -659,14 +719,26 @@ class Session:
         self._submit(GetCmd(conv=r.conv, **self._origin(r)))
 
     def _members(self, r: UpdateMembers) -> None:
-        self._submit(MembersCmd(conv=r.conv, add=r.add, remove=r.remove, role=r.role,
-                                **self._origin(r)))
+        self._submit(
+            MembersCmd(conv=r.conv, add=r.add, remove=r.remove, role=r.role, **self._origin(r))
+        )
 
     def _update(self, r: UpdateConversation) -> None:
-        self._submit(UpdateCmd(conv=r.conv, state=r.state, agent=r.agent, priority=r.priority,
-                               tags_add=r.tags_add, tags_remove=r.tags_remove, note=r.note,
-                               key=r.key, if_state=r.if_state, if_agent=r.if_agent,
-                               **self._origin(r)))
+        self._submit(
+            UpdateCmd(
+                conv=r.conv,
+                state=r.state,
+                agent=r.agent,
+                priority=r.priority,
+                tags_add=r.tags_add,
+                tags_remove=r.tags_remove,
+                note=r.note,
+                key=r.key,
+                if_state=r.if_state,
+                if_agent=r.if_agent,
+                **self._origin(r),
+            )
+        )
 
     def _spawn_history(self, r: History) -> None:
         self._spawn(r, self._history)
@@ -690,36 +762,63 @@ class Session:
         self.send_frame(Pong(id=request.id, server_time=now_ms()))
 
     def _send(self, request: Send) -> None:
-        self._submit(SendCmd(conv=request.conv, cmid=request.cmid, body=request.body,
-                             **self._origin(request)))
+        self._submit(
+            SendCmd(
+                conv=request.conv, cmid=request.cmid, body=request.body, **self._origin(request)
+            )
+        )
 
     def _open(self, request: OpenConversation) -> None:
         who = self.identity
         assert who is not None
         if who.role is not Role.CUSTOMER:
-            self.send_frame(Error(code=ErrorCode.FORBIDDEN, id=request.id,
-                                  message="only customers open direct conversations"))
+            self.send_frame(
+                Error(
+                    code=ErrorCode.FORBIDDEN,
+                    id=request.id,
+                    message="only customers open direct conversations",
+                )
+            )
             return
         conv = direct_conversation_id(request.shop, who.user)
-        self._submit(OpenDirectCmd(conv=conv, shop=request.shop, channel=request.channel,
-                                   **self._origin(request)))
+        self._submit(
+            OpenDirectCmd(
+                conv=conv, shop=request.shop, channel=request.channel, **self._origin(request)
+            )
+        )
 
     def _create_group(self, request: CreateGroup) -> None:
         who = self.identity
         assert who is not None
         if not policy.can_create_group(who, request.shop):
-            self.send_frame(Error(code=ErrorCode.FORBIDDEN, id=request.id,
-                                  message="only staff of the shop create groups"))
+            self.send_frame(
+                Error(
+                    code=ErrorCode.FORBIDDEN,
+                    id=request.id,
+                    message="only staff of the shop create groups",
+                )
+            )
             return
-        self._submit(CreateGroupCmd(conv=group_conversation_id(), shop=request.shop,
-                                    title=request.title, members=request.members,
-                                    **self._origin(request)))
+        self._submit(
+            CreateGroupCmd(
+                conv=group_conversation_id(),
+                shop=request.shop,
+                title=request.title,
+                members=request.members,
+                **self._origin(request),
+            )
+        )
 
     async def _history(self, request: History) -> ServerFrameType:
         who = self.identity
         assert who is not None
-        page = await self.ctx.store.read_page(request.conv, user=who.user, before=request.before,
-                                              after=request.after, limit=request.limit)
+        page = await self.ctx.store.read_page(
+            request.conv,
+            user=who.user,
+            before=request.before,
+            after=request.after,
+            limit=request.limit,
+        )
         if not _readable(who, page):
             raise _Refuse(ErrorCode.NOT_FOUND, f"no conversation {request.conv!r}")
         messages, more = page.messages, page.more
@@ -742,8 +841,10 @@ class Session:
         who = self.identity
         assert who is not None
         convs, more = await self.ctx.store.list_conversations(
-            Scope.for_role(who.role, who.user, who.shop), state=request.state,
-            updated_before=request.updated_before, before_id=request.before_id,
+            Scope.for_role(who.role, who.user, who.shop),
+            state=request.state,
+            updated_before=request.updated_before,
+            before_id=request.before_id,
             limit=request.limit,
         )
         if who.role is Role.CUSTOMER:
@@ -755,8 +856,9 @@ class Session:
         assert who is not None
         if who.role not in (Role.AGENT, Role.SUPERVISOR):
             raise _Refuse(ErrorCode.FORBIDDEN, "only agents have an agent status")
-        await self.ctx.store.write([PutAgent(shop=who.shop, agent=who.user, status=request.status,
-                                             ts=now_ms())])
+        await self.ctx.store.write(
+            [PutAgent(shop=who.shop, agent=who.user, status=request.status, ts=now_ms())]
+        )
         self._agent_changed(who, request.status)
         return Ok(id=request.id)
 
@@ -771,45 +873,81 @@ class Session:
             raise _Refuse(ErrorCode.FORBIDDEN, f"you may not list the agents of {shop}")
         records = await self.ctx.store.list_agents(shop)
         records.sort(key=lambda r: r.agent)
-        agents = [AgentInfo(agent=r.agent, status=r.status, since=r.ts,
-                            connected=self.ctx.hub.is_online(r.agent))
-                  for r in records[:MAX_AGENT_LIST]]
-        return AgentList(id=request.id, shop=shop, agents=agents,
-                         truncated=len(records) > MAX_AGENT_LIST)
+        agents = [
+            AgentInfo(
+                agent=r.agent,
+                status=r.status,
+                since=r.ts,
+                connected=self.ctx.hub.is_online(r.agent),
+            )
+            for r in records[:MAX_AGENT_LIST]
+        ]
+        return AgentList(
+            id=request.id, shop=shop, agents=agents, truncated=len(records) > MAX_AGENT_LIST
+        )
 
     def _agent_changed(self, who: policy.Identity, status: AgentStatusEnum) -> None:
-        self.ctx.hub.broadcast_shop(who.shop, Topic.AGENTS, AgentEvent(
-            shop=who.shop, agent=who.user, status=status))
-        self.ctx.dispatcher.broadcast(WorkerEventKind.AGENT, WorkerEvent(
-            event_id=0, shard=0, kind=WorkerEventKind.AGENT, ts=now_ms(), agent=who.user,
-            agent_status=status, shop=who.shop))
+        self.ctx.hub.broadcast_shop(
+            who.shop, Topic.AGENTS, AgentEvent(shop=who.shop, agent=who.user, status=status)
+        )
+        self.ctx.dispatcher.broadcast(
+            WorkerEventKind.AGENT,
+            WorkerEvent(
+                event_id=0,
+                shard=0,
+                kind=WorkerEventKind.AGENT,
+                ts=now_ms(),
+                agent=who.user,
+                agent_status=status,
+                shop=who.shop,
+            ),
+        )
 
     def _watch(self, request: WatchPresence) -> None:
         who = self.identity
         assert who is not None
         if not who.is_staff:
-            self.send_frame(Error(code=ErrorCode.FORBIDDEN, id=request.id,
-                                  message="customers see their agent through conversation events"))
+            self.send_frame(
+                Error(
+                    code=ErrorCode.FORBIDDEN,
+                    id=request.id,
+                    message="customers see their agent through conversation events",
+                )
+            )
             return
         if self.ctx.hub.watched_count(self) + len(request.users) > MAX_WATCHED_USERS:
-            self.send_frame(Error(code=ErrorCode.TOO_LARGE, id=request.id,
-                                  message=f"more than {MAX_WATCHED_USERS} watched users"))
+            self.send_frame(
+                Error(
+                    code=ErrorCode.TOO_LARGE,
+                    id=request.id,
+                    message=f"more than {MAX_WATCHED_USERS} watched users",
+                )
+            )
             return
-        self.send_frame(PresenceList(id=request.id,
-                                     presences=self.ctx.hub.watch(self, request.users)))
+        self.send_frame(
+            PresenceList(id=request.id, presences=self.ctx.hub.watch(self, request.users))
+        )
 
     def _subscribe(self, request: Subscribe) -> None:
         who = self.identity
         assert who is not None
         shop = request.shop or who.shop
         if shop in ("", "*"):
-            self.send_frame(Error(code=ErrorCode.BAD_FRAME, id=request.id,
-                                  message="name the shop to subscribe to"))
+            self.send_frame(
+                Error(
+                    code=ErrorCode.BAD_FRAME, id=request.id, message="name the shop to subscribe to"
+                )
+            )
             return
         for topic in request.topics:
             if not policy.can_subscribe(who, topic, shop):
-                self.send_frame(Error(code=ErrorCode.FORBIDDEN, id=request.id,
-                                      message=f"you may not subscribe to {topic} of {shop}"))
+                self.send_frame(
+                    Error(
+                        code=ErrorCode.FORBIDDEN,
+                        id=request.id,
+                        message=f"you may not subscribe to {topic} of {shop}",
+                    )
+                )
                 return
         for topic in request.topics:
             self.ctx.hub.subscribe(self, shop, topic)
@@ -849,8 +987,12 @@ class Session:
         if self._worker is not None:
             raise _Refuse(ErrorCode.CONFLICT, "this connection already joined a plugin")
         self._worker = await self.ctx.dispatcher.join(self, request.plugin, request.kinds)
-        return WorkerJoined(id=request.id, instance=self._worker.id, shards=self._worker.shards,
-                            shard_count=self.ctx.dispatcher.shard_count)
+        return WorkerJoined(
+            id=request.id,
+            instance=self._worker.id,
+            shards=self._worker.shards,
+            shard_count=self.ctx.dispatcher.shard_count,
+        )
 
     async def _notify(self, request: Notify) -> ServerFrameType:
         who = self.identity
