@@ -58,8 +58,11 @@ async def _printer(client: Client) -> None:
             print(_line(frame.message), flush=True)
         elif isinstance(frame, ConversationEvent):
             conv = frame.conversation
-            print(f"-- {conv.id} {frame.change} state={conv.state} agent={conv.agent or '-'}"
-                  + (f" note={frame.note!r}" if frame.note else ""), flush=True)
+            print(
+                f"-- {conv.id} {frame.change} state={conv.state} agent={conv.agent or '-'}"
+                + (f" note={frame.note!r}" if frame.note else ""),
+                flush=True,
+            )
         elif isinstance(frame, TypingEvent):
             print(f"   ({frame.user} is typing)", flush=True)
         elif isinstance(frame, ReceiptEvent):
@@ -81,10 +84,13 @@ async def _chat(args: argparse.Namespace, secret: bytes) -> None:
                 # last connection, sets offline; routing requeues after its grace period).
                 await client.request(SetAgentStatus(id=0, status=AgentStatus.ONLINE))
             if conv:
-                await client.request(UpdateConversation(id=0, conv=conv, state=ConvState.ASSIGNED,
-                                                        agent=args.user))
-        print(f"connected as {args.user} ({args.role}); conversation: {conv or '-'}; /quit to leave",
-              flush=True)
+                await client.request(
+                    UpdateConversation(id=0, conv=conv, state=ConvState.ASSIGNED, agent=args.user)
+                )
+        print(
+            f"connected as {args.user} ({args.role}); conversation: {conv or '-'}; /quit to leave",
+            flush=True,
+        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_printer, client)
             stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
@@ -105,13 +111,19 @@ async def _chat(args: argparse.Namespace, secret: bytes) -> None:
                             return
                         if line.startswith("/claim "):
                             conv = line.split(None, 1)[1]
-                            await client.request(UpdateConversation(
-                                id=0, conv=conv, state=ConvState.ASSIGNED, agent=args.user))
+                            await client.request(
+                                UpdateConversation(
+                                    id=0, conv=conv, state=ConvState.ASSIGNED, agent=args.user
+                                )
+                            )
                         elif line == "/close" and conv:
-                            await client.request(UpdateConversation(id=0, conv=conv,
-                                                                    state=ConvState.CLOSED))
+                            await client.request(
+                                UpdateConversation(id=0, conv=conv, state=ConvState.CLOSED)
+                            )
                         elif line == "/history" and conv:
-                            page: HistoryPage = await client.request(History(id=0, conv=conv, limit=20))
+                            page: HistoryPage = await client.request(
+                                History(id=0, conv=conv, limit=20)
+                            )
                             for message in page.messages:
                                 print(_line(message), flush=True)
                         elif conv:

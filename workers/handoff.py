@@ -64,7 +64,7 @@ def tag_value(tags: Iterable[str], prefix: str) -> str | None:
     """The value of the first tag starting with ``prefix`` (``skill:`` ...), if any."""
     for tag in tags:
         if tag.startswith(prefix):
-            return tag[len(prefix):]
+            return tag[len(prefix) :]
     return None
 
 

@@ -96,24 +96,37 @@ class BotPlugin(Plugin):
     async def setup(self, ctx: WorkerContext) -> None:
         config = ctx.config
         knowledge: dict[str, Any] = dict(config.get("knowledge", {}))
-        kbs = {shop: await asyncio.to_thread(KnowledgeBase.load, Path(str(path)))
-               for shop, path in knowledge.items() if shop != "*"}
+        kbs = {
+            shop: await asyncio.to_thread(KnowledgeBase.load, Path(str(path)))
+            for shop, path in knowledge.items()
+            if shop != "*"
+        }
         self.default_kb = await asyncio.to_thread(
-            KnowledgeBase.load, Path(str(knowledge.get("*", EXAMPLE_KB))))
+            KnowledgeBase.load, Path(str(knowledge.get("*", EXAMPLE_KB)))
+        )
         hours: dict[str, BusinessHours] = {}
         for shop, spec in dict(config.get("hours", {})).items():
-            parsed = BusinessHours.parse(spec["timezone"], spec.get("weekly", {}),
-                                         holidays=spec.get("holidays", ()))
+            parsed = BusinessHours.parse(
+                spec["timezone"], spec.get("weekly", {}), holidays=spec.get("holidays", ())
+            )
             online = self._online.setdefault(shop, set())
-            hours[shop] = StaffedHours(parsed.zone, parsed.weekly, parsed.holidays,
-                                       parsed.special_days, staffed=partial(bool, online))
+            hours[shop] = StaffedHours(
+                parsed.zone,
+                parsed.weekly,
+                parsed.holidays,
+                parsed.special_days,
+                staffed=partial(bool, online),
+            )
         crm_db = Path(str(config.get("crm_db") or ctx.data_dir.parent / "crm" / DEFAULT_DB))
         crm_db.parent.mkdir(parents=True, exist_ok=True)
         self.crm = await asyncio.to_thread(CrmRepository, crm_db)
         self._shops_with_kb = set(kbs)
-        self.engine = BotEngine(kbs, self.crm, business_hours=hours,
-                                handoff_threshold=float(config.get("threshold",
-                                                                   DEFAULT_HANDOFF_THRESHOLD)))
+        self.engine = BotEngine(
+            kbs,
+            self.crm,
+            business_hours=hours,
+            handoff_threshold=float(config.get("threshold", DEFAULT_HANDOFF_THRESHOLD)),
+        )
         from .segment import warm_up
 
         await self._call(warm_up)
@@ -128,8 +141,9 @@ class BotPlugin(Plugin):
                 log.warning("cannot list the agents of %s: %s", shop, exc)
                 continue
             online.clear()
-            online.update(a.agent for a in listed.agents
-                          if a.connected and a.status is AgentStatus.ONLINE)
+            online.update(
+                a.agent for a in listed.agents if a.connected and a.status is AgentStatus.ONLINE
+            )
 
     async def on_agent(self, ctx: WorkerContext, event: WorkerEvent) -> None:
         online = self._online.get(event.shop)
@@ -160,25 +174,34 @@ class BotPlugin(Plugin):
         engine = self._engine_for(conv.shop)
         now = datetime.now(UTC)
         if event.change in ("opened", "reopened"):
-            reply = await self._call(engine.on_conversation_opened, conv.shop, conv.id,
-                                     conv.customer, now)
+            reply = await self._call(
+                engine.on_conversation_opened, conv.shop, conv.id, conv.customer, now
+            )
             if reply is not None:
-                await ctx.reply(conv.id, reply.text, quick_replies=reply.quick_replies or None,
-                                part="welcome")
+                await ctx.reply(
+                    conv.id, reply.text, quick_replies=reply.quick_replies or None, part="welcome"
+                )
         elif event.change in ("assigned", "transferred"):
             self._had_human[conv.id] = None
             if len(self._had_human) > MAX_REMEMBERED_HUMAN_CONVS:
                 self._had_human.popitem(last=False)
         elif event.change == "closed":
-            await self._call(engine.on_conversation_closed, conv.shop, conv.id,
-                             conv.id in self._had_human)
+            await self._call(
+                engine.on_conversation_closed, conv.shop, conv.id, conv.id in self._had_human
+            )
             self._had_human.pop(conv.id, None)
             stats = await self._call(engine.stats, conv.shop)
-            await ctx.notify("bot_stats", {
-                "conversations": stats.conversations, "handed_off": stats.handed_off,
-                "closed": stats.closed, "closed_without_human": stats.closed_without_human,
-                "deflection_rate": stats.deflection_rate,
-            }, shop=conv.shop)
+            await ctx.notify(
+                "bot_stats",
+                {
+                    "conversations": stats.conversations,
+                    "handed_off": stats.handed_off,
+                    "closed": stats.closed,
+                    "closed_without_human": stats.closed_without_human,
+                    "deflection_rate": stats.deflection_rate,
+                },
+                shop=conv.shop,
+            )
 
     async def on_message(self, ctx: WorkerContext, event: WorkerEvent) -> None:
         message, conv = event.message, event.conversation
@@ -193,13 +216,28 @@ class BotPlugin(Plugin):
         elif conv.state is not ConvState.BOT:
             return
         decision = await self._call(
-            engine.on_customer_message, conv.shop, conv.id, conv.customer, message.body.text,
-            datetime.now(UTC))
+            engine.on_customer_message,
+            conv.shop,
+            conv.id,
+            conv.customer,
+            message.body.text,
+            datetime.now(UTC),
+        )
         if decision.reply is not None:
-            await ctx.reply(conv.id, decision.reply.text,
-                            quick_replies=decision.reply.quick_replies or None, part="answer")
+            await ctx.reply(
+                conv.id,
+                decision.reply.text,
+                quick_replies=decision.reply.quick_replies or None,
+                part="answer",
+            )
         handoff = decision.handoff
         if handoff is not None:
             tags = handoff_tags(handoff.reason, handoff.skill, decision.intent)
-            await ctx.update(conv.id, state=ConvState.QUEUED, priority=handoff.priority,
-                             tags_add=tags, note=handoff.note[:500], part="handoff")
+            await ctx.update(
+                conv.id,
+                state=ConvState.QUEUED,
+                priority=handoff.priority,
+                tags_add=tags,
+                note=handoff.note[:500],
+                part="handoff",
+            )

@@ -148,7 +148,8 @@ REFUND_INTENTS: Final = frozenset(
     name for name, skill in INTENT_SKILLS.items() if skill == SKILL_REFUNDS
 )
 NEGATIVE_HANDOFF_REASONS: Final = frozenset(
-    {HandoffReason.NEGATIVE.value, "angry", "negative_sentiment", "abusive"})
+    {HandoffReason.NEGATIVE.value, "angry", "negative_sentiment", "abusive"}
+)
 
 
 class _Words:
@@ -223,8 +224,12 @@ def detect_language(text: str, channel: str) -> str | None:
             counts[LANG_JA] += 1
         elif 0xAC00 <= o <= 0xD7AF or 0x1100 <= o <= 0x11FF or 0x3130 <= o <= 0x318F:
             counts[LANG_KO] += 1
-        elif (0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF or 0xF900 <= o <= 0xFAFF
-              or 0x20000 <= o <= 0x2FA1F):
+        elif (
+            0x4E00 <= o <= 0x9FFF
+            or 0x3400 <= o <= 0x4DBF
+            or 0xF900 <= o <= 0xFAFF
+            or 0x20000 <= o <= 0x2FA1F
+        ):
             counts[LANG_ZH] += 1
         elif 0x0400 <= o <= 0x04FF:
             counts[LANG_RU] += 1

@@ -156,9 +156,16 @@ def shop_shard(shop: str, shard_count: int) -> int:
 def classification_for(conv: Conversation, vip: bool) -> Classification:
     """What routing makes of a handed-off conversation: its tags (bot vocabulary)
     and the priority the bot gave it (a floor)."""
-    return classify(intent=tag_value(conv.tags, TAG_INTENT), channel=str(conv.channel), text="",
-                    vip=vip, sentiment=None, handoff_reason=tag_value(conv.tags, TAG_HANDOFF),
-                    requested_skill=tag_value(conv.tags, TAG_SKILL), floor=conv.priority)
+    return classify(
+        intent=tag_value(conv.tags, TAG_INTENT),
+        channel=str(conv.channel),
+        text="",
+        vip=vip,
+        sentiment=None,
+        handoff_reason=tag_value(conv.tags, TAG_HANDOFF),
+        requested_skill=tag_value(conv.tags, TAG_SKILL),
+        floor=conv.priority,
+    )
 
 
 class _Facts(msgspec.Struct, frozen=True):
@@ -170,8 +177,9 @@ class _Facts(msgspec.Struct, frozen=True):
     previous_agent: str | None
 
 
-def durable_times(messages: list[Message], state: ConvState
-                  ) -> tuple[float | None, float | None, str | None]:
+def durable_times(
+    messages: list[Message], state: ConvState
+) -> tuple[float | None, float | None, str | None]:
     """From a conversation's recent history (ascending): when it entered ``state``
     (the last ``queued`` / ``assigned``-or-``transferred`` system message), the
     oldest customer message after the last staff reply, and the agent a
@@ -201,16 +209,20 @@ def durable_times(messages: list[Message], state: ConvState
 def _wait_text(position: int, eta_seconds: int | None) -> str:
     wait = f"，预计等待约{max(1, round(eta_seconds / 60))}分钟" if eta_seconds is not None else ""
     wait_en = f", about {max(1, round(eta_seconds / 60))} min" if eta_seconds is not None else ""
-    return (f"正在为您转接人工客服，您前面还有{position - 1}位{wait}。"
-            f" / Connecting you to an agent: you are number {position} in the queue{wait_en}.")
+    return (
+        f"正在为您转接人工客服，您前面还有{position - 1}位{wait}。"
+        f" / Connecting you to an agent: you are number {position} in the queue{wait_en}."
+    )
 
 
 def _busy_text(position: int | None) -> str:
     ahead = f"您前面还有{position - 1}位，" if position else ""
     ahead_en = f" {position - 1} people are ahead of you." if position else ""
-    return (f"当前咨询人数较多，{ahead}您的排队位置会为您保留，排队期间智能助手会继续为您解答。"
-            f" / We are very busy right now.{ahead_en} You keep your place in the queue,"
-            " and our assistant keeps answering meanwhile.")
+    return (
+        f"当前咨询人数较多，{ahead}您的排队位置会为您保留，排队期间智能助手会继续为您解答。"
+        f" / We are very busy right now.{ahead_en} You keep your place in the queue,"
+        " and our assistant keeps answering meanwhile."
+    )
 
 
 class RoutingPlugin(Plugin):
@@ -246,14 +258,19 @@ class RoutingPlugin(Plugin):
 
     async def setup(self, ctx: WorkerContext) -> None:
         config = ctx.config
-        fields = {k: config[k] for k in ("sla_seconds", "fallback_after_seconds", "queue_limit")
-                  if k in config}
+        fields = {
+            k: config[k]
+            for k in ("sla_seconds", "fallback_after_seconds", "queue_limit")
+            if k in config
+        }
         self.config = msgspec.convert(fields, RouterConfig)
         self.router = Router(self.config)
         for agent in config.get("agents", []):
             self._agent_conf[str(agent["id"])] = (
-                str(agent["shop"]), [str(s) for s in agent.get("skills", [])],
-                int(agent.get("max_chats", DEFAULT_MAX_CHATS)))
+                str(agent["shop"]),
+                [str(s) for s in agent.get("skills", [])],
+                int(agent.get("max_chats", DEFAULT_MAX_CHATS)),
+            )
             self._known.add(str(agent["shop"]))
         self.default_skills = [str(s) for s in config.get("default_skills", [])]
         self.default_max_chats = int(config.get("default_max_chats", DEFAULT_MAX_CHATS))
@@ -285,9 +302,13 @@ class RoutingPlugin(Plugin):
             if not self.owns(shop):
                 self._drop(shop)
                 with contextlib.suppress(RequestFailed, Disconnected):
-                    await ctx.client.request(Unsubscribe(
-                        id=0, topics=[Topic.CONVERSATIONS, Topic.MESSAGES, Topic.AGENTS],
-                        shop=shop))
+                    await ctx.client.request(
+                        Unsubscribe(
+                            id=0,
+                            topics=[Topic.CONVERSATIONS, Topic.MESSAGES, Topic.AGENTS],
+                            shop=shop,
+                        )
+                    )
         for shop in sorted(self._known):
             await self._maybe_acquire(shop)
 
@@ -298,8 +319,11 @@ class RoutingPlugin(Plugin):
         self._phase[shop] = _Phase.PENDING
         self._settle_at[shop] = time.monotonic() + OWNERSHIP_SETTLE_S
         try:
-            await ctx.client.request(Subscribe(
-                id=0, topics=[Topic.CONVERSATIONS, Topic.MESSAGES, Topic.AGENTS], shop=shop))
+            await ctx.client.request(
+                Subscribe(
+                    id=0, topics=[Topic.CONVERSATIONS, Topic.MESSAGES, Topic.AGENTS], shop=shop
+                )
+            )
         except (RequestFailed, Disconnected) as exc:
             log.warning("cannot watch shop %s: %s", shop, exc)
             self._drop(shop)
@@ -342,9 +366,12 @@ class RoutingPlugin(Plugin):
             self._phase[shop] = _Phase.LOADING
             self._buffer[shop] = []
         try:
-            convs = [c for state in (ConvState.QUEUED, ConvState.ASSIGNED)
-                     for c in await self._list_open(ctx, state)
-                     if c.shop in shops and c.kind is ConvKind.DIRECT and c.customer]
+            convs = [
+                c
+                for state in (ConvState.QUEUED, ConvState.ASSIGNED)
+                for c in await self._list_open(ctx, state)
+                if c.shop in shops and c.kind is ConvKind.DIRECT and c.customer
+            ]
             agents: dict[str, list[AgentInfo]] = {}
             for shop in shops:
                 listed: AgentList = await ctx.client.request(ListAgents(id=0, shop=shop))
@@ -376,16 +403,25 @@ class RoutingPlugin(Plugin):
                 self._register(conv.agent, conv.shop)
             self._remember(conv)
             self.router.restore(
-                conv.id, conv.shop, self._classify(conv), since=fact.since,
+                conv.id,
+                conv.shop,
+                self._classify(conv),
+                since=fact.since,
                 agent=conv.agent if conv.state is ConvState.ASSIGNED else None,
-                customer=conv.customer, unanswered_since=fact.unanswered_since,
-                head=TAG_REQUEUED in conv.tags, previous_agent=fact.previous_agent)
+                customer=conv.customer,
+                unanswered_since=fact.unanswered_since,
+                head=TAG_REQUEUED in conv.tags,
+                previous_agent=fact.previous_agent,
+            )
         for shop in loaded:
             known = {info.agent: info for info in agents[shop]}
             for agent in self.router.agents(shop):
                 found = known.get(agent.id)
-                if found is not None and found.connected \
-                        and found.status is not AgentStatus.OFFLINE:
+                if (
+                    found is not None
+                    and found.connected
+                    and found.status is not AgentStatus.OFFLINE
+                ):
                     actions += self.router.set_status(agent.id, found.status, now)
                 elif found is not None and found.status is AgentStatus.OFFLINE:
                     self._offline_since[agent.id] = found.since / 1000
@@ -396,8 +432,12 @@ class RoutingPlugin(Plugin):
             actions += self.router.settle(shop, now)
             self._phase[shop] = _Phase.READY
             self._settle_at.pop(shop, None)
-            log.info("routing owns shop %s: %d queued, %d agents", shop,
-                     len(self.router.queue(shop)), len(self.router.agents(shop)))
+            log.info(
+                "routing owns shop %s: %d queued, %d agents",
+                shop,
+                len(self.router.queue(shop)),
+                len(self.router.agents(shop)),
+            )
         self._submit(actions)
         self._expire_grace(now)
         for shop in loaded:
@@ -409,31 +449,40 @@ class RoutingPlugin(Plugin):
         before: int | None = None
         before_id: str | None = None
         while True:
-            page: ConversationPage = await ctx.client.request(ListConversations(
-                id=0, state=state, updated_before=before, before_id=before_id, limit=200))
+            page: ConversationPage = await ctx.client.request(
+                ListConversations(
+                    id=0, state=state, updated_before=before, before_id=before_id, limit=200
+                )
+            )
             out += page.conversations
             if not page.has_more or not page.conversations:
                 return out
             last = page.conversations[-1]
             before, before_id = last.updated_at, last.id
 
-    async def _facts(self, ctx: WorkerContext, conv: Conversation,
-                     gate: asyncio.Semaphore) -> _Facts:
+    async def _facts(
+        self, ctx: WorkerContext, conv: Conversation, gate: asyncio.Semaphore
+    ) -> _Facts:
         messages: list[Message] = []
         before: int | None = None
         since = unanswered = None
         previous = None
         async with gate:
             for _ in range(HISTORY_PAGES):
-                page: HistoryPage = await ctx.client.request(History(
-                    id=0, conv=conv.id, before=before, limit=HISTORY_PAGE))
+                page: HistoryPage = await ctx.client.request(
+                    History(id=0, conv=conv.id, before=before, limit=HISTORY_PAGE)
+                )
                 messages = page.messages + messages
                 since, unanswered, previous = durable_times(messages, conv.state)
                 if since is not None or not page.has_more or not page.messages:
                     break
                 before = page.messages[0].seq
-        return _Facts(conv=conv, since=since if since is not None else conv.updated_at / 1000,
-                      unanswered_since=unanswered, previous_agent=previous)
+        return _Facts(
+            conv=conv,
+            since=since if since is not None else conv.updated_at / 1000,
+            unanswered_since=unanswered,
+            previous_agent=previous,
+        )
 
     # -- live events -----------------------------------------------------------------
 
@@ -481,16 +530,26 @@ class RoutingPlugin(Plugin):
         placement = self.router.conversation(conv.id)
         if conv.state is ConvState.QUEUED:
             if placement is not None:
-                if placement.state is ConvState.ASSIGNED and placement.agent is not None \
-                        and TAG_REQUEUED not in conv.tags:
+                if (
+                    placement.state is ConvState.ASSIGNED
+                    and placement.agent is not None
+                    and TAG_REQUEUED not in conv.tags
+                ):
                     # Someone put it back in the queue by hand: it was being served.
-                    self.router.restore(conv.id, conv.shop, self._classify(conv), since=now,
-                                        customer=conv.customer, head=True,
-                                        previous_agent=placement.agent)
+                    self.router.restore(
+                        conv.id,
+                        conv.shop,
+                        self._classify(conv),
+                        since=now,
+                        customer=conv.customer,
+                        head=True,
+                        previous_agent=placement.agent,
+                    )
                     return self.router.settle(conv.shop, now)
                 return []
-            actions = self.router.request(conv.id, conv.shop, self._classify(conv), now,
-                                          customer=conv.customer)
+            actions = self.router.request(
+                conv.id, conv.shop, self._classify(conv), now, customer=conv.customer
+            )
             if actions and isinstance(actions[0], Rejected) and change != "queued":
                 return []  # told already when it entered; the sweep offers it again
             return actions
@@ -499,16 +558,21 @@ class RoutingPlugin(Plugin):
                 return []
             # A person claimed or transferred it (or another decider won): follow.
             self._register(conv.agent, conv.shop)
-            self.router.restore(conv.id, conv.shop, self._classify(conv), since=now,
-                                agent=conv.agent, customer=conv.customer,
-                                unanswered_since=placement.unanswered_since if placement else None)
+            self.router.restore(
+                conv.id,
+                conv.shop,
+                self._classify(conv),
+                since=now,
+                agent=conv.agent,
+                customer=conv.customer,
+                unanswered_since=placement.unanswered_since if placement else None,
+            )
             return self.router.settle(conv.shop, now)
         self._positions.pop(conv.id, None)
         self._positions_told.pop(conv.id, None)
         return self.router.closed(conv.id, now)  # closed, or back with the bot
 
-    def _agent_status(self, agent: str, shop: str, status: AgentStatus,
-                      now: float) -> list[Action]:
+    def _agent_status(self, agent: str, shop: str, status: AgentStatus, now: float) -> list[Action]:
         self._register(agent, shop)
         if status is AgentStatus.OFFLINE:
             self._offline_since.setdefault(agent, now)
@@ -531,7 +595,8 @@ class RoutingPlugin(Plugin):
         if self.router.agent(agent) is not None:
             return
         conf_shop, skills, max_chats = self._agent_conf.get(
-            agent, (shop, self.default_skills, self.default_max_chats))
+            agent, (shop, self.default_skills, self.default_max_chats)
+        )
         if conf_shop != shop:
             skills, max_chats = self.default_skills, self.default_max_chats
         self.router.upsert_agent(agent, shop, skills, max_chats, now=time.time())
@@ -573,8 +638,11 @@ class RoutingPlugin(Plugin):
     async def on_tick(self, ctx: WorkerContext, now: float) -> None:
         if ctx is not self._ctx:
             return
-        due = {shop for shop, at in self._settle_at.items()
-               if self._phase.get(shop) is _Phase.PENDING and at <= time.monotonic()}
+        due = {
+            shop
+            for shop, at in self._settle_at.items()
+            if self._phase.get(shop) is _Phase.PENDING and at <= time.monotonic()
+        }
         if due and not self._loading:
             self._loading = True  # one load at a time; it outlives a tick
             self._spawn(self._load(ctx, due))
@@ -606,14 +674,26 @@ class RoutingPlugin(Plugin):
         now = time.time()
         listed = {c.id for c in queued} | {c.id for c in assigned}
         for conv in queued:
-            if self._phase.get(conv.shop) is _Phase.READY \
-                    and self.router.conversation(conv.id) is None:
+            if (
+                self._phase.get(conv.shop) is _Phase.READY
+                and self.router.conversation(conv.id) is None
+            ):
                 self._submit(self._conversation(conv, "queued", now))
-        stale = [conv for shop, phase in self._phase.items() if phase is _Phase.READY
-                 for conv in self.router.queue(shop) if conv not in listed]
-        stale += [conv for shop, phase in self._phase.items() if phase is _Phase.READY
-                  for agent in self.router.agents(shop) for conv in agent.chats
-                  if conv not in listed]
+        stale = [
+            conv
+            for shop, phase in self._phase.items()
+            if phase is _Phase.READY
+            for conv in self.router.queue(shop)
+            if conv not in listed
+        ]
+        stale += [
+            conv
+            for shop, phase in self._phase.items()
+            if phase is _Phase.READY
+            for agent in self.router.agents(shop)
+            for conv in agent.chats
+            if conv not in listed
+        ]
         for conv_id in stale[:MAX_RESYNC_PER_SWEEP]:
             await self._resync(ctx, conv_id)
 
@@ -665,8 +745,7 @@ class RoutingPlugin(Plugin):
                         lane.clear()  # the chat moved on: follow the truth
                         await self._resync(ctx, conv)
                     else:
-                        log.warning("routing %s of %s failed: %s", type(action).__name__,
-                                    conv, exc)
+                        log.warning("routing %s of %s failed: %s", type(action).__name__, conv, exc)
                 except Disconnected:
                     lane.clear()  # a new connection re-reads everything
         finally:
@@ -679,35 +758,62 @@ class RoutingPlugin(Plugin):
             if action.previous_agent:
                 note += f"; previously with {action.previous_agent}"
             expect = action.expect_agent
-            await ctx.update(action.conv, state=ConvState.ASSIGNED, agent=action.agent, note=note,
-                             tags_remove=[TAG_OVERFLOW, TAG_REQUEUED],
-                             if_state=ConvState.ASSIGNED if expect else ConvState.QUEUED,
-                             if_agent=expect, part=f"assign:{action.agent}:{action.reason}")
+            await ctx.update(
+                action.conv,
+                state=ConvState.ASSIGNED,
+                agent=action.agent,
+                note=note,
+                tags_remove=[TAG_OVERFLOW, TAG_REQUEUED],
+                if_state=ConvState.ASSIGNED if expect else ConvState.QUEUED,
+                if_agent=expect,
+                part=f"assign:{action.agent}:{action.reason}",
+            )
             self._positions.pop(action.conv, None)
             self._positions_told.pop(action.conv, None)
         elif isinstance(action, Queued):
             if action.overflow:
-                await ctx.update(action.conv, tags_add=[TAG_OVERFLOW], if_state=ConvState.QUEUED,
-                                 part="overflow")
+                await ctx.update(
+                    action.conv, tags_add=[TAG_OVERFLOW], if_state=ConvState.QUEUED, part="overflow"
+                )
                 text = _busy_text(action.position)
             else:
                 text = _wait_text(action.position, action.eta_seconds)
             await ctx.send(action.conv, TextBody(text=text), part="queued")
             await self._position(ctx, action.conv, action.position, action.eta_seconds)
         elif isinstance(action, Requeue):
-            await ctx.update(action.conv, state=ConvState.QUEUED, tags_add=[TAG_REQUEUED],
-                             if_state=ConvState.ASSIGNED, if_agent=action.previous_agent,
-                             part=f"requeue:{action.previous_agent}:{action.reason}")
-            await ctx.send(action.conv, SystemBody(event="requeued", data={
-                "previous_agent": action.previous_agent, "reason": str(action.reason)}),
-                part="requeued")
+            await ctx.update(
+                action.conv,
+                state=ConvState.QUEUED,
+                tags_add=[TAG_REQUEUED],
+                if_state=ConvState.ASSIGNED,
+                if_agent=action.previous_agent,
+                part=f"requeue:{action.previous_agent}:{action.reason}",
+            )
+            await ctx.send(
+                action.conv,
+                SystemBody(
+                    event="requeued",
+                    data={"previous_agent": action.previous_agent, "reason": str(action.reason)},
+                ),
+                part="requeued",
+            )
             await self._position(ctx, action.conv, action.position, action.eta_seconds)
         elif isinstance(action, SlaBreach):
-            log.info("SLA breach: %s did not answer %s for %.0fs", action.agent, action.conv,
-                     action.waiting_seconds)
-            await ctx.notify("sla_breach", {"conv": action.conv, "agent": action.agent,
-                                            "waiting_seconds": action.waiting_seconds},
-                             shop=action.shop)
+            log.info(
+                "SLA breach: %s did not answer %s for %.0fs",
+                action.agent,
+                action.conv,
+                action.waiting_seconds,
+            )
+            await ctx.notify(
+                "sla_breach",
+                {
+                    "conv": action.conv,
+                    "agent": action.agent,
+                    "waiting_seconds": action.waiting_seconds,
+                },
+                shop=action.shop,
+            )
         elif isinstance(action, Rejected):
             # Past the engine's hard bound: the chat stays queued in the store, the
             # customer hears the shop is busy, the sweep offers it again later.
@@ -722,8 +828,9 @@ class RoutingPlugin(Plugin):
             self._positions_told[conv] = now
             self._spawn(self._quietly(self._position(ctx, conv, position, eta)))
 
-    async def _position(self, ctx: WorkerContext, conv: str, position: int,
-                        eta: int | None) -> None:
+    async def _position(
+        self, ctx: WorkerContext, conv: str, position: int, eta: int | None
+    ) -> None:
         self._positions_told[conv] = time.time()
         await ctx.notify("queue", {"position": position, "eta_seconds": eta}, conv=conv)
 

@@ -61,31 +61,65 @@ class WorkerContext:
         return key
 
     async def send(self, conv: str, body: AnyBody, *, part: str = "") -> Sent:
-        sent: Sent = await self.client.request(Send(id=0, conv=conv, cmid=self.key(part or "send"),
-                                                     body=body))
+        sent: Sent = await self.client.request(
+            Send(id=0, conv=conv, cmid=self.key(part or "send"), body=body)
+        )
         return sent
 
-    async def reply(self, conv: str, text: str, *, quick_replies: list[str] | None = None,
-                    part: str = "") -> Sent:
-        body: AnyBody = (QuickRepliesBody(text=text, options=quick_replies) if quick_replies
-                         else TextBody(text=text))
+    async def reply(
+        self, conv: str, text: str, *, quick_replies: list[str] | None = None, part: str = ""
+    ) -> Sent:
+        body: AnyBody = (
+            QuickRepliesBody(text=text, options=quick_replies)
+            if quick_replies
+            else TextBody(text=text)
+        )
         return await self.send(conv, body, part=part or "reply")
 
-    async def update(self, conv: str, *, state: ConvState | None = None, agent: str | None = None,
-                     priority: int | None = None, tags_add: list[str] | None = None,
-                     tags_remove: list[str] | None = None, note: str = "", part: str = "",
-                     if_state: ConvState | None = None, if_agent: str | None = None) -> None:
+    async def update(
+        self,
+        conv: str,
+        *,
+        state: ConvState | None = None,
+        agent: str | None = None,
+        priority: int | None = None,
+        tags_add: list[str] | None = None,
+        tags_remove: list[str] | None = None,
+        note: str = "",
+        part: str = "",
+        if_state: ConvState | None = None,
+        if_agent: str | None = None,
+    ) -> None:
         """``if_state``/``if_agent``: apply only if the conversation is still in that
         state / with that agent, else ``RequestFailed`` with code ``conflict``."""
-        await self.client.request(UpdateConversation(
-            id=0, conv=conv, state=state, agent=agent, priority=priority,
-            tags_add=tags_add or [], tags_remove=tags_remove or [], note=note,
-            key=self.key(part or "update"), if_state=if_state, if_agent=if_agent,
-        ))
+        await self.client.request(
+            UpdateConversation(
+                id=0,
+                conv=conv,
+                state=state,
+                agent=agent,
+                priority=priority,
+                tags_add=tags_add or [],
+                tags_remove=tags_remove or [],
+                note=note,
+                key=self.key(part or "update"),
+                if_state=if_state,
+                if_agent=if_agent,
+            )
+        )
 
-    async def notify(self, kind: str, data: dict[str, Any], *, conv: str | None = None,
-                     user: str | None = None, shop: str | None = None) -> None:
-        await self.client.request(Notify(id=0, kind=kind, data=data, conv=conv, user=user, shop=shop))
+    async def notify(
+        self,
+        kind: str,
+        data: dict[str, Any],
+        *,
+        conv: str | None = None,
+        user: str | None = None,
+        shop: str | None = None,
+    ) -> None:
+        await self.client.request(
+            Notify(id=0, kind=kind, data=data, conv=conv, user=user, shop=shop)
+        )
 
     async def history(self, conv: str, *, limit: int = 20) -> HistoryPage:
         page: HistoryPage = await self.client.request(History(id=0, conv=conv, limit=limit))

@@ -31,8 +31,16 @@ def cls(
     requested_skill: str | None = None,
     floor: int = 0,
 ) -> Classification:
-    return classify(intent=intent, channel=channel, text=text, vip=vip, sentiment=sentiment,
-                    handoff_reason=handoff_reason, requested_skill=requested_skill, floor=floor)
+    return classify(
+        intent=intent,
+        channel=channel,
+        text=text,
+        vip=vip,
+        sentiment=sentiment,
+        handoff_reason=handoff_reason,
+        requested_skill=requested_skill,
+        floor=floor,
+    )
 
 
 # -- complaints ----------------------------------------------------------------
@@ -184,12 +192,24 @@ def test_language_from_script_then_channel() -> None:
     requested=st.none() | st.text(max_size=80),
 )
 def test_classify_is_total_bounded_and_deterministic(
-    text: str, intent: str | None, channel: str, vip: bool, sentiment: float | None,
-    reason: str | None, requested: str | None,
+    text: str,
+    intent: str | None,
+    channel: str,
+    vip: bool,
+    sentiment: float | None,
+    reason: str | None,
+    requested: str | None,
 ) -> None:
     def run() -> Classification:
-        return classify(intent=intent, channel=channel, text=text, vip=vip,
-                        sentiment=sentiment, handoff_reason=reason, requested_skill=requested)
+        return classify(
+            intent=intent,
+            channel=channel,
+            text=text,
+            vip=vip,
+            sentiment=sentiment,
+            handoff_reason=reason,
+            requested_skill=requested,
+        )
 
     c = run()
     assert 0 <= c.priority <= MAX_PRIORITY

@@ -78,8 +78,9 @@ class Ledger:
 
 
 @asynccontextmanager
-async def online_agents(server: RunningServer, shop: str, names: list[str]
-                        ) -> AsyncIterator[dict[str, Client]]:
+async def online_agents(
+    server: RunningServer, shop: str, names: list[str]
+) -> AsyncIterator[dict[str, Client]]:
     async with AsyncExitStack() as stack:
         agents = {}
         for name in names:
@@ -89,14 +90,25 @@ async def online_agents(server: RunningServer, shop: str, names: list[str]
         yield agents
 
 
-async def hand_off(server: RunningServer, bot: Client, shop: str, buyer: str,
-                   reason: HandoffReason = HandoffReason.REQUESTED) -> str:
+async def hand_off(
+    server: RunningServer,
+    bot: Client,
+    shop: str,
+    buyer: str,
+    reason: HandoffReason = HandoffReason.REQUESTED,
+) -> str:
     """A buyer opens a chat and the (stand-in) bot hands it off as the bot does."""
     async with server.connect(buyer) as client:
         conv: str = (await client.request(OpenConversation(id=0, shop=shop))).conversation.id
-    await bot.request(UpdateConversation(
-        id=0, conv=conv, state=ConvState.QUEUED, priority=HANDOFF_PRIORITY[reason],
-        tags_add=handoff_tags(reason, "pre-sale")))
+    await bot.request(
+        UpdateConversation(
+            id=0,
+            conv=conv,
+            state=ConvState.QUEUED,
+            priority=HANDOFF_PRIORITY[reason],
+            tags_add=handoff_tags(reason, "pre-sale"),
+        )
+    )
     return conv
 
 
@@ -131,8 +143,7 @@ async def routing_gone(server: RunningServer) -> None:
             await dispatcher.membership_changed()
 
 
-async def test_kill_9_with_chats_queued_and_assigned(server: RunningServer,
-                                                     tmp_path: Path) -> None:
+async def test_kill_9_with_chats_queued_and_assigned(server: RunningServer, tmp_path: Path) -> None:
     """Four chats assigned, four queued (a complaint last); routing is killed, the
     agents finish two chats meanwhile; a new routing process assigns from the store:
     the complaint first, then in order, every chat exactly once, nobody over 2."""
@@ -157,8 +168,10 @@ async def test_kill_9_with_chats_queued_and_assigned(server: RunningServer,
             await close(agents, ledger, conv)
             await until_closed_seen(observer, ledger, conv)
         async with worker_process(server, "routing", tmp_path, cfg):
-            restarted = {await next_assignment(observer, ledger),
-                         await next_assignment(observer, ledger)}
+            restarted = {
+                await next_assignment(observer, ledger),
+                await next_assignment(observer, ledger),
+            }
             assert restarted == {convs[7], convs[4]}  # the complaint jumps the queue
             for expected in (convs[5], convs[6]):
                 await close(agents, ledger, convs[2] if expected == convs[5] else convs[3])
@@ -175,8 +188,9 @@ def _shops_on_both_parities() -> list[str]:
     return even[:2] + odd[:2]
 
 
-async def test_two_instances_one_killed_never_over_capacity(server: RunningServer,
-                                                            tmp_path: Path) -> None:
+async def test_two_instances_one_killed_never_over_capacity(
+    server: RunningServer, tmp_path: Path
+) -> None:
     """Four shops split between two routing instances; agents close every chat as it
     comes; half-way one instance is killed: every chat is still assigned exactly
     once and no agent ever holds more than max_chats."""
@@ -190,12 +204,18 @@ async def test_two_instances_one_killed_never_over_capacity(server: RunningServe
         agents: dict[str, Client] = {}
         for shop in shops:
             await observer.request(Subscribe(id=0, topics=[Topic.CONVERSATIONS], shop=shop))
-            agents.update(await stack.enter_async_context(
-                online_agents(server, shop, [f"{shop}-a1", f"{shop}-a2"])))
+            agents.update(
+                await stack.enter_async_context(
+                    online_agents(server, shop, [f"{shop}-a1", f"{shop}-a2"])
+                )
+            )
         first = await stack.enter_async_context(worker_process(server, "routing", tmp_path, cfg))
         await stack.enter_async_context(worker_process(server, "routing", tmp_path, cfg))
-        convs = [await hand_off(server, bot, shop, f"{shop}-b{i}")
-                 for i in range(per_shop) for shop in shops]
+        convs = [
+            await hand_off(server, bot, shop, f"{shop}-b{i}")
+            for i in range(per_shop)
+            for shop in shops
+        ]
         total = len(convs)
         killed = False
         while ledger.assigned < total:

@@ -40,8 +40,9 @@ bot:
 
 
 @asynccontextmanager
-async def shop_workers(server: RunningServer, tmp: Path, *, grace: float = 600,
-                       hours: str = "00:00-24:00") -> AsyncIterator[None]:
+async def shop_workers(
+    server: RunningServer, tmp: Path, *, grace: float = 600, hours: str = "00:00-24:00"
+) -> AsyncIterator[None]:
     config = tmp / "workers.yaml"
     config.write_text(WORKERS_YAML.format(grace=grace, hours=hours), encoding="utf-8")
     async with AsyncExitStack() as stack:
@@ -55,13 +56,17 @@ SEEN: dict[int, list[ConversationEvent]] = {}
 also finds an event that arrived while the test waited for another."""
 
 
-async def conversation_event(client: Client, conv: str, *, state: ConvState,
-                             agent: str | None = None, tag: str | None = None
-                             ) -> ConversationEvent:
+async def conversation_event(
+    client: Client, conv: str, *, state: ConvState, agent: str | None = None, tag: str | None = None
+) -> ConversationEvent:
     def wanted(frame: ConversationEvent) -> bool:
         c = frame.conversation
-        return (c.id == conv and c.state is state and (agent is None or c.agent == agent)
-                and (tag is None or tag in c.tags))
+        return (
+            c.id == conv
+            and c.state is state
+            and (agent is None or c.agent == agent)
+            and (tag is None or tag in c.tags)
+        )
 
     seen = SEEN.setdefault(id(client), [])
     for i, frame in enumerate(seen):
@@ -80,15 +85,19 @@ async def conversation_event(client: Client, conv: str, *, state: ConvState,
 async def text_from(client: Client, sender: str, contains: str) -> str:
     with trio.fail_after(30):
         async for frame in client.events:
-            if isinstance(frame, MessageEvent) and frame.message.sender == sender \
-                    and isinstance(frame.message.body, TextBody) \
-                    and contains in frame.message.body.text:
+            if (
+                isinstance(frame, MessageEvent)
+                and frame.message.sender == sender
+                and isinstance(frame.message.body, TextBody)
+                and contains in frame.message.body.text
+            ):
                 return frame.message.body.text
     raise AssertionError("closed")
 
 
 async def test_queue_limit_2_with_5_buyers_serves_all_5_in_order(
-        server: RunningServer, tmp_path: Path) -> None:
+    server: RunningServer, tmp_path: Path
+) -> None:
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(shop_workers(server, tmp_path))
         sup = await stack.enter_async_context(server.connect("sup", "supervisor", "shop1"))
@@ -102,8 +111,9 @@ async def test_queue_limit_2_with_5_buyers_serves_all_5_in_order(
             conv = (await buyer.request(OpenConversation(id=0, shop="shop1"))).conversation.id
             await buyer.send_text(conv, "转人工")
             # one at a time, so that the queue order is the order they asked
-            await conversation_event(sup, conv, state=ConvState.ASSIGNED if i == 0
-                                     else ConvState.QUEUED)
+            await conversation_event(
+                sup, conv, state=ConvState.ASSIGNED if i == 0 else ConvState.QUEUED
+            )
             buyers.append(buyer)
             convs.append(conv)
         # b1, b2 wait in the queue; b3, b4 found it at its limit: told the shop is busy
@@ -122,8 +132,11 @@ async def test_queue_limit_2_with_5_buyers_serves_all_5_in_order(
             await agent.request(UpdateConversation(id=0, conv=served[-1], state=ConvState.CLOSED))
             with trio.fail_after(30):
                 async for frame in sup.events:
-                    if (isinstance(frame, ConversationEvent) and frame.change == "assigned"
-                            and frame.conversation.agent == "a1"):
+                    if (
+                        isinstance(frame, ConversationEvent)
+                        and frame.change == "assigned"
+                        and frame.conversation.agent == "a1"
+                    ):
                         served.append(frame.conversation.id)
                         assert TAG_OVERFLOW not in frame.conversation.tags
                         break
@@ -131,7 +144,8 @@ async def test_queue_limit_2_with_5_buyers_serves_all_5_in_order(
 
 
 async def test_an_agent_gone_past_the_grace_period_loses_chats_to_the_queue_head(
-        server: RunningServer, tmp_path: Path) -> None:
+    server: RunningServer, tmp_path: Path
+) -> None:
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(shop_workers(server, tmp_path, grace=1))
         sup = await stack.enter_async_context(server.connect("sup", "supervisor", "shop1"))
@@ -156,7 +170,8 @@ async def test_an_agent_gone_past_the_grace_period_loses_chats_to_the_queue_head
 
 
 async def test_out_of_hours_an_online_agent_is_assigned_and_the_bot_does_not_say_closed(
-        server: RunningServer, tmp_path: Path) -> None:
+    server: RunningServer, tmp_path: Path
+) -> None:
     """The rule: an online agent makes the shop open. Outside its hours (a one-minute
     window that is not now) the bot says when humans are back only if nobody is online."""
     async with AsyncExitStack() as stack:

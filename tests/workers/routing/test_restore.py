@@ -19,8 +19,9 @@ def make(**config: Any) -> Router:
     return Router(RouterConfig(**config))
 
 
-def agent(r: Router, name: str, max_chats: int, status: AgentStatus = AgentStatus.ONLINE,
-          now: float = 0.0) -> None:
+def agent(
+    r: Router, name: str, max_chats: int, status: AgentStatus = AgentStatus.ONLINE, now: float = 0.0
+) -> None:
     r.upsert_agent(name, SHOP, {"pre-sale"}, max_chats, now=now)
     r.set_status(name, status, now)
 
@@ -54,7 +55,8 @@ def test_restore_onto_a_full_agent_is_forced_and_blocks_new_chats() -> None:
     r.restore("claimed-by-hand", SHOP, PRE, since=2.0, agent="a")
     r.check_invariants()  # over max_chats only by forced chats
     assert r.request("new", SHOP, PRE, 3.0)[0] == Queued(
-        conv="new", shop=SHOP, position=1, eta_seconds=300, priority=0)
+        conv="new", shop=SHOP, position=1, eta_seconds=300, priority=0
+    )
     assert assigns(r.closed("mine", 4.0)) == []  # still at 1 of 1
     assert assigns(r.closed("claimed-by-hand", 5.0)) == [("new", "a")]
     r.check_invariants()
@@ -107,8 +109,9 @@ def test_forget_shop_drops_everything_of_that_shop() -> None:
 
 
 def _m(seq: int, role: Role, body: Any, ts: int, sender: str = "x") -> Message:
-    return Message(conv="c", seq=seq, sender=sender, sender_role=role, cmid=f"m{seq}", ts=ts,
-                   body=body)
+    return Message(
+        conv="c", seq=seq, sender=sender, sender_role=role, cmid=f"m{seq}", ts=ts, body=body
+    )
 
 
 def test_durable_times_from_history() -> None:

@@ -30,25 +30,57 @@ async def test_conditional_assign_is_refused_once_the_chat_moved_on(server: Runn
     async with server.connect("buyer") as buyer, server.connect("w", "worker", "shop1") as worker:
         conv = (await buyer.request(OpenConversation(id=0, shop="shop1"))).conversation.id
         await worker.request(UpdateConversation(id=0, conv=conv, state=ConvState.QUEUED))
-        await worker.request(UpdateConversation(id=0, conv=conv, state=ConvState.ASSIGNED,
-                                                agent="a1", if_state=ConvState.QUEUED, key="k1"))
+        await worker.request(
+            UpdateConversation(
+                id=0,
+                conv=conv,
+                state=ConvState.ASSIGNED,
+                agent="a1",
+                if_state=ConvState.QUEUED,
+                key="k1",
+            )
+        )
         # a second decider (another routing instance) loses: the chat is no longer queued
         with pytest.raises(ServerError) as refused:
-            await worker.request(UpdateConversation(
-                id=0, conv=conv, state=ConvState.ASSIGNED, agent="a2",
-                if_state=ConvState.QUEUED, key="k2"))
+            await worker.request(
+                UpdateConversation(
+                    id=0,
+                    conv=conv,
+                    state=ConvState.ASSIGNED,
+                    agent="a2",
+                    if_state=ConvState.QUEUED,
+                    key="k2",
+                )
+            )
         assert refused.value.code == "conflict"
         # a repeat of the applied update is still Ok (idempotency comes first)
-        await worker.request(UpdateConversation(id=0, conv=conv, state=ConvState.ASSIGNED,
-                                                agent="a1", if_state=ConvState.QUEUED, key="k1"))
+        await worker.request(
+            UpdateConversation(
+                id=0,
+                conv=conv,
+                state=ConvState.ASSIGNED,
+                agent="a1",
+                if_state=ConvState.QUEUED,
+                key="k1",
+            )
+        )
         # taking it back only works from the agent who holds it
         with pytest.raises(ServerError) as wrong_holder:
-            await worker.request(UpdateConversation(
-                id=0, conv=conv, state=ConvState.QUEUED, if_state=ConvState.ASSIGNED,
-                if_agent="a2"))
+            await worker.request(
+                UpdateConversation(
+                    id=0,
+                    conv=conv,
+                    state=ConvState.QUEUED,
+                    if_state=ConvState.ASSIGNED,
+                    if_agent="a2",
+                )
+            )
         assert wrong_holder.value.code == "conflict"
-        await worker.request(UpdateConversation(id=0, conv=conv, state=ConvState.QUEUED,
-                                                if_state=ConvState.ASSIGNED, if_agent="a1"))
+        await worker.request(
+            UpdateConversation(
+                id=0, conv=conv, state=ConvState.QUEUED, if_state=ConvState.ASSIGNED, if_agent="a1"
+            )
+        )
         info = await worker.request(GetConversation(id=0, conv=conv))
         assert info.conversation.state is ConvState.QUEUED and info.conversation.agent is None
 
@@ -62,8 +94,11 @@ async def test_list_agents_reports_status_since_and_connection(server: RunningSe
                 await a2.request(SetAgentStatus(id=0, status=AgentStatus.AWAY))
             with trio.fail_after(10):  # the offline status is stored, then announced
                 async for frame in sup.events:
-                    if isinstance(frame, AgentEvent) and frame.agent == "a2" \
-                            and frame.status is AgentStatus.OFFLINE:
+                    if (
+                        isinstance(frame, AgentEvent)
+                        and frame.agent == "a2"
+                        and frame.status is AgentStatus.OFFLINE
+                    ):
                         break
             listed: AgentList = await sup.request(ListAgents(id=0))
             by_id = {a.agent: a for a in listed.agents}
@@ -88,13 +123,33 @@ async def test_the_cli_agent_goes_online(server: RunningServer) -> None:
     and, when it quits, its last connection closing sets it offline."""
     async with server.connect("sup", "supervisor", "shop1") as sup:
         await sup.request(Subscribe(id=0, topics=[Topic.AGENTS]))
-        command = [sys.executable, "-m", "imserver", "chat", "--url", server.url,
-                   "--secret", SECRET.decode(), "--data", str(server.data_dir),
-                   "--role", "agent", "--shop", "shop1", "cli-agent"]
+        command = [
+            sys.executable,
+            "-m",
+            "imserver",
+            "chat",
+            "--url",
+            server.url,
+            "--secret",
+            SECRET.decode(),
+            "--data",
+            str(server.data_dir),
+            "--role",
+            "agent",
+            "--shop",
+            "shop1",
+            "cli-agent",
+        ]
         async with trio.open_nursery() as nursery:
-            process: trio.Process = await nursery.start(partial(
-                trio.run_process, command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                check=False))
+            process: trio.Process = await nursery.start(
+                partial(
+                    trio.run_process,
+                    command,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    check=False,
+                )
+            )
             statuses: list[AgentStatus] = []
             with trio.fail_after(30):
                 async for frame in sup.events:
