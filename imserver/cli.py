@@ -141,7 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(token)
     token.add_argument("user", help="user id")
     token.add_argument("--role", choices=[r.value for r in Role], default="customer")
-    token.add_argument("--shop", default="", help="the user's shop (staff), '*' for all")
+    token.add_argument("--shop", default="", help="the staff member's or worker's shop")
+    token.add_argument(
+        "--all-shops",
+        action="store_true",
+        help="worker or admin only: every shop (shop '*'); never a default",
+    )
+    token.add_argument("--plugin", default="", help="worker only: the plugin it may join as")
     token.add_argument("--ttl", type=int, default=24 * 3600, help="lifetime in seconds")
     token.add_argument("--once", action="store_true", help="single use (refused if replayed)")
 
@@ -173,17 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "token":
-        print(
-            mint_token(
-                _secret(args),
-                user=args.user,
-                role=args.role,
-                shop=args.shop,
-                ttl_s=args.ttl,
-                once=args.once,
-            )
-        )
-        return 0
+        return _token(args)
     if args.command == "export":
         return _export(args)
     if args.command == "worker":
@@ -199,6 +195,36 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_chat(args, _secret(args))
     raise AssertionError(args.command)
+
+
+def _token(args: argparse.Namespace) -> int:
+    role = Role(args.role)
+    if args.all_shops and role not in (Role.WORKER, Role.ADMIN):
+        print("--all-shops is for worker and admin tokens only", file=sys.stderr)
+        return 2
+    if args.all_shops and args.shop:
+        print("give --shop or --all-shops, not both", file=sys.stderr)
+        return 2
+    if args.shop == "*":  # all-shops power is asked for by name, never spelled as a shop
+        print("use --all-shops for every shop", file=sys.stderr)
+        return 2
+    shop = "*" if args.all_shops else args.shop
+    try:
+        token = mint_token(
+            _secret(args),
+            user=args.user,
+            role=role,
+            shop=shop,
+            ttl_s=args.ttl,
+            once=args.once,
+            plugin=args.plugin,
+        )
+    except ValueError as exc:
+        hint = " (--all-shops for every shop)" if role in (Role.WORKER, Role.ADMIN) else ""
+        print(f"{exc}{hint}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
 
 
 def _tune_gc() -> None:
@@ -231,8 +257,16 @@ def _serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         from .supervisor import supervise
 
+        until_drained = trio.CancelScope()
+
+        async def serve(task_status: trio.TaskStatus[str]) -> None:
+            try:
+                await server.serve(task_status=task_status)
+            finally:
+                until_drained.cancel()
+
         async with trio.open_nursery() as nursery:
-            url = await nursery.start(server.serve)
+            url = await nursery.start(serve)
             print(f"imserver listening on {url}", flush=True)
             workers = trio.CancelScope()
 
@@ -257,6 +291,12 @@ def _serve(args: argparse.Namespace) -> int:
                     workers.cancel()
                     server.stop()
                     break
+                # Taken and ignored while the server drains (bounded by DRAIN_TIMEOUT_S
+                # and CLOSE_LINGER_S): a second SIGTERM must not kill a clean drain, and
+                # a signal left pending when the receiver closes would be redelivered.
+                with until_drained:
+                    async for _ in signals:
+                        pass
 
     trio.run(run)
     return 0
@@ -287,7 +327,12 @@ def _worker(args: argparse.Namespace) -> int:
 
         def token_provider() -> str:
             return mint_token(
-                secret, user=f"worker:{args.name}", role="worker", shop="*", ttl_s=24 * 3600
+                secret,
+                user=f"worker:{plugin_cls.name}",
+                role="worker",
+                shop="*",
+                plugin=plugin_cls.name,
+                ttl_s=24 * 3600,
             )
 
     runner = WorkerRunner(
