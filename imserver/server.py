@@ -42,6 +42,7 @@ from .gateway._session import GatewayContext, Session
 from .gateway._websocket import HandshakeFailed, HttpResponse, Outbox, accept
 from .limits import (
     CLOSE_LINGER_S,
+    CLOSE_SEND_TIMEOUT_S,
     DRAIN_TIMEOUT_S,
     HANDSHAKE_TIMEOUT_S,
     IDLE_TIMEOUT_MS,
@@ -92,6 +93,8 @@ class ServerConfig:
     idle_timeout_ms: int = IDLE_TIMEOUT_MS
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
     outbound_buffer_bytes: int = OUTBOUND_BUFFER_BYTES
+    close_send_timeout_s: float = CLOSE_SEND_TIMEOUT_S
+    close_linger_s: float = CLOSE_LINGER_S
     extra: dict[str, str] = field(default_factory=dict)
     jwks: dict[str, Path] = field(
         default_factory=dict
@@ -143,6 +146,8 @@ class Server:
                 idle_timeout_ms=config.idle_timeout_ms,
                 handshake_timeout_s=config.handshake_timeout_s,
                 outbound_buffer_bytes=config.outbound_buffer_bytes,
+                close_send_timeout_s=config.close_send_timeout_s,
+                close_linger_s=config.close_linger_s,
                 read_mux=(read_mux := ReadMux()),
             )
             self.ctx = ctx
@@ -205,7 +210,9 @@ class Server:
         for session in list(ctx.sessions):
             session.close(CloseCode.GOING_AWAY, "server shutting down")
         # Sessions finish their close handshakes on their own; stragglers are cut off.
-        connections.cancel_scope.deadline = trio.current_time() + CLOSE_LINGER_S + 1
+        connections.cancel_scope.deadline = (
+            trio.current_time() + ctx.close_send_timeout_s + ctx.close_linger_s + 1
+        )
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         METRICS.connections_total.inc()
