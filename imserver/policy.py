@@ -88,15 +88,29 @@ def can_subscribe(who: Identity, topic: Topic, shop: str) -> bool:
 # Allowed state changes of a direct conversation, and who may make them.
 # (from, to) -> roles; "self" rules for agents are checked in ``can_update``.
 STATE_TRANSITIONS: Final[dict[tuple[ConvState, ConvState], frozenset[Role]]] = {
-    (ConvState.BOT, ConvState.QUEUED): frozenset({Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
-    (ConvState.BOT, ConvState.ASSIGNED): frozenset({Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
-    (ConvState.BOT, ConvState.CLOSED): frozenset({Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
-    (ConvState.QUEUED, ConvState.ASSIGNED): frozenset({Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
+    (ConvState.BOT, ConvState.QUEUED): frozenset(
+        {Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}
+    ),
+    (ConvState.BOT, ConvState.ASSIGNED): frozenset(
+        {Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}
+    ),
+    (ConvState.BOT, ConvState.CLOSED): frozenset(
+        {Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}
+    ),
+    (ConvState.QUEUED, ConvState.ASSIGNED): frozenset(
+        {Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}
+    ),
     (ConvState.QUEUED, ConvState.BOT): frozenset({Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
     (ConvState.QUEUED, ConvState.CLOSED): frozenset({Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
-    (ConvState.ASSIGNED, ConvState.ASSIGNED): frozenset({Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
-    (ConvState.ASSIGNED, ConvState.QUEUED): frozenset({Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
-    (ConvState.ASSIGNED, ConvState.CLOSED): frozenset({Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
+    (ConvState.ASSIGNED, ConvState.ASSIGNED): frozenset(
+        {Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}
+    ),
+    (ConvState.ASSIGNED, ConvState.QUEUED): frozenset(
+        {Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}
+    ),
+    (ConvState.ASSIGNED, ConvState.CLOSED): frozenset(
+        {Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}
+    ),
     (ConvState.CLOSED, ConvState.BOT): frozenset({Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
     (ConvState.CLOSED, ConvState.QUEUED): frozenset({Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
 }

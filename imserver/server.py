@@ -34,7 +34,7 @@ import trio
 
 from protocol import CloseCode
 
-from .auth import TokenVerifier
+from .auth import ShopKeys, TokenVerifier
 from .dispatch import WorkerDispatcher
 from .fanout import Hub
 from .gateway._readmux import ReadMux
@@ -42,6 +42,7 @@ from .gateway._session import GatewayContext, Session
 from .gateway._websocket import HandshakeFailed, HttpResponse, Outbox, accept
 from .limits import (
     CLOSE_LINGER_S,
+    CLOSE_SEND_TIMEOUT_S,
     DRAIN_TIMEOUT_S,
     HANDSHAKE_TIMEOUT_S,
     IDLE_TIMEOUT_MS,
@@ -63,6 +64,11 @@ log = logging.getLogger("imserver.server")
 
 DB_FILE = "imserver.db"
 SECRET_FILE = "secret"
+JWKS_DIR = "jwks"  # SHOP.json: the public keys shop SHOP's backend signs tokens with
+
+
+def _is_url(where: str) -> bool:
+    return where.startswith(("http://", "https://"))
 
 
 def load_or_create_secret(data_dir: Path) -> bytes:
@@ -91,7 +97,11 @@ class ServerConfig:
     idle_timeout_ms: int = IDLE_TIMEOUT_MS
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
     outbound_buffer_bytes: int = OUTBOUND_BUFFER_BYTES
+    close_send_timeout_s: float = CLOSE_SEND_TIMEOUT_S
+    close_linger_s: float = CLOSE_LINGER_S
     extra: dict[str, str] = field(default_factory=dict)
+    jwks: dict[str, str] = field(default_factory=dict)
+    """shop -> its JWKS: a file path or an http(s) URL (besides DATA/jwks/SHOP.json)."""
 
 
 class Server:
@@ -104,6 +114,11 @@ class Server:
         if config.cert and config.key:
             self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self._ssl.load_cert_chain(config.cert, config.key)
+        self._shop_keys = ShopKeys(
+            {shop: Path(where) for shop, where in config.jwks.items() if not _is_url(where)},
+            config.data_dir / JWKS_DIR,
+            urls={shop: where for shop, where in config.jwks.items() if _is_url(where)},
+        )
         self.ctx: GatewayContext | None = None
         self.shards: LocalShards | None = None
         self.store: SqliteStore | None = None
@@ -115,8 +130,9 @@ class Server:
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        store = SqliteStore(config.data_dir / DB_FILE, synchronous=config.synchronous,
-                            on_commit=METRICS.on_commit)
+        store = SqliteStore(
+            config.data_dir / DB_FILE, synchronous=config.synchronous, on_commit=METRICS.on_commit
+        )
         self.store = store
         async with trio.open_nursery() as root:
             await root.start(store.run)
@@ -128,17 +144,24 @@ class Server:
             shards_scope = trio.CancelScope()
             root.start_soon(self._run_in_scope, shards_scope, shards.run)
             await root.start(dispatcher.run)
-            ctx = GatewayContext(store=store, shards=shards, hub=hub, dispatcher=dispatcher,
-                                 verifier=TokenVerifier(config.secret),
-                                 idle_timeout_ms=config.idle_timeout_ms,
-                                 handshake_timeout_s=config.handshake_timeout_s,
-                                 outbound_buffer_bytes=config.outbound_buffer_bytes,
-                                 read_mux=(read_mux := ReadMux()))
+            ctx = GatewayContext(
+                store=store,
+                shards=shards,
+                hub=hub,
+                dispatcher=dispatcher,
+                verifier=TokenVerifier(config.secret, shop_keys=self._shop_keys),
+                idle_timeout_ms=config.idle_timeout_ms,
+                handshake_timeout_s=config.handshake_timeout_s,
+                outbound_buffer_bytes=config.outbound_buffer_bytes,
+                close_send_timeout_s=config.close_send_timeout_s,
+                close_linger_s=config.close_linger_s,
+                read_mux=(read_mux := ReadMux()),
+            )
             self.ctx = ctx
             root.start_soon(read_mux.run)
+            root.start_soon(self._shop_keys.run)  # shops' JWKS URLs, if any
             # Single-use tokens used before a restart stay refused.
-            for jti, exp in reversed(await store.used_tokens(int(time.time()),
-                                                             TOKEN_REPLAY_CACHE)):
+            for jti, exp in reversed(await store.used_tokens(int(time.time()), TOKEN_REPLAY_CACHE)):
                 ctx.verifier.remember_used(jti, exp)
             root.start_soon(self._retention_sweep, store)
             root.start_soon(self._sweep_sessions, ctx)
@@ -156,19 +179,35 @@ class Server:
             shards_scope.cancel()
             root.cancel_scope.cancel()  # retention sweep; the store flushes on its way out
 
-    async def _run_in_scope(self, scope: trio.CancelScope,
-                            fn: Callable[[], Awaitable[object]]) -> None:
+    async def _run_in_scope(
+        self, scope: trio.CancelScope, fn: Callable[[], Awaitable[object]]
+    ) -> None:
         with scope:
             await fn()
 
-    async def _listen(self, scope: trio.CancelScope, connections: trio.Nursery, *,
-                      task_status: trio.TaskStatus[list[trio.SocketListener]]) -> None:
+    async def _listen(
+        self,
+        scope: trio.CancelScope,
+        connections: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]],
+    ) -> None:
         with scope:
-            await trio.serve_tcp(self._handle, self.config.port, host=self.config.host,
-                                 handler_nursery=connections, task_status=task_status)
+            await trio.serve_tcp(
+                self._handle,
+                self.config.port,
+                host=self.config.host,
+                handler_nursery=connections,
+                task_status=task_status,
+            )
 
-    async def _drain(self, ctx: GatewayContext, shards: LocalShards, listen_scope: trio.CancelScope,
-                     connections: trio.Nursery) -> None:
+    async def _drain(
+        self,
+        ctx: GatewayContext,
+        shards: LocalShards,
+        listen_scope: trio.CancelScope,
+        connections: trio.Nursery,
+    ) -> None:
         event(log, "draining", sessions=len(ctx.sessions))
         listen_scope.cancel()
         ctx.draining = True
@@ -179,7 +218,9 @@ class Server:
         for session in list(ctx.sessions):
             session.close(CloseCode.GOING_AWAY, "server shutting down")
         # Sessions finish their close handshakes on their own; stragglers are cut off.
-        connections.cancel_scope.deadline = trio.current_time() + CLOSE_LINGER_S + 1
+        connections.cancel_scope.deadline = (
+            trio.current_time() + ctx.close_send_timeout_s + ctx.close_linger_s + 1
+        )
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         METRICS.connections_total.inc()
@@ -190,20 +231,30 @@ class Server:
                 stream = trio.SSLStream(stream, self._ssl, server_side=True)
             with trio.fail_after(ctx.handshake_timeout_s):
                 accepted = await accept(
-                    stream, self._http,
+                    stream,
+                    self._http,
                     can_accept=not ctx.draining and len(ctx.sessions) < MAX_CONNECTIONS,
                 )
                 if accepted is None:
                     return
                 await stream.send_all(accepted.response)
             ws = accepted.ws
-            session = Session(ctx, stream, ws,
-                              Outbox(stream, ws, max_bytes=ctx.outbound_buffer_bytes),
-                              early=accepted.early)
+            session = Session(
+                ctx,
+                stream,
+                ws,
+                Outbox(stream, ws, max_bytes=ctx.outbound_buffer_bytes),
+                early=accepted.early,
+            )
             ctx.sessions.add(session)
             await session.run()
-        except (HandshakeFailed, trio.TooSlowError, trio.BrokenResourceError,
-                trio.ClosedResourceError, ssl.SSLError):
+        except (
+            HandshakeFailed,
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            ssl.SSLError,
+        ):
             pass
         except Exception as exc:  # one connection's bug never takes the server down
             event(log, "connection_failed", level=logging.ERROR, error=repr(exc))

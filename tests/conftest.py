@@ -16,13 +16,14 @@ from imserver.auth import mint_token
 from imserver.client import Client, connect
 from imserver.server import Server, ServerConfig
 
-SECRET = b"test-secret-0123456789abcdef"
+SECRET = b"test-secret-0123456789abcdef-0123456"
 
 # The suite runs on shared 2-core machines: a neighbour's load must not fail a
 # property test through Hypothesis' timing checks (deadline, "input generation
 # is slow"). What the properties assert is unaffected.
 settings.register_profile(
-    "imserver", deadline=None,
+    "imserver",
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("imserver")
@@ -37,11 +38,18 @@ class RunningServer:
     def token(self, user: str, role: str = "customer", shop: str = "", **kw: object) -> str:
         return mint_token(SECRET, user=user, role=role, shop=shop, **kw)  # type: ignore[arg-type]
 
-    def connect(self, user: str, role: str = "customer", shop: str = "", *,
-                device: str | None = None, resume: dict[str, int] | None = None
-                ) -> AbstractAsyncContextManager[Client]:
-        return connect(self.url, self.token(user, role, shop), device=device or f"{user}-dev",
-                       resume=resume)
+    def connect(
+        self,
+        user: str,
+        role: str = "customer",
+        shop: str = "",
+        *,
+        device: str | None = None,
+        resume: dict[str, int] | None = None,
+    ) -> AbstractAsyncContextManager[Client]:
+        return connect(
+            self.url, self.token(user, role, shop), device=device or f"{user}-dev", resume=resume
+        )
 
 
 @pytest.fixture
@@ -66,8 +74,14 @@ class ServerProcess:
     def token(self, user: str, role: str = "customer", shop: str = "") -> str:
         return mint_token(SECRET, user=user, role=role, shop=shop)
 
-    def connect(self, user: str, role: str = "customer", shop: str = "", *,
-                resume: dict[str, int] | None = None) -> AbstractAsyncContextManager[Client]:
+    def connect(
+        self,
+        user: str,
+        role: str = "customer",
+        shop: str = "",
+        *,
+        resume: dict[str, int] | None = None,
+    ) -> AbstractAsyncContextManager[Client]:
         return connect(self.url, self.token(user, role, shop), device=f"{user}-dev", resume=resume)
 
 
@@ -76,12 +90,27 @@ async def start_server_process(data_dir: Path, nursery: trio.Nursery) -> ServerP
     import subprocess
     import sys
 
-    process = await nursery.start(partial(
-        trio.run_process,
-        [sys.executable, "-m", "imserver", "serve", "--data", str(data_dir), "--port", "0",
-         "--secret", SECRET.decode(), "--log-level", "warning"],
-        stdout=subprocess.PIPE, check=False,
-    ))
+    process = await nursery.start(
+        partial(
+            trio.run_process,
+            [
+                sys.executable,
+                "-m",
+                "imserver",
+                "serve",
+                "--data",
+                str(data_dir),
+                "--port",
+                "0",
+                "--secret",
+                SECRET.decode(),
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.PIPE,
+            check=False,
+        )
+    )
     assert process.stdout is not None
     line = b""
     with trio.fail_after(30):

@@ -118,7 +118,9 @@ class PluginGroup:
 
     @property
     def kinds(self) -> frozenset[WorkerEventKind]:
-        return frozenset().union(*(i.kinds for i in self.instances)) if self.instances else frozenset()
+        return (
+            frozenset().union(*(i.kinds for i in self.instances)) if self.instances else frozenset()
+        )
 
 
 class WorkerDispatcher:
@@ -142,7 +144,9 @@ class WorkerDispatcher:
 
     # ------------------------------------------------------------ membership
 
-    async def join(self, peer: WorkerPeer, plugin: str, kinds: Iterable[WorkerEventKind]) -> Instance:
+    async def join(
+        self, peer: WorkerPeer, plugin: str, kinds: Iterable[WorkerEventKind]
+    ) -> Instance:
         """Add an instance; on a plugin's first join, load its watermark and
         replay what the log holds beyond it."""
         group = self.groups.get(plugin)
@@ -169,8 +173,14 @@ class WorkerDispatcher:
         self._rebalance(group, announce_to=instance)
         self._wakeup.set()
         self._announce_membership()
-        event(log, "worker_joined", plugin=plugin, instance=instance.id, shards=len(instance.shards),
-              instances=len(group.instances))
+        event(
+            log,
+            "worker_joined",
+            plugin=plugin,
+            instance=instance.id,
+            shards=len(instance.shards),
+            instances=len(group.instances),
+        )
         return instance
 
     def leave(self, peer: WorkerPeer) -> None:
@@ -181,8 +191,13 @@ class WorkerDispatcher:
         group.instances.remove(instance)
         self._rebalance(group, announce_to=None)
         self._announce_membership()
-        event(log, "worker_left", plugin=instance.plugin, instance=instance.id,
-              instances=len(group.instances))
+        event(
+            log,
+            "worker_left",
+            plugin=instance.plugin,
+            instance=instance.id,
+            instances=len(group.instances),
+        )
 
     def _rebalance(self, group: PluginGroup, announce_to: Instance | None) -> None:
         before = {i.id: list(i.shards) for i in group.instances}
@@ -197,8 +212,9 @@ class WorkerDispatcher:
         for instance in group.instances:
             if instance is announce_to or before.get(instance.id) == instance.shards:
                 continue
-            instance.peer.send_frame(WorkerAssignment(shards=instance.shards,
-                                                      shard_count=self.shard_count))
+            instance.peer.send_frame(
+                WorkerAssignment(shards=instance.shards, shard_count=self.shard_count)
+            )
         # Events in flight on a shard that changed hands go to the new owner now.
         for flight in group.inflight.values():
             owner = group.owner.get(flight.stored.shard)
@@ -288,7 +304,9 @@ class WorkerDispatcher:
                     await self._replay(group)
                 for flight in list(group.inflight.values()):
                     owner = group.owner.get(flight.stored.shard)
-                    if owner is not None and (flight.to is None or now - flight.sent_at >= WORKER_ACK_TIMEOUT_S):
+                    if owner is not None and (
+                        flight.to is None or now - flight.sent_at >= WORKER_ACK_TIMEOUT_S
+                    ):
                         self._deliver(group, flight, owner)
                 if group.watermark != group.saved_watermark:
                     mark = group.watermark
@@ -303,8 +321,11 @@ class WorkerDispatcher:
             for stored in batch:
                 after = group.replay_cursor = stored.id
                 group.highest_seen = max(group.highest_seen, stored.id)
-                if (stored.kind in group.kinds and stored.id not in group.inflight
-                        and not group.is_own(stored)):
+                if (
+                    stored.kind in group.kinds
+                    and stored.id not in group.inflight
+                    and not group.is_own(stored)
+                ):
                     group.inflight[stored.id] = _InFlight(stored=stored)
             if len(batch) < WORKER_REPLAY_BATCH:
                 group.needs_replay = False

@@ -48,6 +48,8 @@ from websockets.server import ServerProtocol
 from protocol import (
     PROTOCOL_VERSION,
     AgentEvent,
+    AgentInfo,
+    AgentList,
     ClientFrameType,
     CloseCode,
     ConversationPage,
@@ -61,6 +63,7 @@ from protocol import (
     History,
     HistoryPage,
     Limits,
+    ListAgents,
     ListConversations,
     Message,
     MessageEvent,
@@ -110,11 +113,13 @@ from ..dispatch import Instance
 from ..limits import (
     CATCHUP_BUFFER,
     CLOSE_LINGER_S,
+    CLOSE_SEND_TIMEOUT_S,
     FRAMES_BURST,
     FRAMES_PER_SECOND,
     HANDSHAKE_TIMEOUT_S,
     HEARTBEAT_INTERVAL_MS,
     IDLE_TIMEOUT_MS,
+    MAX_AGENT_LIST,
     MAX_DEVICES_PER_USER,
     MAX_FRAME_BYTES,
     MAX_HISTORY_PAGE,
@@ -162,8 +167,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("imserver.session")
 
 
-
-
 @dataclass
 class GatewayContext:
     """What sessions share: the engines and the server's state."""
@@ -178,13 +181,21 @@ class GatewayContext:
     idle_timeout_ms: int = IDLE_TIMEOUT_MS
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
     outbound_buffer_bytes: int = OUTBOUND_BUFFER_BYTES
+    close_send_timeout_s: float = CLOSE_SEND_TIMEOUT_S
+    close_linger_s: float = CLOSE_LINGER_S
     draining: bool = False
     sessions: set[Session] = field(default_factory=set)
 
 
 class Session:
-    def __init__(self, ctx: GatewayContext, stream: trio.abc.Stream, ws: ServerProtocol,
-                 outbox: Outbox, early: bytes = b"") -> None:
+    def __init__(
+        self,
+        ctx: GatewayContext,
+        stream: trio.abc.Stream,
+        ws: ServerProtocol,
+        outbox: Outbox,
+        early: bytes = b"",
+    ) -> None:
         self.ctx = ctx
         self.stream = stream
         self.ws = ws
@@ -214,9 +225,11 @@ class Session:
         self._mux_wake = trio.Event()
         self._mux_result: _ReadResult = _CONTINUE
         self._worker: Instance | None = None
+        self._read_scope = trio.CancelScope()
+        """Around the read loop: cancelled by ``close`` (see ``run``)."""
         self.quiet = trio.Event()
         """Set when no request awaits its reply (drain waits for it)."""
-        outbox.on_overflow = METRICS.slow_consumers.inc
+        outbox.on_overflow = self._slow_consumer
 
     # -- Peer interface (used by the hub)
 
@@ -262,30 +275,47 @@ class Session:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._write_then_stop, nursery.cancel_scope)
-                peer_done = await self._read_loop()
+                peer_done = False
+                with self._read_scope:  # close() cancels it: a blocked read never holds us
+                    peer_done = await self._read_loop()
                 self.close(CloseCode.NORMAL)
-                if not peer_done:
-                    await self._linger()
-                with trio.move_on_after(CLOSE_LINGER_S):
-                    await self.outbox.done.wait()
+                await self._linger(peer_done)
                 nursery.cancel_scope.cancel()
         finally:
             METRICS.connections.dec()
             self.ctx.sessions.discard(self)
-            if self._worker is not None:
-                self.ctx.dispatcher.leave(self)
+            self._leave()
             if self.identity is not None:
-                self.ctx.hub.unregister(self)
                 await self._after_logout(self.identity)
-            with trio.CancelScope(shield=True):
+            # Bounded: a TLS close_notify is a write to a peer that may not read.
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + self.ctx.close_send_timeout_s
                 await self.stream.aclose()
 
     def close(self, code: CloseCode, reason: str = "") -> None:
+        """Close from our side: queue the close frame, stop reading, leave the
+        hub (presence goes offline now, not when the socket is released).
+        ``run`` then releases the connection within a bounded time (``_linger``)."""
         if self.outbox.closing is None:
             METRICS.closes.labels(code=str(int(code))).inc()
         self.conn.close(code)
         self.outbox.close(code, reason)
         self._reading = False
+        self._read_scope.cancel()
+        self._leave()
+
+    def _slow_consumer(self) -> None:
+        """The outbox overflowed: close here, not just in the outbox, so that the
+        read loop stops and the connection is released in bounded time."""
+        METRICS.slow_consumers.inc()
+        self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outbound buffer full")
+
+    def _leave(self) -> None:
+        """Out of the hub and the worker dispatcher (idempotent)."""
+        if self._worker is not None:
+            self.ctx.dispatcher.leave(self)
+        if self.identity is not None:
+            self.ctx.hub.unregister(self)
 
     def _nursery_cancel(self) -> None:
         if self._nursery is not None:
@@ -296,10 +326,19 @@ class Session:
         if self.outbox.closing is None or self.outbox.failed:
             scope.cancel()  # the socket died: nothing left to read or say
 
-    async def _linger(self) -> None:
-        """We closed: read (and ignore) until the peer's close or EOF, so that the
-        peer reads our close frame instead of a TCP reset."""
-        with trio.move_on_after(CLOSE_LINGER_S):
+    async def _linger(self, peer_done: bool) -> None:
+        """After the close: let the writer write the close frame (and what was
+        queued before it) for at most ``close_send_timeout_s``; then, unless the
+        peer has closed already, read (and ignore) until its close or EOF for at
+        most ``close_linger_s``, so that it reads our close frame instead of a
+        TCP reset. A peer that never reads, answers or sends FIN holds the
+        socket no longer than the two together."""
+        ctx = self.ctx
+        with trio.move_on_after(ctx.close_send_timeout_s):
+            await self.outbox.done.wait()
+        if peer_done or not self.outbox.done.is_set() or self.outbox.failed:
+            return  # nothing to wait for, or a peer that does not even read
+        with trio.move_on_after(ctx.close_linger_s):
             while True:
                 try:
                     data = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
@@ -344,7 +383,9 @@ class Session:
             return await self._read_via_mux(self.ctx.read_mux)
         while self._reading:
             try:
-                data = bytes(await self.stream.receive_some(RECEIVE_CHUNK_BYTES))  # TLS: a bytearray
+                data = bytes(
+                    await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
+                )  # TLS: a bytearray
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return True
             if not data:
@@ -426,7 +467,7 @@ class Session:
             result = self._deliver(payload)
             if result is not _CONTINUE:
                 # Keep the rest as frames for _process_frames (after the wait).
-                self._frames.extend(Frame(Opcode.BINARY, p) for p in payloads[index + 1:])
+                self._frames.extend(Frame(Opcode.BINARY, p) for p in payloads[index + 1 :])
                 return result
         return _CONTINUE
 
@@ -487,15 +528,22 @@ class Session:
     def _handle(self, ev: ServerEvent) -> None:
         if isinstance(ev, RequestReceived):
             if self.ctx.draining:
-                self.send_frame(Error(code=ErrorCode.UNAVAILABLE, message="server draining",
-                                      id=ev.request.id, retry_after_ms=1000))
+                self.send_frame(
+                    Error(
+                        code=ErrorCode.UNAVAILABLE,
+                        message="server draining",
+                        id=ev.request.id,
+                        retry_after_ms=1000,
+                    )
+                )
                 return
             try:
                 _REQUEST_HANDLERS[type(ev.request)](self, ev.request)
             except Exception as exc:  # a bug must not take the connection down
                 event(log, "request_failed", level=logging.ERROR, error=repr(exc))
-                self.send_frame(Error(code=ErrorCode.INTERNAL, message="internal error",
-                                      id=ev.request.id))
+                self.send_frame(
+                    Error(code=ErrorCode.INTERNAL, message="internal error", id=ev.request.id)
+                )
         elif isinstance(ev, NoticeReceived):
             self._notice(ev.notice)
         elif isinstance(ev, HelloReceived):
@@ -515,10 +563,17 @@ class Session:
             self._handle(self.conn.reject(ErrorCode.UNAUTHORIZED, str(exc), CloseCode.UNAUTHORIZED))
             return
         if self.ctx.draining:
-            self._handle(self.conn.reject(ErrorCode.UNAVAILABLE, "server draining", CloseCode.GOING_AWAY))
+            self._handle(
+                self.conn.reject(ErrorCode.UNAVAILABLE, "server draining", CloseCode.GOING_AWAY)
+            )
             return
-        who = policy.Identity(user=claims.sub, role=claims.role, shop=claims.shop,
-                              session=self.id, device=hello.device)
+        who = policy.Identity(
+            user=claims.sub,
+            role=claims.role,
+            shop=claims.shop,
+            session=self.id,
+            device=hello.device,
+        )
         self.identity = who
         assert self._nursery is not None
         if claims.once:  # refused from memory from now on; stored for after a restart
@@ -529,14 +584,25 @@ class Session:
             self.idle_timeout_ms = min(self.idle_timeout_ms, WORKER_IDLE_TIMEOUT_MS)
             self.heartbeat_ms = min(self.heartbeat_ms, WORKER_HEARTBEAT_MS)
         welcome = Welcome(
-            v=PROTOCOL_VERSION, session=self.id, user=who.user, role=who.role, shop=who.shop,
-            server_time=now_ms(), heartbeat_ms=self.heartbeat_ms,
+            v=PROTOCOL_VERSION,
+            session=self.id,
+            user=who.user,
+            role=who.role,
+            shop=who.shop,
+            server_time=now_ms(),
+            heartbeat_ms=self.heartbeat_ms,
             idle_timeout_ms=self.idle_timeout_ms,
             limits=Limits(
-                max_frame_bytes=MAX_FRAME_BYTES, max_text_chars=MAX_TEXT_CHARS,
-                frames_per_second=self.conn.bucket.rate if who.role in (Role.WORKER, Role.ADMIN) else FRAMES_PER_SECOND,  # type: ignore[arg-type]
-                frames_burst=self.conn.bucket.burst if who.role in (Role.WORKER, Role.ADMIN) else FRAMES_BURST,  # type: ignore[arg-type]
-                max_inflight=MAX_INFLIGHT_REQUESTS, history_page=MAX_HISTORY_PAGE,
+                max_frame_bytes=MAX_FRAME_BYTES,
+                max_text_chars=MAX_TEXT_CHARS,
+                frames_per_second=self.conn.bucket.rate
+                if who.role in (Role.WORKER, Role.ADMIN)
+                else FRAMES_PER_SECOND,  # type: ignore[arg-type]
+                frames_burst=self.conn.bucket.burst
+                if who.role in (Role.WORKER, Role.ADMIN)
+                else FRAMES_BURST,  # type: ignore[arg-type]
+                max_inflight=MAX_INFLIGHT_REQUESTS,
+                history_page=MAX_HISTORY_PAGE,
                 recall_window_ms=RECALL_WINDOW_MS,
             ),
         )
@@ -547,13 +613,24 @@ class Session:
             self._catchup[conv] = []
         others = self.ctx.hub.register(self)
         for other in others:
-            if isinstance(other, Session) and other.identity and other.identity.device == who.device:
+            if (
+                isinstance(other, Session)
+                and other.identity
+                and other.identity.device == who.device
+            ):
                 other.close(CloseCode.SESSION_REPLACED, "logged in again from the same device")
         live = [o for o in others if isinstance(o, Session) and o.outbox.closing is None]
         for oldest in live[: max(0, len(live) + 1 - MAX_DEVICES_PER_USER)]:
             oldest.close(CloseCode.SESSION_REPLACED, "too many devices")
-        event(log, "login", user=who.user, role=who.role.value, session=self.id,
-              device=hello.device, resume=len(hello.resume))
+        event(
+            log,
+            "login",
+            user=who.user,
+            role=who.role.value,
+            session=self.id,
+            device=hello.device,
+            resume=len(hello.resume),
+        )
         assert self._nursery is not None
         self._nursery.start_soon(self._resume, dict(hello.resume))
 
@@ -586,8 +663,9 @@ class Session:
         last = after
         while True:
             while True:
-                page = await store.read_page(conv_id, user=who.user, before=None, after=last,
-                                             limit=RESUME_BATCH)
+                page = await store.read_page(
+                    conv_id, user=who.user, before=None, after=last, limit=RESUME_BATCH
+                )
                 if not _readable(who, page):
                     return None
                 for message in page.messages:
@@ -613,8 +691,16 @@ class Session:
             return
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             try:
-                await self.ctx.store.write([PutAgent(shop=who.shop, agent=who.user,
-                                                     status=AgentStatusEnum.OFFLINE, ts=now_ms())])
+                await self.ctx.store.write(
+                    [
+                        PutAgent(
+                            shop=who.shop,
+                            agent=who.user,
+                            status=AgentStatusEnum.OFFLINE,
+                            ts=now_ms(),
+                        )
+                    ]
+                )
             except Exception as exc:
                 event(log, "agent_offline_failed", level=logging.WARNING, error=repr(exc))
                 return
@@ -630,18 +716,27 @@ class Session:
         if not self.ctx.shards.submit(cmd):
             self._blocked.append(cmd)  # the read loop waits for room before reading on
 
-    def _spawn(self, request: Request, handler: Callable[[Any], Awaitable[ServerFrameType]]) -> None:
+    def _spawn(
+        self, request: Request, handler: Callable[[Any], Awaitable[ServerFrameType]]
+    ) -> None:
         assert self._nursery is not None
         self._nursery.start_soon(self._guarded, request, handler)
 
-    async def _guarded(self, request: Request, handler: Callable[[Any], Awaitable[ServerFrameType]]) -> None:
+    async def _guarded(
+        self, request: Request, handler: Callable[[Any], Awaitable[ServerFrameType]]
+    ) -> None:
         try:
             reply = await handler(request)
         except _Refuse as refusal:
             reply = Error(code=refusal.code, message=refusal.message, id=request.id)
         except Exception as exc:
-            event(log, "request_failed", level=logging.ERROR, request=type(request).__name__,
-                  error=repr(exc))
+            event(
+                log,
+                "request_failed",
+                level=logging.ERROR,
+                request=type(request).__name__,
+                error=repr(exc),
+            )
             reply = Error(code=ErrorCode.INTERNAL, message="internal error", id=request.id)
         self.send_frame(reply)
 
@@ -655,19 +750,35 @@ class Session:
         self._submit(GetCmd(conv=r.conv, **self._origin(r)))
 
     def _members(self, r: UpdateMembers) -> None:
-        self._submit(MembersCmd(conv=r.conv, add=r.add, remove=r.remove, role=r.role,
-                                **self._origin(r)))
+        self._submit(
+            MembersCmd(conv=r.conv, add=r.add, remove=r.remove, role=r.role, **self._origin(r))
+        )
 
     def _update(self, r: UpdateConversation) -> None:
-        self._submit(UpdateCmd(conv=r.conv, state=r.state, agent=r.agent, priority=r.priority,
-                               tags_add=r.tags_add, tags_remove=r.tags_remove, note=r.note,
-                               key=r.key, **self._origin(r)))
+        self._submit(
+            UpdateCmd(
+                conv=r.conv,
+                state=r.state,
+                agent=r.agent,
+                priority=r.priority,
+                tags_add=r.tags_add,
+                tags_remove=r.tags_remove,
+                note=r.note,
+                key=r.key,
+                if_state=r.if_state,
+                if_agent=r.if_agent,
+                **self._origin(r),
+            )
+        )
 
     def _spawn_history(self, r: History) -> None:
         self._spawn(r, self._history)
 
     def _spawn_list(self, r: ListConversations) -> None:
         self._spawn(r, self._list)
+
+    def _spawn_list_agents(self, r: ListAgents) -> None:
+        self._spawn(r, self._list_agents)
 
     def _spawn_agent_status(self, r: SetAgentStatus) -> None:
         self._spawn(r, self._agent_status)
@@ -682,36 +793,63 @@ class Session:
         self.send_frame(Pong(id=request.id, server_time=now_ms()))
 
     def _send(self, request: Send) -> None:
-        self._submit(SendCmd(conv=request.conv, cmid=request.cmid, body=request.body,
-                             **self._origin(request)))
+        self._submit(
+            SendCmd(
+                conv=request.conv, cmid=request.cmid, body=request.body, **self._origin(request)
+            )
+        )
 
     def _open(self, request: OpenConversation) -> None:
         who = self.identity
         assert who is not None
         if who.role is not Role.CUSTOMER:
-            self.send_frame(Error(code=ErrorCode.FORBIDDEN, id=request.id,
-                                  message="only customers open direct conversations"))
+            self.send_frame(
+                Error(
+                    code=ErrorCode.FORBIDDEN,
+                    id=request.id,
+                    message="only customers open direct conversations",
+                )
+            )
             return
         conv = direct_conversation_id(request.shop, who.user)
-        self._submit(OpenDirectCmd(conv=conv, shop=request.shop, channel=request.channel,
-                                   **self._origin(request)))
+        self._submit(
+            OpenDirectCmd(
+                conv=conv, shop=request.shop, channel=request.channel, **self._origin(request)
+            )
+        )
 
     def _create_group(self, request: CreateGroup) -> None:
         who = self.identity
         assert who is not None
         if not policy.can_create_group(who, request.shop):
-            self.send_frame(Error(code=ErrorCode.FORBIDDEN, id=request.id,
-                                  message="only staff of the shop create groups"))
+            self.send_frame(
+                Error(
+                    code=ErrorCode.FORBIDDEN,
+                    id=request.id,
+                    message="only staff of the shop create groups",
+                )
+            )
             return
-        self._submit(CreateGroupCmd(conv=group_conversation_id(), shop=request.shop,
-                                    title=request.title, members=request.members,
-                                    **self._origin(request)))
+        self._submit(
+            CreateGroupCmd(
+                conv=group_conversation_id(),
+                shop=request.shop,
+                title=request.title,
+                members=request.members,
+                **self._origin(request),
+            )
+        )
 
     async def _history(self, request: History) -> ServerFrameType:
         who = self.identity
         assert who is not None
-        page = await self.ctx.store.read_page(request.conv, user=who.user, before=request.before,
-                                              after=request.after, limit=request.limit)
+        page = await self.ctx.store.read_page(
+            request.conv,
+            user=who.user,
+            before=request.before,
+            after=request.after,
+            limit=request.limit,
+        )
         if not _readable(who, page):
             raise _Refuse(ErrorCode.NOT_FOUND, f"no conversation {request.conv!r}")
         messages, more = page.messages, page.more
@@ -734,8 +872,10 @@ class Session:
         who = self.identity
         assert who is not None
         convs, more = await self.ctx.store.list_conversations(
-            Scope.for_role(who.role, who.user, who.shop), state=request.state,
-            updated_before=request.updated_before, before_id=request.before_id,
+            Scope.for_role(who.role, who.user, who.shop),
+            state=request.state,
+            updated_before=request.updated_before,
+            before_id=request.before_id,
             limit=request.limit,
         )
         if who.role is Role.CUSTOMER:
@@ -747,44 +887,98 @@ class Session:
         assert who is not None
         if who.role not in (Role.AGENT, Role.SUPERVISOR):
             raise _Refuse(ErrorCode.FORBIDDEN, "only agents have an agent status")
-        await self.ctx.store.write([PutAgent(shop=who.shop, agent=who.user, status=request.status,
-                                             ts=now_ms())])
+        await self.ctx.store.write(
+            [PutAgent(shop=who.shop, agent=who.user, status=request.status, ts=now_ms())]
+        )
         self._agent_changed(who, request.status)
         return Ok(id=request.id)
 
+    async def _list_agents(self, request: ListAgents) -> ServerFrameType:
+        who = self.identity
+        assert who is not None
+        shop = request.shop or who.shop
+        if shop in ("", "*"):
+            raise _Refuse(ErrorCode.BAD_FRAME, "name the shop")
+        # Agent statuses are what the shop's ``agents`` topic shows: the same rule.
+        if not policy.can_subscribe(who, Topic.AGENTS, shop):
+            raise _Refuse(ErrorCode.FORBIDDEN, f"you may not list the agents of {shop}")
+        records = await self.ctx.store.list_agents(shop)
+        records.sort(key=lambda r: r.agent)
+        agents = [
+            AgentInfo(
+                agent=r.agent,
+                status=r.status,
+                since=r.ts,
+                connected=self.ctx.hub.is_online(r.agent),
+            )
+            for r in records[:MAX_AGENT_LIST]
+        ]
+        return AgentList(
+            id=request.id, shop=shop, agents=agents, truncated=len(records) > MAX_AGENT_LIST
+        )
+
     def _agent_changed(self, who: policy.Identity, status: AgentStatusEnum) -> None:
-        self.ctx.hub.broadcast_shop(who.shop, Topic.AGENTS, AgentEvent(
-            shop=who.shop, agent=who.user, status=status))
-        self.ctx.dispatcher.broadcast(WorkerEventKind.AGENT, WorkerEvent(
-            event_id=0, shard=0, kind=WorkerEventKind.AGENT, ts=now_ms(), agent=who.user,
-            agent_status=status, shop=who.shop))
+        self.ctx.hub.broadcast_shop(
+            who.shop, Topic.AGENTS, AgentEvent(shop=who.shop, agent=who.user, status=status)
+        )
+        self.ctx.dispatcher.broadcast(
+            WorkerEventKind.AGENT,
+            WorkerEvent(
+                event_id=0,
+                shard=0,
+                kind=WorkerEventKind.AGENT,
+                ts=now_ms(),
+                agent=who.user,
+                agent_status=status,
+                shop=who.shop,
+            ),
+        )
 
     def _watch(self, request: WatchPresence) -> None:
         who = self.identity
         assert who is not None
         if not who.is_staff:
-            self.send_frame(Error(code=ErrorCode.FORBIDDEN, id=request.id,
-                                  message="customers see their agent through conversation events"))
+            self.send_frame(
+                Error(
+                    code=ErrorCode.FORBIDDEN,
+                    id=request.id,
+                    message="customers see their agent through conversation events",
+                )
+            )
             return
         if self.ctx.hub.watched_count(self) + len(request.users) > MAX_WATCHED_USERS:
-            self.send_frame(Error(code=ErrorCode.TOO_LARGE, id=request.id,
-                                  message=f"more than {MAX_WATCHED_USERS} watched users"))
+            self.send_frame(
+                Error(
+                    code=ErrorCode.TOO_LARGE,
+                    id=request.id,
+                    message=f"more than {MAX_WATCHED_USERS} watched users",
+                )
+            )
             return
-        self.send_frame(PresenceList(id=request.id,
-                                     presences=self.ctx.hub.watch(self, request.users)))
+        self.send_frame(
+            PresenceList(id=request.id, presences=self.ctx.hub.watch(self, request.users))
+        )
 
     def _subscribe(self, request: Subscribe) -> None:
         who = self.identity
         assert who is not None
         shop = request.shop or who.shop
         if shop in ("", "*"):
-            self.send_frame(Error(code=ErrorCode.BAD_FRAME, id=request.id,
-                                  message="name the shop to subscribe to"))
+            self.send_frame(
+                Error(
+                    code=ErrorCode.BAD_FRAME, id=request.id, message="name the shop to subscribe to"
+                )
+            )
             return
         for topic in request.topics:
             if not policy.can_subscribe(who, topic, shop):
-                self.send_frame(Error(code=ErrorCode.FORBIDDEN, id=request.id,
-                                      message=f"you may not subscribe to {topic} of {shop}"))
+                self.send_frame(
+                    Error(
+                        code=ErrorCode.FORBIDDEN,
+                        id=request.id,
+                        message=f"you may not subscribe to {topic} of {shop}",
+                    )
+                )
                 return
         for topic in request.topics:
             self.ctx.hub.subscribe(self, shop, topic)
@@ -824,8 +1018,12 @@ class Session:
         if self._worker is not None:
             raise _Refuse(ErrorCode.CONFLICT, "this connection already joined a plugin")
         self._worker = await self.ctx.dispatcher.join(self, request.plugin, request.kinds)
-        return WorkerJoined(id=request.id, instance=self._worker.id, shards=self._worker.shards,
-                            shard_count=self.ctx.dispatcher.shard_count)
+        return WorkerJoined(
+            id=request.id,
+            instance=self._worker.id,
+            shards=self._worker.shards,
+            shard_count=self.ctx.dispatcher.shard_count,
+        )
 
     async def _notify(self, request: Notify) -> ServerFrameType:
         who = self.identity
@@ -900,6 +1098,7 @@ _REQUEST_HANDLERS: dict[type, Callable[[Session, Any], None]] = {
     History: Session._spawn_history,
     ListConversations: Session._spawn_list,
     SetAgentStatus: Session._spawn_agent_status,
+    ListAgents: Session._spawn_list_agents,
     WatchPresence: Session._watch,
     Subscribe: Session._subscribe,
     Unwatch: Session._unwatch,

@@ -85,8 +85,9 @@ async def test_presence_and_typing(server: RunningServer) -> None:
             online = await _next(sup, PresenceEvent)
             assert isinstance(online, PresenceEvent) and online.presence.online
             conv = (await lee.request(OpenConversation(id=0, shop="shop1"))).conversation.id
-            await agent.request(UpdateConversation(id=0, conv=conv, state=ConvState.ASSIGNED,
-                                                   agent="ag2"))
+            await agent.request(
+                UpdateConversation(id=0, conv=conv, state=ConvState.ASSIGNED, agent="ag2")
+            )
             await lee.notify(Typing(conv=conv))
             typing = await _next(agent, TypingEvent)
             assert isinstance(typing, TypingEvent) and typing.user == "lee"

@@ -224,8 +224,17 @@ async def test_malformed_frames_after_hello_get_errors_with_ids(server: RunningS
         err = await raw.next_frame()
         assert isinstance(err, Error) and err.code == ErrorCode.BAD_FRAME and err.id == 4
         # too long a text
-        await raw.send_bytes(msgspec.msgpack.encode(
-            {"t": "send", "id": 5, "conv": "c", "cmid": "m", "body": {"k": "text", "text": "x" * 6000}}))
+        await raw.send_bytes(
+            msgspec.msgpack.encode(
+                {
+                    "t": "send",
+                    "id": 5,
+                    "conv": "c",
+                    "cmid": "m",
+                    "body": {"k": "text", "text": "x" * 6000},
+                }
+            )
+        )
         err = await raw.next_frame()
         assert isinstance(err, Error) and err.code == ErrorCode.TOO_LARGE and err.id == 5
         # still usable
