@@ -45,11 +45,11 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _shop_file(text: str) -> tuple[str, Path]:
-    shop, eq, path = text.partition("=")
-    if not eq or not shop or not path:
-        raise argparse.ArgumentTypeError(f"{text!r}: want SHOP=PATH")
-    return shop, Path(path)
+def _shop_file(text: str) -> tuple[str, str]:
+    shop, eq, where = text.partition("=")
+    if not eq or not shop or not where:
+        raise argparse.ArgumentTypeError(f"{text!r}: want SHOP=PATH or SHOP=URL")
+    return shop, where
 
 
 def _secret(args: argparse.Namespace) -> bytes:
@@ -133,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         type=_shop_file,
         default=[_shop_file(item) for item in (_env("IMSERVER_JWKS") or "").split(",") if item],
-        metavar="SHOP=PATH",
-        help="the JWKS file with the public keys shop SHOP's backend signs its tokens with; "
-        "repeatable (env IMSERVER_JWKS, comma-separated). DATA/jwks/SHOP.json is read too",
+        metavar="SHOP=PATH|URL",
+        help="the JWKS (file, or http(s) URL) with the public keys shop SHOP's backend signs "
+        "its tokens with; repeatable (env IMSERVER_JWKS, comma-separated). "
+        "DATA/jwks/SHOP.json is read too",
     )
 
     worker = sub.add_parser("worker", help="run one worker plugin (asyncio + uvloop)")
