@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.metadata
 import os
 import signal
 import sys
@@ -57,8 +58,16 @@ def _secret(args: argparse.Namespace) -> bytes:
     return load_or_create_secret(args.data)
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("imserver")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that is not installed
+        return "0+unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imserver", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the server (embedded: one process, SQLite)")
