@@ -123,6 +123,8 @@ class Server:
         self.shards: LocalShards | None = None
         self.store: SqliteStore | None = None
         self.dispatcher: WorkerDispatcher | None = None
+        self.worker_health: Callable[[], tuple[bool, bytes]] | None = None
+        """Set by ``serve --workers``: (all well, one line per worker) for ``/healthz``."""
 
     def stop(self) -> None:
         self._stop.set()
@@ -274,6 +276,9 @@ class Server:
         if path == "/healthz":
             if self.ctx is not None and self.ctx.draining:
                 return 503, "text/plain", b"draining\n"
+            if self.worker_health is not None:  # the server serves; a worker may be failing
+                well, lines = self.worker_health()
+                return 200, "text/plain", (b"ok\n" if well else b"degraded\n") + lines
             return 200, "text/plain", b"ok\n"
         return None
 
