@@ -91,6 +91,8 @@ class ServerConfig:
     idle_timeout_ms: int = IDLE_TIMEOUT_MS
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
     outbound_buffer_bytes: int = OUTBOUND_BUFFER_BYTES
+    shops: tuple[str, ...] = ()
+    """Shops registered at start (more with ``imserver shop add``)."""
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -135,6 +137,7 @@ class Server:
                                  outbound_buffer_bytes=config.outbound_buffer_bytes,
                                  read_mux=(read_mux := ReadMux()))
             self.ctx = ctx
+            await ctx.register_shops(list(config.shops))
             root.start_soon(read_mux.run)
             # Single-use tokens used before a restart stay refused.
             for jti, exp in reversed(await store.used_tokens(int(time.time()),

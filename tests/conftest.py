@@ -18,6 +18,9 @@ from imserver.server import Server, ServerConfig
 
 SECRET = b"test-secret-0123456789abcdef"
 
+SHOPS = ("shop1", "shop2", "shop-1", "shop-2", "s", "s1", "s2", "s3", "t", "shopx", "elsewhere")
+"""The shops every test server registers (conversations need a registered shop)."""
+
 # The suite runs on shared 2-core machines: a neighbour's load must not fail a
 # property test through Hypothesis' timing checks (deadline, "input generation
 # is slow"). What the properties assert is unaffected.
@@ -46,7 +49,7 @@ class RunningServer:
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
-    config = ServerConfig(data_dir=tmp_path / "data", secret=SECRET, port=0)
+    config = ServerConfig(data_dir=tmp_path / "data", secret=SECRET, port=0, shops=SHOPS)
     srv = Server(config)
     async with trio.open_nursery() as nursery:
         url = await nursery.start(srv.serve)
@@ -79,7 +82,7 @@ async def start_server_process(data_dir: Path, nursery: trio.Nursery) -> ServerP
     process = await nursery.start(partial(
         trio.run_process,
         [sys.executable, "-m", "imserver", "serve", "--data", str(data_dir), "--port", "0",
-         "--secret", SECRET.decode(), "--log-level", "warning"],
+         "--secret", SECRET.decode(), "--log-level", "warning", "--shops", ",".join(SHOPS)],
         stdout=subprocess.PIPE, check=False,
     ))
     assert process.stdout is not None

@@ -46,12 +46,17 @@ from protocol import (
     ConversationInfo,
     ConvKind,
     ConvState,
+    Delivered,
     Error,
     ErrorCode,
+    GetConversation,
     MemberRole,
     Message,
     MessageEvent,
     Ok,
+    OpenConversation,
+    Read,
+    Recall,
     RecallBody,
     ReceiptEvent,
     ReceiptKind,
@@ -60,6 +65,7 @@ from protocol import (
     ServerFrameType,
     SystemBody,
     Topic,
+    Typing,
     TypingEvent,
     WorkerEvent,
     WorkerEventKind,
@@ -273,11 +279,16 @@ class ConversationActor:
             METRICS.errors.labels(code=code.value).inc()
             self.hub.reply(cmd.reply, Error(code=code, message=message, id=cmd.reply.request))
 
-    def _existing(self, cmd: AnyCommand) -> Conversation:
+    def _existing(self, cmd: AnyCommand, kind: type | None = None) -> Conversation:
+        """The conversation, if ``cmd.who`` may read it and (``kind``) make this
+        request about it: the authorization table (``policy``) decides."""
         conv = self.conversation
         if conv is None or not policy.can_read(cmd.who, conv, self.members):
             # The same answer for "absent" and "not yours": ids are not an oracle.
             raise Refusal(ErrorCode.NOT_FOUND, f"no conversation {cmd.conv!r}")
+        if kind is not None and not policy.conversation_access(kind, cmd.who, conv, self.members):
+            raise Refusal(ErrorCode.FORBIDDEN,
+                          f"a {cmd.who.role} may not {kind.__name__} here")
         return conv
 
     def _publish_conversation(self, ops: list[WriteOp], conv: Conversation, change: str, *,
@@ -378,6 +389,14 @@ class ConversationActor:
 
     # ------------------------------------------------------------ commands
 
+    async def _is_agent_of(self, shop: str, user: str, who: policy.Identity) -> bool:
+        """Whether ``user`` may be given a conversation of ``shop``: an agent or
+        supervisor of it (the requester, by their token, or one the store knows:
+        logged in there, or with an agent status)."""
+        if user == who.user and who.role in (Role.AGENT, Role.SUPERVISOR) and who.shop == shop:
+            return True
+        return await self.store.is_shop_agent(shop, user)
+
     def _send(self, cmd: SendCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
         conv = self._existing(cmd)
         who = cmd.who
@@ -407,7 +426,7 @@ class ConversationActor:
         )))
 
     async def _recall(self, cmd: RecallCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
-        conv = self._existing(cmd)
+        conv = self._existing(cmd, Recall)
         request_id = cmd.reply.request if cmd.reply else 0
         cmid = f"recall:{cmd.seq}"
         original = self.recent.get((cmd.who.user, cmid))
@@ -438,7 +457,7 @@ class ConversationActor:
         )))
 
     def _read(self, cmd: ReadCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
-        conv = self._existing(cmd)
+        conv = self._existing(cmd, Read)
         seq = min(cmd.seq, conv.last_seq)
         if self._raise_read_point(ops, cmd.who.user, seq):
             members = self.members  # never mutated in place: see _members
@@ -449,7 +468,7 @@ class ConversationActor:
         effects.append(_bind(self._reply, cmd, Ok(id=cmd.reply.request if cmd.reply else 0)))
 
     def _delivered(self, cmd: DeliveredCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
-        conv = self._existing(cmd)
+        conv = self._existing(cmd, Delivered)
         frame = ReceiptEvent(conv=conv.id, user=cmd.who.user, kind=ReceiptKind.DELIVERED,
                              seq=min(cmd.seq, conv.last_seq))
         members = self.members  # never mutated in place: see _members
@@ -458,9 +477,7 @@ class ConversationActor:
         ))
 
     def _typing(self, cmd: TypingCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
-        conv = self._existing(cmd)
-        if not policy.can_send(cmd.who, conv, self.members):
-            raise Refusal(ErrorCode.FORBIDDEN, "you may not type in this conversation")
+        conv = self._existing(cmd, Typing)
         frame = TypingEvent(conv=conv.id, user=cmd.who.user)
         members = self.members  # never mutated in place: see _members
         # Typing reaches participants only (not topic watchers): it is ephemeral chatter.
@@ -469,7 +486,7 @@ class ConversationActor:
         ))
 
     async def _get(self, cmd: GetCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
-        conv = self._existing(cmd)
+        conv = self._existing(cmd, GetConversation)
         read_seq = await self._read_point(cmd.who.user)
         effects.append(_bind(self._reply, cmd, self._info(cmd, conv, read_seq)))
 
@@ -488,7 +505,7 @@ class ConversationActor:
     async def _open_direct(self, cmd: OpenDirectCmd, ops: list[WriteOp],
                            effects: list[Effect]) -> None:
         who = cmd.who
-        if who.role is not Role.CUSTOMER:
+        if not policy.shop_access(OpenConversation, who, cmd.shop):
             raise Refusal(ErrorCode.FORBIDDEN, "only customers open direct conversations")
         conv = self.conversation
         now = now_ms()
@@ -562,7 +579,7 @@ class ConversationActor:
                                                     topic=Topic.CONVERSATIONS))
         effects.append(_bind(self._reply, cmd, Ok(id=cmd.reply.request if cmd.reply else 0)))
 
-    def _update(self, cmd: UpdateCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
+    async def _update(self, cmd: UpdateCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
         conv = self._existing(cmd)
         ok = Ok(id=cmd.reply.request if cmd.reply else 0)
         if cmd.key and cmd.key in self.applied_keys:
@@ -579,6 +596,9 @@ class ConversationActor:
             agent = cmd.agent or conv.agent
             if agent is None:
                 raise Refusal(ErrorCode.BAD_FRAME, "assigning needs an agent")
+            if agent != conv.agent and not await self._is_agent_of(conv.shop, agent, cmd.who):
+                raise Refusal(ErrorCode.FORBIDDEN,
+                              f"{agent!r} is not an agent of shop {conv.shop!r}")
         elif state is not None:
             agent = None
         tags = [t for t in conv.tags if t not in cmd.tags_remove]

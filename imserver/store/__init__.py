@@ -17,6 +17,8 @@ from ._base import (
     PutCursor,
     PutEvent,
     PutMessage,
+    PutShop,
+    PutStaff,
     PutUsedToken,
     Scope,
     ScopeKind,
@@ -28,6 +30,7 @@ from ._base import (
 )
 from ._export import ExportFormat, export_conversation, export_shop
 from ._schema import SCHEMA_VERSION, SchemaError
+from ._shops import add_shops, read_shops
 from ._sqlite import SqliteStore
 
 __all__ = [
@@ -43,6 +46,8 @@ __all__ = [
     "PutCursor",
     "PutEvent",
     "PutMessage",
+    "PutShop",
+    "PutStaff",
     "PutUsedToken",
     "SchemaError",
     "Scope",
@@ -53,6 +58,8 @@ __all__ = [
     "Store",
     "StoredEvent",
     "WriteOp",
+    "add_shops",
     "export_conversation",
     "export_shop",
+    "read_shops",
 ]

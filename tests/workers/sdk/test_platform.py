@@ -157,7 +157,7 @@ async def test_serve_supervises_worker_processes(tmp_path: Path) -> None:
     import signal as _signal
     import sys as _sys
 
-    from tests.conftest import SECRET, ServerProcess
+    from tests.conftest import SECRET, SHOPS, ServerProcess
 
     plugin = "tests.workers.sdk.plugins:EchoPlugin"
     async with trio.open_nursery() as nursery:
@@ -165,7 +165,7 @@ async def test_serve_supervises_worker_processes(tmp_path: Path) -> None:
             trio.run_process,
             [_sys.executable, "-m", "imserver", "serve", "--data", str(tmp_path / "data"),
              "--port", "0", "--secret", SECRET.decode(), "--log-level", "warning",
-             "--workers", plugin],
+             "--workers", plugin, "--shops", ",".join(SHOPS)],
             stdout=subprocess.PIPE, check=False))
         assert process.stdout is not None
         lines = _Lines(process.stdout)
