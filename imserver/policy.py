@@ -34,9 +34,10 @@ its shop: bot or queued), ``claim`` (an update that assigns such an open
 conversation to the requester), ``group_admin`` (the requester is the
 group's owner or admin), ``own_plugin`` (the plugin named in the requester's
 token) or ``queue_topics`` (shop streams other than every message).
-Cells no token can reach (a customer never has an own shop, agents and
-supervisors never hold all shops, a shop or user is never an own
-conversation) are ``deny``.
+Cells no token can reach are ``deny`` (fail closed): a customer never has an
+own shop nor all shops, agents and supervisors never hold all shops, admins
+always do, a shop or a user is never an own conversation, and requests
+without a target have only the requester's home relation.
 
 Visibility. Conversations a requester may not read (``History``) are "not
 found", whatever the request: ids are no oracle. Readable ones that the
@@ -163,59 +164,59 @@ _C, _A, _S, _W, _D = Role.CUSTOMER, Role.AGENT, Role.SUPERVISOR, Role.WORKER, Ro
 # own subscriptions.
 _TABLE: Final[dict[type, tuple[Target, dict[Role, tuple[Access, Access, Access, Access]]]]] = {
     Ping: (Target.SELF, {
-        _C: (_Y, _N, _N, _N), _A: (_N, _Y, _N, _N), _S: (_N, _Y, _N, _Y),
-        _W: (_N, _Y, _N, _Y), _D: (_N, _Y, _N, _Y)}),
+        _C: (_Y, _N, _N, _N), _A: (_N, _Y, _N, _N), _S: (_N, _Y, _N, _N),
+        _W: (_N, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
     ListConversations: (Target.SELF, {
-        _C: (_Y, _N, _N, _N), _A: (_N, _Y, _N, _N), _S: (_N, _Y, _N, _Y),
-        _W: (_N, _Y, _N, _Y), _D: (_N, _Y, _N, _Y)}),
+        _C: (_Y, _N, _N, _N), _A: (_N, _Y, _N, _N), _S: (_N, _Y, _N, _N),
+        _W: (_N, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
     OpenConversation: (Target.SHOP, {
         _C: (_N, _N, _Y, _N), _A: (_N, _N, _N, _N), _S: (_N, _N, _N, _N),
         _W: (_N, _N, _N, _N), _D: (_N, _N, _N, _N)}),
     CreateGroup: (Target.SHOP, {
-        _C: (_N, _N, _N, _N), _A: (_N, _Y, _N, _N), _S: (_N, _Y, _N, _Y),
-        _W: (_N, _Y, _N, _Y), _D: (_N, _Y, _N, _Y)}),
+        _C: (_N, _N, _N, _N), _A: (_N, _Y, _N, _N), _S: (_N, _Y, _N, _N),
+        _W: (_N, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
     UpdateMembers: (Target.CONVERSATION, {
-        _C: (_N, _N, _N, _N), _A: (_GADM, _N, _N, _N), _S: (_Y, _Y, _N, _Y),
-        _W: (_Y, _Y, _N, _Y), _D: (_Y, _Y, _N, _Y)}),
+        _C: (_N, _N, _N, _N), _A: (_GADM, _N, _N, _N), _S: (_Y, _Y, _N, _N),
+        _W: (_Y, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
     Send: (Target.CONVERSATION, {
-        _C: (_Y, _N, _N, _N), _A: (_Y, _N, _N, _N), _S: (_Y, _Y, _N, _Y),
-        _W: (_Y, _Y, _N, _Y), _D: (_Y, _Y, _N, _Y)}),
+        _C: (_Y, _N, _N, _N), _A: (_Y, _N, _N, _N), _S: (_Y, _Y, _N, _N),
+        _W: (_Y, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
     Typing: (Target.CONVERSATION, {
-        _C: (_Y, _N, _N, _N), _A: (_Y, _N, _N, _N), _S: (_Y, _Y, _N, _Y),
-        _W: (_Y, _Y, _N, _Y), _D: (_Y, _Y, _N, _Y)}),
+        _C: (_Y, _N, _N, _N), _A: (_Y, _N, _N, _N), _S: (_Y, _Y, _N, _N),
+        _W: (_Y, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
     Recall: (Target.CONVERSATION, {  # and only one's own message (checked on the message)
-        _C: (_Y, _N, _N, _N), _A: (_Y, _N, _N, _N), _S: (_Y, _Y, _N, _Y),
-        _W: (_Y, _Y, _N, _Y), _D: (_Y, _Y, _N, _Y)}),
+        _C: (_Y, _N, _N, _N), _A: (_Y, _N, _N, _N), _S: (_Y, _Y, _N, _N),
+        _W: (_Y, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
     History: (Target.CONVERSATION, {
-        _C: (_Y, _N, _N, _N), _A: (_Y, _OPEN, _N, _N), _S: (_Y, _Y, _N, _Y),
-        _W: (_Y, _Y, _N, _Y), _D: (_Y, _Y, _N, _Y)}),
+        _C: (_Y, _N, _N, _N), _A: (_Y, _OPEN, _N, _N), _S: (_Y, _Y, _N, _N),
+        _W: (_Y, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
     GetConversation: (Target.CONVERSATION, {
-        _C: (_Y, _N, _N, _N), _A: (_Y, _OPEN, _N, _N), _S: (_Y, _Y, _N, _Y),
-        _W: (_Y, _Y, _N, _Y), _D: (_Y, _Y, _N, _Y)}),
+        _C: (_Y, _N, _N, _N), _A: (_Y, _OPEN, _N, _N), _S: (_Y, _Y, _N, _N),
+        _W: (_Y, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
     Read: (Target.CONVERSATION, {
-        _C: (_Y, _N, _N, _N), _A: (_Y, _OPEN, _N, _N), _S: (_Y, _Y, _N, _Y),
-        _W: (_Y, _Y, _N, _Y), _D: (_Y, _Y, _N, _Y)}),
+        _C: (_Y, _N, _N, _N), _A: (_Y, _OPEN, _N, _N), _S: (_Y, _Y, _N, _N),
+        _W: (_Y, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
     Delivered: (Target.CONVERSATION, {
-        _C: (_Y, _N, _N, _N), _A: (_Y, _OPEN, _N, _N), _S: (_Y, _Y, _N, _Y),
-        _W: (_Y, _Y, _N, _Y), _D: (_Y, _Y, _N, _Y)}),
-    UpdateConversation: (Target.CONVERSATION, {
-        _C: (_N, _N, _N, _N), _A: (_Y, _CLAIM, _N, _N), _S: (_Y, _Y, _N, _Y),
-        _W: (_Y, _Y, _N, _Y), _D: (_Y, _Y, _N, _Y)}),
+        _C: (_Y, _N, _N, _N), _A: (_Y, _OPEN, _N, _N), _S: (_Y, _Y, _N, _N),
+        _W: (_Y, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
+    UpdateConversation: (Target.CONVERSATION, {  # direct ones only: a worker is never their agent
+        _C: (_N, _N, _N, _N), _A: (_Y, _CLAIM, _N, _N), _S: (_Y, _Y, _N, _N),
+        _W: (_N, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
     SetAgentStatus: (Target.SELF, {
         _C: (_N, _N, _N, _N), _A: (_N, _Y, _N, _N), _S: (_N, _Y, _N, _N),
         _W: (_N, _N, _N, _N), _D: (_N, _N, _N, _N)}),
     WatchPresence: (Target.USER, {
-        _C: (_N, _N, _N, _N), _A: (_N, _Y, _N, _N), _S: (_N, _Y, _N, _Y),
-        _W: (_N, _Y, _N, _Y), _D: (_N, _Y, _N, _Y)}),
+        _C: (_N, _N, _N, _N), _A: (_N, _Y, _N, _N), _S: (_N, _Y, _N, _N),
+        _W: (_N, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
     Unwatch: (Target.SELF, {
-        _C: (_Y, _N, _N, _N), _A: (_N, _Y, _N, _N), _S: (_N, _Y, _N, _Y),
-        _W: (_N, _Y, _N, _Y), _D: (_N, _Y, _N, _Y)}),
+        _C: (_Y, _N, _N, _N), _A: (_N, _Y, _N, _N), _S: (_N, _Y, _N, _N),
+        _W: (_N, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
     Subscribe: (Target.SHOP, {
-        _C: (_N, _N, _N, _N), _A: (_N, _QUEUE, _N, _N), _S: (_N, _Y, _N, _Y),
-        _W: (_N, _Y, _N, _Y), _D: (_N, _Y, _N, _Y)}),
+        _C: (_N, _N, _N, _N), _A: (_N, _QUEUE, _N, _N), _S: (_N, _Y, _N, _N),
+        _W: (_N, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
     Unsubscribe: (Target.SELF, {
-        _C: (_Y, _N, _N, _N), _A: (_N, _Y, _N, _N), _S: (_N, _Y, _N, _Y),
-        _W: (_N, _Y, _N, _Y), _D: (_N, _Y, _N, _Y)}),
+        _C: (_Y, _N, _N, _N), _A: (_N, _Y, _N, _N), _S: (_N, _Y, _N, _N),
+        _W: (_N, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
     WorkerJoin: (Target.SELF, {
         _C: (_N, _N, _N, _N), _A: (_N, _N, _N, _N), _S: (_N, _N, _N, _N),
         _W: (_N, _PLUG, _N, _PLUG), _D: (_N, _N, _N, _N)}),
@@ -224,7 +225,7 @@ _TABLE: Final[dict[type, tuple[Target, dict[Role, tuple[Access, Access, Access, 
         _W: (_N, _Y, _N, _Y), _D: (_N, _N, _N, _N)}),
     Notify: (Target.CONVERSATION, {  # or a user or a shop: see above
         _C: (_N, _N, _N, _N), _A: (_N, _N, _N, _N), _S: (_N, _N, _N, _N),
-        _W: (_Y, _Y, _N, _Y), _D: (_Y, _Y, _N, _Y)}),
+        _W: (_Y, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
 }
 
 _RELATIONS: Final = tuple(Relation)
