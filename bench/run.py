@@ -85,10 +85,22 @@ def log(line: str) -> None:
 def git_state() -> tuple[str, bool]:
     """(HEAD commit, working tree dirty) of the repository, or ("", False)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                              capture_output=True, text=True, timeout=10, check=True)
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                cwd=REPO, capture_output=True, text=True, timeout=10, check=True)
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return "", False
     return head.stdout.strip(), bool(status.stdout.strip())
@@ -107,8 +119,9 @@ def wait_quiet(limit_s: float) -> float:
         log(f"  (host busy at {busy:.0f}% of a core; waiting for a quiet window)")
 
 
-def run_scenario_on(name: str, scenario: str, profile: SuiteProfile, result: TargetResult,
-                    workers: int | None) -> None:
+def run_scenario_on(
+    name: str, scenario: str, profile: SuiteProfile, result: TargetResult, workers: int | None
+) -> None:
     """One scenario on a fresh server of target ``name``; records into ``result``."""
     target: Target = TARGETS[name]
     t0 = time.monotonic()
@@ -133,10 +146,12 @@ def run_scenario_on(name: str, scenario: str, profile: SuiteProfile, result: Tar
     outcome: ScenarioOutcome
     try:
         with server:
-            report = run_scenario(scenario, profile, server.url, server.secret_bytes, tag,
-                                  server.probe, log, workers)
-        outcome = ScenarioOutcome(status="ok", seconds=round(time.monotonic() - t0, 1),
-                                  report=report)
+            report = run_scenario(
+                scenario, profile, server.url, server.secret_bytes, tag, server.probe, log, workers
+            )
+        outcome = ScenarioOutcome(
+            status="ok", seconds=round(time.monotonic() - t0, 1), report=report
+        )
     except TargetUnavailable as exc:
         if all(o.status not in ("ok", "error") for o in result.scenarios.values()):
             log(f"  SKIPPED: {exc}")
@@ -148,18 +163,28 @@ def run_scenario_on(name: str, scenario: str, profile: SuiteProfile, result: Tar
     except Exception as exc:
         log(f"  {scenario}: ERROR {type(exc).__name__}: {exc}")
         outcome = ScenarioOutcome(
-            status="error", seconds=round(time.monotonic() - t0, 1),
-            error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            status="error",
+            seconds=round(time.monotonic() - t0, 1),
+            error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}",
+        )
     outcome.server_log = server.log
     if server.log is not None and (server.log.errors or server.log.unstructured):
-        log(f"  server log: {server.log.errors} errors, {server.log.warnings} warnings, "
+        log(
+            f"  server log: {server.log.errors} errors, {server.log.warnings} warnings, "
             f"{server.log.unstructured} other lines on stderr: "
-            + ", ".join(f"{k} x{v}" for k, v in server.log.events.items()))
+            + ", ".join(f"{k} x{v}" for k, v in server.log.events.items())
+        )
     result.scenarios[scenario] = outcome
 
 
-def run_suite(targets: list[str], scenarios: list[str], profile: SuiteProfile,
-              workers: int | None, quiet_s: float, result: SuiteResult) -> None:
+def run_suite(
+    targets: list[str],
+    scenarios: list[str],
+    profile: SuiteProfile,
+    workers: int | None,
+    quiet_s: float,
+    result: SuiteResult,
+) -> None:
     """Scenario-major: every target runs scenario 1, then scenario 2... so that a noisy
     period on the shared host hits all targets alike rather than one of them."""
     for name in targets:
@@ -187,20 +212,36 @@ def run_suite(targets: list[str], scenarios: list[str], profile: SuiteProfile,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.run",
-                                     description="Run the imserver benchmark suite.")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description="Run the imserver benchmark suite."
+    )
     parser.add_argument("--quick", action="store_true", help="tiny scale smoke run (< 60 s)")
-    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
-                        help=f"comma-separated, from {', '.join(TARGETS)}")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
-                        help=f"comma-separated, from {', '.join(SCENARIOS)}")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="load processes per scenario (default: the profile's)")
+    parser.add_argument(
+        "--targets",
+        default=",".join(DEFAULT_TARGETS),
+        help=f"comma-separated, from {', '.join(TARGETS)}",
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated, from {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="load processes per scenario (default: the profile's)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                        help="before each scenario, wait up to this long for other processes "
-                             "to leave the shared host idle")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each scenario, wait up to this long for other processes "
+        "to leave the shared host idle",
+    )
     args = parser.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -219,13 +260,21 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     commit, dirty = git_state()
     result = SuiteResult(
-        date=date, started_at=now.isoformat(timespec="seconds"),
-        command=shlex.join(["python", "-m", "bench.run", *(argv if argv is not None else sys.argv[1:])]),
-        git_commit=commit, git_dirty=dirty, machine=machine, profile=profile,
+        date=date,
+        started_at=now.isoformat(timespec="seconds"),
+        command=shlex.join(
+            ["python", "-m", "bench.run", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        git_commit=commit,
+        git_dirty=dirty,
+        machine=machine,
+        profile=profile,
     )
-    log(f"bench: {profile.name} profile, targets {', '.join(targets)}; {machine.nproc} cores "
+    log(
+        f"bench: {profile.name} profile, targets {', '.join(targets)}; {machine.nproc} cores "
         f"({machine.cpu_model}), load average {machine.load_avg_1m}; "
-        f"commit {commit or '?'}{' + uncommitted changes' if dirty else ''}")
+        f"commit {commit or '?'}{' + uncommitted changes' if dirty else ''}"
+    )
     host0 = HostCpu.sample()
     run_suite(targets, scenarios, profile, args.workers, args.wait_quiet, result)
     result.host_steal_pct = HostCpu.sample().steal_pct_since(host0)
@@ -240,8 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         png = args.out / f"{stem}-latency.png"
         why_not = plot_latency(result, png)
         print(f"plot: {png}" if why_not is None else f"plot: skipped ({why_not})")
-    failed = [f"{t}/{s}" for t, r in result.targets.items() for s, o in r.scenarios.items()
-              if o.status == "error"]
+    failed = [
+        f"{t}/{s}"
+        for t, r in result.targets.items()
+        for s, o in r.scenarios.items()
+        if o.status == "error"
+    ]
     return 1 if failed else 0
 
 

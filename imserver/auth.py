@@ -4,9 +4,11 @@ Token format (ASCII, URL-safe)::
 
     base64url(msgpack(claims)) "." base64url(HMAC-SHA256(secret, first part))
 
-Claims: ``sub`` user id, ``role``, ``shop`` (the tenant; "" for customers,
-"*" for global workers and admins), ``iat`` and ``exp`` (unix seconds),
-``jti`` (a unique id) and ``once``. A token with ``once`` set is single use:
+Claims: ``sub`` user id, ``role``, ``shop`` (the tenant; "" for customers;
+staff and workers always name one, "*" for all shops only when asked for
+explicitly: admins and global workers), ``iat`` and ``exp`` (unix seconds),
+``jti`` (a unique id), ``once`` and, for workers, ``plugin`` (the plugin the
+token may join as). A token with ``once`` set is single use:
 its jti is remembered until it expires and a second Hello with it is refused
 as a replay. The server also stores each used jti (``PutUsedToken``) and
 reloads the unexpired ones at start (``remember_used``), so a restart does not
@@ -39,6 +41,7 @@ class Claims(msgspec.Struct, kw_only=True, frozen=True):
     exp: int
     jti: str
     once: bool = False
+    plugin: str = ""
 
 
 class TokenError(Exception):
@@ -56,6 +59,21 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def _claims_problem(role: Role, shop: str, plugin: str) -> str:
+    """Why this role, shop and plugin do not fit together ("" if they do)."""
+    if role is Role.CUSTOMER:
+        return "customer tokens carry no shop" if shop else ""
+    if role in (Role.AGENT, Role.SUPERVISOR) and shop in ("", "*"):
+        return f"{role} tokens name their shop"
+    if role is Role.WORKER and not shop:
+        return "worker tokens name their shop ('*' for all shops)"
+    if role is Role.ADMIN and shop != "*":
+        return "admin tokens are for all shops (shop '*')"
+    if plugin and role is not Role.WORKER:
+        return "only worker tokens name a plugin"
+    return ""
+
+
 def mint_token(
     secret: bytes,
     *,
@@ -64,12 +82,25 @@ def mint_token(
     shop: str = "",
     ttl_s: int = 3600,
     once: bool = False,
+    plugin: str = "",
     now: float | None = None,
 ) -> str:
+    """A signed token. Staff and worker tokens must name their shop: all-shops
+    power (shop "*") is never a default, so shop "" is refused for them."""
+    role = Role(role)
+    problem = _claims_problem(role, shop, plugin)
+    if problem:
+        raise ValueError(problem)
     issued = int(time.time() if now is None else now)
     claims = Claims(
-        sub=user, role=Role(role), shop=shop, iat=issued, exp=issued + ttl_s,
-        jti=secrets.token_hex(8), once=once,
+        sub=user,
+        role=role,
+        shop=shop,
+        iat=issued,
+        exp=issued + ttl_s,
+        jti=secrets.token_hex(8),
+        once=once,
+        plugin=plugin,
     )
     body = _b64(msgspec.msgpack.encode(claims))
     sig = hmac.new(secret, body.encode("ascii"), hashlib.sha256).digest()
@@ -108,10 +139,9 @@ class TokenVerifier:
             raise TokenError("token lifetime over the maximum")
         if claims.iat > now + 300:
             raise TokenError("token issued in the future")
-        if claims.role is Role.CUSTOMER and claims.shop not in ("",):
-            raise TokenError("customer tokens carry no shop")
-        if claims.role in (Role.AGENT, Role.SUPERVISOR) and claims.shop in ("", "*"):
-            raise TokenError(f"{claims.role} tokens name their shop")
+        problem = _claims_problem(claims.role, claims.shop, claims.plugin)
+        if problem:
+            raise TokenError(problem)
         if claims.once:
             self._remember(claims, now)
         return claims

@@ -30,12 +30,18 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 
 def _add_data(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, default=Path(_env("IMSERVER_DATA", "./data") or "./data"),
-                        help="data directory: SQLite database and token secret "
-                             "(env IMSERVER_DATA, default ./data)")
-    parser.add_argument("--secret", default=_env("IMSERVER_SECRET"),
-                        help="token signing secret, at least 16 bytes (env IMSERVER_SECRET; "
-                             "default: DATA/secret, created on first use)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(_env("IMSERVER_DATA", "./data") or "./data"),
+        help="data directory: SQLite database and token secret (env IMSERVER_DATA, default ./data)",
+    )
+    parser.add_argument(
+        "--secret",
+        default=_env("IMSERVER_SECRET"),
+        help="token signing secret, at least 16 bytes (env IMSERVER_SECRET; "
+        "default: DATA/secret, created on first use)",
+    )
 
 
 def _secret(args: argparse.Namespace) -> bytes:
@@ -50,45 +56,91 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the server (embedded: one process, SQLite)")
     _add_data(serve)
-    serve.add_argument("--host", default=_env("IMSERVER_HOST", "127.0.0.1"),
-                       help="listen address (env IMSERVER_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=int(_env("IMSERVER_PORT", "8080") or 8080),
-                       help="listen port, 0 for any free port (env IMSERVER_PORT, default 8080)")
-    serve.add_argument("--cert", type=Path, default=_env("IMSERVER_CERT"),
-                       help="TLS certificate chain, PEM (env IMSERVER_CERT); enables wss://")
-    serve.add_argument("--key", type=Path, default=_env("IMSERVER_KEY"),
-                       help="TLS private key, PEM (env IMSERVER_KEY)")
-    serve.add_argument("--retention-days", type=int,
-                       default=int(_env("IMSERVER_RETENTION_DAYS", str(RETENTION_DAYS)) or RETENTION_DAYS),
-                       help=f"delete messages older than this (env IMSERVER_RETENTION_DAYS, default {RETENTION_DAYS})")
-    serve.add_argument("--synchronous", choices=["FULL", "NORMAL"],
-                       default=_env("IMSERVER_SYNCHRONOUS", "FULL"),
-                       help="SQLite durability: FULL survives power loss, NORMAL survives process "
-                            "crashes only (env IMSERVER_SYNCHRONOUS, default FULL)")
-    serve.add_argument("--shards", type=int, default=SHARD_COUNT,
-                       help=f"shard count (default {SHARD_COUNT})")
-    serve.add_argument("--log-level", default=_env("IMSERVER_LOG_LEVEL", "info"),
-                       help="debug, info, warning, error (env IMSERVER_LOG_LEVEL)")
-    serve.add_argument("--shops", default=_env("IMSERVER_SHOPS", ""),
-                       help="comma-separated shops to register at start, e.g. shop1,shop2 "
-                            "(env IMSERVER_SHOPS); conversations with unregistered shops are "
-                            "refused (see also `imserver shop add`)")
-    serve.add_argument("--workers", default=_env("IMSERVER_WORKERS", ""),
-                       help="comma-separated worker plugins to run as supervised child processes, "
-                            "e.g. bot,routing,crm (env IMSERVER_WORKERS)")
-    serve.add_argument("--workers-config", type=Path, default=_env("IMSERVER_WORKERS_CONFIG"),
-                       help="YAML file with per-plugin settings (env IMSERVER_WORKERS_CONFIG)")
+    serve.add_argument(
+        "--host",
+        default=_env("IMSERVER_HOST", "127.0.0.1"),
+        help="listen address (env IMSERVER_HOST, default 127.0.0.1)",
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=int(_env("IMSERVER_PORT", "8080") or 8080),
+        help="listen port, 0 for any free port (env IMSERVER_PORT, default 8080)",
+    )
+    serve.add_argument(
+        "--cert",
+        type=Path,
+        default=_env("IMSERVER_CERT"),
+        help="TLS certificate chain, PEM (env IMSERVER_CERT); enables wss://",
+    )
+    serve.add_argument(
+        "--key",
+        type=Path,
+        default=_env("IMSERVER_KEY"),
+        help="TLS private key, PEM (env IMSERVER_KEY)",
+    )
+    serve.add_argument(
+        "--retention-days",
+        type=int,
+        default=int(_env("IMSERVER_RETENTION_DAYS", str(RETENTION_DAYS)) or RETENTION_DAYS),
+        help=f"delete messages older than this (env IMSERVER_RETENTION_DAYS, default {RETENTION_DAYS})",
+    )
+    serve.add_argument(
+        "--synchronous",
+        choices=["FULL", "NORMAL"],
+        default=_env("IMSERVER_SYNCHRONOUS", "FULL"),
+        help="SQLite durability: FULL survives power loss, NORMAL survives process "
+        "crashes only (env IMSERVER_SYNCHRONOUS, default FULL)",
+    )
+    serve.add_argument(
+        "--shards", type=int, default=SHARD_COUNT, help=f"shard count (default {SHARD_COUNT})"
+    )
+    serve.add_argument(
+        "--log-level",
+        default=_env("IMSERVER_LOG_LEVEL", "info"),
+        help="debug, info, warning, error (env IMSERVER_LOG_LEVEL)",
+    )
+    serve.add_argument(
+        "--shops",
+        default=_env("IMSERVER_SHOPS", ""),
+        help="comma-separated shops to register at start, e.g. shop1,shop2 "
+        "(env IMSERVER_SHOPS); conversations with unregistered shops are "
+        "refused (see also `imserver shop add`)",
+    )
+    serve.add_argument(
+        "--workers",
+        default=_env("IMSERVER_WORKERS", ""),
+        help="comma-separated worker plugins to run as supervised child processes, "
+        "e.g. bot,routing,crm (env IMSERVER_WORKERS)",
+    )
+    serve.add_argument(
+        "--workers-config",
+        type=Path,
+        default=_env("IMSERVER_WORKERS_CONFIG"),
+        help="YAML file with per-plugin settings (env IMSERVER_WORKERS_CONFIG)",
+    )
 
     worker = sub.add_parser("worker", help="run one worker plugin (asyncio + uvloop)")
     _add_data(worker)
-    worker.add_argument("name", help="plugin name (entry point in group imserver.workers), "
-                                     "or package.module:Class")
-    worker.add_argument("--server", default=_env("IMSERVER_URL", "ws://127.0.0.1:8080/ws"),
-                        help="server URL (env IMSERVER_URL)")
-    worker.add_argument("--token", default=_env("IMSERVER_WORKER_TOKEN"),
-                        help="worker token (env IMSERVER_WORKER_TOKEN); default: minted from the secret")
-    worker.add_argument("--config", type=Path, default=_env("IMSERVER_WORKERS_CONFIG"),
-                        help="YAML file with per-plugin settings")
+    worker.add_argument(
+        "name", help="plugin name (entry point in group imserver.workers), or package.module:Class"
+    )
+    worker.add_argument(
+        "--server",
+        default=_env("IMSERVER_URL", "ws://127.0.0.1:8080/ws"),
+        help="server URL (env IMSERVER_URL)",
+    )
+    worker.add_argument(
+        "--token",
+        default=_env("IMSERVER_WORKER_TOKEN"),
+        help="worker token (env IMSERVER_WORKER_TOKEN); default: minted from the secret",
+    )
+    worker.add_argument(
+        "--config",
+        type=Path,
+        default=_env("IMSERVER_WORKERS_CONFIG"),
+        help="YAML file with per-plugin settings",
+    )
     worker.add_argument("--log-level", default=_env("IMSERVER_LOG_LEVEL", "info"))
     sub.add_parser("plugins", help="list installed worker plugins")
 
@@ -96,7 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(token)
     token.add_argument("user", help="user id")
     token.add_argument("--role", choices=[r.value for r in Role], default="customer")
-    token.add_argument("--shop", default="", help="the user's shop (staff), '*' for all")
+    token.add_argument("--shop", default="", help="the staff member's or worker's shop")
+    token.add_argument(
+        "--all-shops",
+        action="store_true",
+        help="worker or admin only: every shop (shop '*'); never a default",
+    )
+    token.add_argument("--plugin", default="", help="worker only: the plugin it may join as")
     token.add_argument("--ttl", type=int, default=24 * 3600, help="lifetime in seconds")
     token.add_argument("--once", action="store_true", help="single use (refused if replayed)")
 
@@ -119,8 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="a small terminal chat for demos")
     _add_data(chat)
-    chat.add_argument("--url", default=_env("IMSERVER_URL", "ws://127.0.0.1:8080/ws"),
-                      help="server URL (env IMSERVER_URL)")
+    chat.add_argument(
+        "--url",
+        default=_env("IMSERVER_URL", "ws://127.0.0.1:8080/ws"),
+        help="server URL (env IMSERVER_URL)",
+    )
     chat.add_argument("user", help="who you are")
     chat.add_argument("--role", choices=["customer", "agent", "supervisor"], default="customer")
     chat.add_argument("--shop", required=True, help="the shop to talk to (customer) or work for")
@@ -133,9 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "token":
-        print(mint_token(_secret(args), user=args.user, role=args.role, shop=args.shop,
-                         ttl_s=args.ttl, once=args.once))
-        return 0
+        return _token(args)
     if args.command == "shop":
         return _shop(args)
     if args.command == "export":
@@ -155,6 +214,36 @@ def main(argv: list[str] | None = None) -> int:
     raise AssertionError(args.command)
 
 
+def _token(args: argparse.Namespace) -> int:
+    role = Role(args.role)
+    if args.all_shops and role not in (Role.WORKER, Role.ADMIN):
+        print("--all-shops is for worker and admin tokens only", file=sys.stderr)
+        return 2
+    if args.all_shops and args.shop:
+        print("give --shop or --all-shops, not both", file=sys.stderr)
+        return 2
+    if args.shop == "*":  # all-shops power is asked for by name, never spelled as a shop
+        print("use --all-shops for every shop", file=sys.stderr)
+        return 2
+    shop = "*" if args.all_shops else args.shop
+    try:
+        token = mint_token(
+            _secret(args),
+            user=args.user,
+            role=role,
+            shop=shop,
+            ttl_s=args.ttl,
+            once=args.once,
+            plugin=args.plugin,
+        )
+    except ValueError as exc:
+        hint = " (--all-shops for every shop)" if role in (Role.WORKER, Role.ADMIN) else ""
+        print(f"{exc}{hint}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
+
+
 def _tune_gc() -> None:
     """Tens of thousands of long-lived connection objects make every full
     collection slow (a visible latency spike): move what exists at start-up out
@@ -168,9 +257,16 @@ def _serve(args: argparse.Namespace) -> int:
     logs.setup(args.log_level)
     _tune_gc()
     config = ServerConfig(
-        data_dir=args.data, secret=_secret(args), host=args.host, port=args.port,
-        cert=args.cert, key=args.key, retention_days=args.retention_days,
-        synchronous=args.synchronous, shards=args.shards, shops=_shop_names(args.shops),
+        data_dir=args.data,
+        secret=_secret(args),
+        host=args.host,
+        port=args.port,
+        cert=args.cert,
+        key=args.key,
+        retention_days=args.retention_days,
+        synchronous=args.synchronous,
+        shards=args.shards,
+        shops=_shop_names(args.shops),
     )
     server = Server(config)
 
@@ -188,9 +284,16 @@ def _serve(args: argparse.Namespace) -> int:
                 with workers:
                     async with trio.open_nursery() as children:
                         for name in plugins:
-                            children.start_soon(partial(
-                                supervise, name, url=url, secret=config.secret,
-                                data_dir=args.data, config=args.workers_config))
+                            children.start_soon(
+                                partial(
+                                    supervise,
+                                    name,
+                                    url=url,
+                                    secret=config.secret,
+                                    data_dir=args.data,
+                                    config=args.workers_config,
+                                )
+                            )
 
             nursery.start_soon(run_workers)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -227,11 +330,22 @@ def _worker(args: argparse.Namespace) -> int:
         secret = _secret(args)
 
         def token_provider() -> str:
-            return mint_token(secret, user=f"worker:{args.name}", role="worker", shop="*",
-                              ttl_s=24 * 3600)
+            return mint_token(
+                secret,
+                user=f"worker:{plugin_cls.name}",
+                role="worker",
+                shop="*",
+                plugin=plugin_cls.name,
+                ttl_s=24 * 3600,
+            )
 
-    runner = WorkerRunner(plugin_cls(), url=args.server, token=token_provider,
-                          data_dir=args.data / "workers" / plugin_cls.name, config=config)
+    runner = WorkerRunner(
+        plugin_cls(),
+        url=args.server,
+        token=token_provider,
+        data_dir=args.data / "workers" / plugin_cls.name,
+        config=config,
+    )
     try:
         import uvloop
     except ImportError:  # uvloop is optional outside Linux/macOS
@@ -250,8 +364,7 @@ def _shop_names(text: str) -> tuple[str, ...]:
 
 
 def _valid_shop(name: str) -> bool:
-    return (0 < len(name) <= MAX_ID_CHARS and name != "*"
-            and not any(ord(ch) < 0x20 for ch in name))
+    return 0 < len(name) <= MAX_ID_CHARS and name != "*" and not any(ord(ch) < 0x20 for ch in name)
 
 
 def _shop(args: argparse.Namespace) -> int:
@@ -283,8 +396,11 @@ def _export(args: argparse.Namespace) -> int:
         print(f"no database at {db}", file=sys.stderr)
         return 2
     with contextlib.ExitStack() as stack:
-        out = (stack.enter_context(open(args.out, "w", newline="", encoding="utf-8"))
-               if args.out else sys.stdout)
+        out = (
+            stack.enter_context(open(args.out, "w", newline="", encoding="utf-8"))
+            if args.out
+            else sys.stdout
+        )
         if args.conv:
             count = export_conversation(db, args.conv, out, args.format)
         else:

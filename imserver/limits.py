@@ -229,7 +229,6 @@ RETENTION_DELETE_BATCH: Final = 5000
 """Rows deleted per retention transaction, so the sweep never blocks commits long."""
 
 
-
 def markdown_table() -> str:
     """The README's limits table, made from the docstrings in this module and the
     protocol's (``python -m imserver.limits``)."""
@@ -249,7 +248,13 @@ def markdown_table() -> str:
             if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
                 doc = " ".join(str(after.value.value).split())
             value = getattr(module, node.target.id)
-            shown = f"{sorted(value)}" if isinstance(value, frozenset) else f"{value:,}" if isinstance(value, int) else str(value)
+            shown = (
+                f"{sorted(value)}"
+                if isinstance(value, frozenset)
+                else f"{value:,}"
+                if isinstance(value, int)
+                else str(value)
+            )
             rows.append(f"| `{node.target.id}` | {shown} | {doc} |")
     return "\n".join(["| limit | value | meaning |", "|---|---|---|", *rows])
 

@@ -37,8 +37,9 @@ class _HotCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         hot = self._hot
         yield CounterMetricFamily("imserver_frames_in", "Frames received", value=hot.frames_in)
-        yield CounterMetricFamily("imserver_frames_out", "Frames queued to clients",
-                                  value=hot.frames_out)
+        yield CounterMetricFamily(
+            "imserver_frames_out", "Frames queued to clients", value=hot.frames_out
+        )
         yield CounterMetricFamily("imserver_messages", "Messages stored", value=hot.messages)
 
 
@@ -57,7 +58,9 @@ class Metrics:
             "imserver_errors_total", "Error frames sent, by code", ["code"], registry=r
         )
         self.closes = Counter(
-            "imserver_closes_total", "Connections closed by the server, by close code", ["code"],
+            "imserver_closes_total",
+            "Connections closed by the server, by close code",
+            ["code"],
             registry=r,
         )
         self.actors = Gauge("imserver_actors", "Live conversation actors", registry=r)
@@ -71,7 +74,9 @@ class Metrics:
             "imserver_store_pending_ops", "Write operations waiting for a commit", registry=r
         )
         self.commit_seconds = Histogram(
-            "imserver_commit_seconds", "Store transaction latency", buckets=_COMMIT_BUCKETS,
+            "imserver_commit_seconds",
+            "Store transaction latency",
+            buckets=_COMMIT_BUCKETS,
             registry=r,
         )
         self.commit_ops = Counter("imserver_commit_ops_total", "Operations committed", registry=r)

@@ -163,69 +163,216 @@ _C, _A, _S, _W, _D = Role.CUSTOMER, Role.AGENT, Role.SUPERVISOR, Role.WORKER, Ro
 # whichever it names. Unwatch and Unsubscribe only ever remove the requester's
 # own subscriptions.
 _TABLE: Final[dict[type, tuple[Target, dict[Role, tuple[Access, Access, Access, Access]]]]] = {
-    Ping: (Target.SELF, {
-        _C: (_Y, _N, _N, _N), _A: (_N, _Y, _N, _N), _S: (_N, _Y, _N, _N),
-        _W: (_N, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
-    ListConversations: (Target.SELF, {
-        _C: (_Y, _N, _N, _N), _A: (_N, _Y, _N, _N), _S: (_N, _Y, _N, _N),
-        _W: (_N, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
-    OpenConversation: (Target.SHOP, {
-        _C: (_N, _N, _Y, _N), _A: (_N, _N, _N, _N), _S: (_N, _N, _N, _N),
-        _W: (_N, _N, _N, _N), _D: (_N, _N, _N, _N)}),
-    CreateGroup: (Target.SHOP, {
-        _C: (_N, _N, _N, _N), _A: (_N, _Y, _N, _N), _S: (_N, _Y, _N, _N),
-        _W: (_N, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
-    UpdateMembers: (Target.CONVERSATION, {
-        _C: (_N, _N, _N, _N), _A: (_GADM, _N, _N, _N), _S: (_Y, _Y, _N, _N),
-        _W: (_Y, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
-    Send: (Target.CONVERSATION, {
-        _C: (_Y, _N, _N, _N), _A: (_Y, _N, _N, _N), _S: (_Y, _Y, _N, _N),
-        _W: (_Y, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
-    Typing: (Target.CONVERSATION, {
-        _C: (_Y, _N, _N, _N), _A: (_Y, _N, _N, _N), _S: (_Y, _Y, _N, _N),
-        _W: (_Y, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
-    Recall: (Target.CONVERSATION, {  # and only one's own message (checked on the message)
-        _C: (_Y, _N, _N, _N), _A: (_Y, _N, _N, _N), _S: (_Y, _Y, _N, _N),
-        _W: (_Y, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
-    History: (Target.CONVERSATION, {
-        _C: (_Y, _N, _N, _N), _A: (_Y, _OPEN, _N, _N), _S: (_Y, _Y, _N, _N),
-        _W: (_Y, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
-    GetConversation: (Target.CONVERSATION, {
-        _C: (_Y, _N, _N, _N), _A: (_Y, _OPEN, _N, _N), _S: (_Y, _Y, _N, _N),
-        _W: (_Y, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
-    Read: (Target.CONVERSATION, {
-        _C: (_Y, _N, _N, _N), _A: (_Y, _OPEN, _N, _N), _S: (_Y, _Y, _N, _N),
-        _W: (_Y, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
-    Delivered: (Target.CONVERSATION, {
-        _C: (_Y, _N, _N, _N), _A: (_Y, _OPEN, _N, _N), _S: (_Y, _Y, _N, _N),
-        _W: (_Y, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
-    UpdateConversation: (Target.CONVERSATION, {  # direct ones only: a worker is never their agent
-        _C: (_N, _N, _N, _N), _A: (_Y, _CLAIM, _N, _N), _S: (_Y, _Y, _N, _N),
-        _W: (_N, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
-    SetAgentStatus: (Target.SELF, {
-        _C: (_N, _N, _N, _N), _A: (_N, _Y, _N, _N), _S: (_N, _Y, _N, _N),
-        _W: (_N, _N, _N, _N), _D: (_N, _N, _N, _N)}),
-    WatchPresence: (Target.USER, {
-        _C: (_N, _N, _N, _N), _A: (_N, _Y, _N, _N), _S: (_N, _Y, _N, _N),
-        _W: (_N, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
-    Unwatch: (Target.SELF, {
-        _C: (_Y, _N, _N, _N), _A: (_N, _Y, _N, _N), _S: (_N, _Y, _N, _N),
-        _W: (_N, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
-    Subscribe: (Target.SHOP, {
-        _C: (_N, _N, _N, _N), _A: (_N, _QUEUE, _N, _N), _S: (_N, _Y, _N, _N),
-        _W: (_N, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
-    Unsubscribe: (Target.SELF, {
-        _C: (_Y, _N, _N, _N), _A: (_N, _Y, _N, _N), _S: (_N, _Y, _N, _N),
-        _W: (_N, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
-    WorkerJoin: (Target.SELF, {
-        _C: (_N, _N, _N, _N), _A: (_N, _N, _N, _N), _S: (_N, _N, _N, _N),
-        _W: (_N, _PLUG, _N, _PLUG), _D: (_N, _N, _N, _N)}),
-    WorkerAck: (Target.SELF, {
-        _C: (_N, _N, _N, _N), _A: (_N, _N, _N, _N), _S: (_N, _N, _N, _N),
-        _W: (_N, _Y, _N, _Y), _D: (_N, _N, _N, _N)}),
-    Notify: (Target.CONVERSATION, {  # or a user or a shop: see above
-        _C: (_N, _N, _N, _N), _A: (_N, _N, _N, _N), _S: (_N, _N, _N, _N),
-        _W: (_Y, _Y, _N, _Y), _D: (_N, _N, _N, _Y)}),
+    Ping: (
+        Target.SELF,
+        {
+            _C: (_Y, _N, _N, _N),
+            _A: (_N, _Y, _N, _N),
+            _S: (_N, _Y, _N, _N),
+            _W: (_N, _Y, _N, _Y),
+            _D: (_N, _N, _N, _Y),
+        },
+    ),
+    ListConversations: (
+        Target.SELF,
+        {
+            _C: (_Y, _N, _N, _N),
+            _A: (_N, _Y, _N, _N),
+            _S: (_N, _Y, _N, _N),
+            _W: (_N, _Y, _N, _Y),
+            _D: (_N, _N, _N, _Y),
+        },
+    ),
+    OpenConversation: (
+        Target.SHOP,
+        {
+            _C: (_N, _N, _Y, _N),
+            _A: (_N, _N, _N, _N),
+            _S: (_N, _N, _N, _N),
+            _W: (_N, _N, _N, _N),
+            _D: (_N, _N, _N, _N),
+        },
+    ),
+    CreateGroup: (
+        Target.SHOP,
+        {
+            _C: (_N, _N, _N, _N),
+            _A: (_N, _Y, _N, _N),
+            _S: (_N, _Y, _N, _N),
+            _W: (_N, _Y, _N, _Y),
+            _D: (_N, _N, _N, _Y),
+        },
+    ),
+    UpdateMembers: (
+        Target.CONVERSATION,
+        {
+            _C: (_N, _N, _N, _N),
+            _A: (_GADM, _N, _N, _N),
+            _S: (_Y, _Y, _N, _N),
+            _W: (_Y, _Y, _N, _Y),
+            _D: (_N, _N, _N, _Y),
+        },
+    ),
+    Send: (
+        Target.CONVERSATION,
+        {
+            _C: (_Y, _N, _N, _N),
+            _A: (_Y, _N, _N, _N),
+            _S: (_Y, _Y, _N, _N),
+            _W: (_Y, _Y, _N, _Y),
+            _D: (_N, _N, _N, _Y),
+        },
+    ),
+    Typing: (
+        Target.CONVERSATION,
+        {
+            _C: (_Y, _N, _N, _N),
+            _A: (_Y, _N, _N, _N),
+            _S: (_Y, _Y, _N, _N),
+            _W: (_Y, _Y, _N, _Y),
+            _D: (_N, _N, _N, _Y),
+        },
+    ),
+    Recall: (
+        Target.CONVERSATION,
+        {  # and only one's own message (checked on the message)
+            _C: (_Y, _N, _N, _N),
+            _A: (_Y, _N, _N, _N),
+            _S: (_Y, _Y, _N, _N),
+            _W: (_Y, _Y, _N, _Y),
+            _D: (_N, _N, _N, _Y),
+        },
+    ),
+    History: (
+        Target.CONVERSATION,
+        {
+            _C: (_Y, _N, _N, _N),
+            _A: (_Y, _OPEN, _N, _N),
+            _S: (_Y, _Y, _N, _N),
+            _W: (_Y, _Y, _N, _Y),
+            _D: (_N, _N, _N, _Y),
+        },
+    ),
+    GetConversation: (
+        Target.CONVERSATION,
+        {
+            _C: (_Y, _N, _N, _N),
+            _A: (_Y, _OPEN, _N, _N),
+            _S: (_Y, _Y, _N, _N),
+            _W: (_Y, _Y, _N, _Y),
+            _D: (_N, _N, _N, _Y),
+        },
+    ),
+    Read: (
+        Target.CONVERSATION,
+        {
+            _C: (_Y, _N, _N, _N),
+            _A: (_Y, _OPEN, _N, _N),
+            _S: (_Y, _Y, _N, _N),
+            _W: (_Y, _Y, _N, _Y),
+            _D: (_N, _N, _N, _Y),
+        },
+    ),
+    Delivered: (
+        Target.CONVERSATION,
+        {
+            _C: (_Y, _N, _N, _N),
+            _A: (_Y, _OPEN, _N, _N),
+            _S: (_Y, _Y, _N, _N),
+            _W: (_Y, _Y, _N, _Y),
+            _D: (_N, _N, _N, _Y),
+        },
+    ),
+    UpdateConversation: (
+        Target.CONVERSATION,
+        {  # direct ones only: a worker is never their agent
+            _C: (_N, _N, _N, _N),
+            _A: (_Y, _CLAIM, _N, _N),
+            _S: (_Y, _Y, _N, _N),
+            _W: (_N, _Y, _N, _Y),
+            _D: (_N, _N, _N, _Y),
+        },
+    ),
+    SetAgentStatus: (
+        Target.SELF,
+        {
+            _C: (_N, _N, _N, _N),
+            _A: (_N, _Y, _N, _N),
+            _S: (_N, _Y, _N, _N),
+            _W: (_N, _N, _N, _N),
+            _D: (_N, _N, _N, _N),
+        },
+    ),
+    WatchPresence: (
+        Target.USER,
+        {
+            _C: (_N, _N, _N, _N),
+            _A: (_N, _Y, _N, _N),
+            _S: (_N, _Y, _N, _N),
+            _W: (_N, _Y, _N, _Y),
+            _D: (_N, _N, _N, _Y),
+        },
+    ),
+    Unwatch: (
+        Target.SELF,
+        {
+            _C: (_Y, _N, _N, _N),
+            _A: (_N, _Y, _N, _N),
+            _S: (_N, _Y, _N, _N),
+            _W: (_N, _Y, _N, _Y),
+            _D: (_N, _N, _N, _Y),
+        },
+    ),
+    Subscribe: (
+        Target.SHOP,
+        {
+            _C: (_N, _N, _N, _N),
+            _A: (_N, _QUEUE, _N, _N),
+            _S: (_N, _Y, _N, _N),
+            _W: (_N, _Y, _N, _Y),
+            _D: (_N, _N, _N, _Y),
+        },
+    ),
+    Unsubscribe: (
+        Target.SELF,
+        {
+            _C: (_Y, _N, _N, _N),
+            _A: (_N, _Y, _N, _N),
+            _S: (_N, _Y, _N, _N),
+            _W: (_N, _Y, _N, _Y),
+            _D: (_N, _N, _N, _Y),
+        },
+    ),
+    WorkerJoin: (
+        Target.SELF,
+        {
+            _C: (_N, _N, _N, _N),
+            _A: (_N, _N, _N, _N),
+            _S: (_N, _N, _N, _N),
+            _W: (_N, _PLUG, _N, _PLUG),
+            _D: (_N, _N, _N, _N),
+        },
+    ),
+    WorkerAck: (
+        Target.SELF,
+        {
+            _C: (_N, _N, _N, _N),
+            _A: (_N, _N, _N, _N),
+            _S: (_N, _N, _N, _N),
+            _W: (_N, _Y, _N, _Y),
+            _D: (_N, _N, _N, _N),
+        },
+    ),
+    Notify: (
+        Target.CONVERSATION,
+        {  # or a user or a shop: see above
+            _C: (_N, _N, _N, _N),
+            _A: (_N, _N, _N, _N),
+            _S: (_N, _N, _N, _N),
+            _W: (_Y, _Y, _N, _Y),
+            _D: (_N, _N, _N, _Y),
+        },
+    ),
 }
 
 _RELATIONS: Final = tuple(Relation)
@@ -245,12 +392,18 @@ KINDS: Final = (*REQUEST_TYPES, *NOTICE_TYPES)
 
 
 def _check_complete() -> None:
-    missing = [(k.__name__, r.value, rel.value) for k in KINDS for r in Role for rel in Relation
-               if (k, r, rel) not in RULES]
+    missing = [
+        (k.__name__, r.value, rel.value)
+        for k in KINDS
+        for r in Role
+        for rel in Relation
+        if (k, r, rel) not in RULES
+    ]
     extra = [k.__name__ for k in _TABLE if k not in KINDS]
     if missing or extra:
-        raise RuntimeError(f"authorization table incomplete: missing {missing[:5]}, "
-                           f"unknown kinds {extra}")
+        raise RuntimeError(
+            f"authorization table incomplete: missing {missing[:5]}, unknown kinds {extra}"
+        )
 
 
 _check_complete()  # a request kind without a table entry is a bug at import time
@@ -282,8 +435,9 @@ def user_relation(who: Identity, related: bool) -> Relation:
     return Relation.OWN_SHOP if who.is_staff and related else Relation.OTHER_SHOP
 
 
-def conversation_relation(who: Identity, conv: Conversation,
-                          members: Mapping[str, MemberRole]) -> Relation:
+def conversation_relation(
+    who: Identity, conv: Conversation, members: Mapping[str, MemberRole]
+) -> Relation:
     """``members`` needs to hold the requester's membership only."""
     if who.all_shops:
         return Relation.ALL_SHOPS
@@ -309,17 +463,26 @@ def may_attempt(kind: type, who: Identity) -> bool:
     may make a request of this kind in any relation its scope can have."""
     if who.all_shops:
         return RULES[kind, who.role, Relation.ALL_SHOPS] is not Access.DENY
-    return any(RULES[kind, who.role, relation] is not Access.DENY
-               for relation in _RELATIONS if relation is not Relation.ALL_SHOPS)
+    return any(
+        RULES[kind, who.role, relation] is not Access.DENY
+        for relation in _RELATIONS
+        if relation is not Relation.ALL_SHOPS
+    )
 
 
 def access(kind: type, who: Identity, relation: Relation) -> Access:
     return RULES[kind, who.role, relation]
 
 
-def conversation_access(kind: type, who: Identity, conv: Conversation,
-                        members: Mapping[str, MemberRole], *,
-                        new_state: ConvState | None = None, new_agent: str | None = None) -> bool:
+def conversation_access(
+    kind: type,
+    who: Identity,
+    conv: Conversation,
+    members: Mapping[str, MemberRole],
+    *,
+    new_state: ConvState | None = None,
+    new_agent: str | None = None,
+) -> bool:
     """The verdict on a request about ``conv``: the table entry, and its condition."""
     rule = RULES[kind, who.role, conversation_relation(who, conv, members)]
     if rule is Access.ALLOW:
@@ -327,16 +490,21 @@ def conversation_access(kind: type, who: Identity, conv: Conversation,
     if rule is Access.OPEN:
         return conv.kind is ConvKind.DIRECT and conv.state in _OPEN_TO_AGENTS
     if rule is Access.CLAIM:
-        return (conv.kind is ConvKind.DIRECT and conv.state in _OPEN_TO_AGENTS
-                and new_state is ConvState.ASSIGNED and new_agent == who.user)
+        return (
+            conv.kind is ConvKind.DIRECT
+            and conv.state in _OPEN_TO_AGENTS
+            and new_state is ConvState.ASSIGNED
+            and new_agent == who.user
+        )
     if rule is Access.GROUP_ADMIN:
-        return conv.kind is ConvKind.GROUP and members.get(who.user) in (MemberRole.OWNER,
-                                                                         MemberRole.ADMIN)
+        return conv.kind is ConvKind.GROUP and members.get(who.user) in (
+            MemberRole.OWNER,
+            MemberRole.ADMIN,
+        )
     return False
 
 
-def shop_access(kind: type, who: Identity, shop: str, *,
-                topics: Collection[Topic] = ()) -> bool:
+def shop_access(kind: type, who: Identity, shop: str, *, topics: Collection[Topic] = ()) -> bool:
     rule = RULES[kind, who.role, shop_relation(who, shop)]
     if rule is Access.QUEUE_TOPICS:
         return Topic.MESSAGES not in topics
@@ -365,7 +533,9 @@ def can_send(who: Identity, conv: Conversation, members: Mapping[str, MemberRole
     return conversation_access(Send, who, conv, members)
 
 
-def can_manage_members(who: Identity, conv: Conversation, members: Mapping[str, MemberRole]) -> bool:
+def can_manage_members(
+    who: Identity, conv: Conversation, members: Mapping[str, MemberRole]
+) -> bool:
     return conv.kind is ConvKind.GROUP and conversation_access(UpdateMembers, who, conv, members)
 
 
@@ -380,15 +550,29 @@ def can_subscribe(who: Identity, topic: Topic, shop: str) -> bool:
 # Allowed state changes of a direct conversation, and who may make them.
 # (from, to) -> roles; checked after the table allowed the update.
 STATE_TRANSITIONS: Final[dict[tuple[ConvState, ConvState], frozenset[Role]]] = {
-    (ConvState.BOT, ConvState.QUEUED): frozenset({Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
-    (ConvState.BOT, ConvState.ASSIGNED): frozenset({Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
-    (ConvState.BOT, ConvState.CLOSED): frozenset({Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
-    (ConvState.QUEUED, ConvState.ASSIGNED): frozenset({Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
+    (ConvState.BOT, ConvState.QUEUED): frozenset(
+        {Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}
+    ),
+    (ConvState.BOT, ConvState.ASSIGNED): frozenset(
+        {Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}
+    ),
+    (ConvState.BOT, ConvState.CLOSED): frozenset(
+        {Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}
+    ),
+    (ConvState.QUEUED, ConvState.ASSIGNED): frozenset(
+        {Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}
+    ),
     (ConvState.QUEUED, ConvState.BOT): frozenset({Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
     (ConvState.QUEUED, ConvState.CLOSED): frozenset({Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
-    (ConvState.ASSIGNED, ConvState.ASSIGNED): frozenset({Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
-    (ConvState.ASSIGNED, ConvState.QUEUED): frozenset({Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
-    (ConvState.ASSIGNED, ConvState.CLOSED): frozenset({Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
+    (ConvState.ASSIGNED, ConvState.ASSIGNED): frozenset(
+        {Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}
+    ),
+    (ConvState.ASSIGNED, ConvState.QUEUED): frozenset(
+        {Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}
+    ),
+    (ConvState.ASSIGNED, ConvState.CLOSED): frozenset(
+        {Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}
+    ),
     (ConvState.CLOSED, ConvState.BOT): frozenset({Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
     (ConvState.CLOSED, ConvState.QUEUED): frozenset({Role.SUPERVISOR, Role.WORKER, Role.ADMIN}),
 }
@@ -400,8 +584,9 @@ def check_update(
     """None if ``who`` may make this update, else the reason it is forbidden.
     (That the new agent is an agent of the shop is the store's to know: the
     actor checks it.)"""
-    if not conversation_access(UpdateConversation, who, conv, {}, new_state=new_state,
-                               new_agent=new_agent):
+    if not conversation_access(
+        UpdateConversation, who, conv, {}, new_state=new_state, new_agent=new_agent
+    ):
         if who.role is Role.AGENT and who.in_shop(conv.shop):
             return "agents may only claim open conversations or change their own"
         return "not staff of this conversation's shop"

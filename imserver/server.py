@@ -117,8 +117,9 @@ class Server:
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        store = SqliteStore(config.data_dir / DB_FILE, synchronous=config.synchronous,
-                            on_commit=METRICS.on_commit)
+        store = SqliteStore(
+            config.data_dir / DB_FILE, synchronous=config.synchronous, on_commit=METRICS.on_commit
+        )
         self.store = store
         async with trio.open_nursery() as root:
             await root.start(store.run)
@@ -130,18 +131,22 @@ class Server:
             shards_scope = trio.CancelScope()
             root.start_soon(self._run_in_scope, shards_scope, shards.run)
             await root.start(dispatcher.run)
-            ctx = GatewayContext(store=store, shards=shards, hub=hub, dispatcher=dispatcher,
-                                 verifier=TokenVerifier(config.secret),
-                                 idle_timeout_ms=config.idle_timeout_ms,
-                                 handshake_timeout_s=config.handshake_timeout_s,
-                                 outbound_buffer_bytes=config.outbound_buffer_bytes,
-                                 read_mux=(read_mux := ReadMux()))
+            ctx = GatewayContext(
+                store=store,
+                shards=shards,
+                hub=hub,
+                dispatcher=dispatcher,
+                verifier=TokenVerifier(config.secret),
+                idle_timeout_ms=config.idle_timeout_ms,
+                handshake_timeout_s=config.handshake_timeout_s,
+                outbound_buffer_bytes=config.outbound_buffer_bytes,
+                read_mux=(read_mux := ReadMux()),
+            )
             self.ctx = ctx
             await ctx.register_shops(list(config.shops))
             root.start_soon(read_mux.run)
             # Single-use tokens used before a restart stay refused.
-            for jti, exp in reversed(await store.used_tokens(int(time.time()),
-                                                             TOKEN_REPLAY_CACHE)):
+            for jti, exp in reversed(await store.used_tokens(int(time.time()), TOKEN_REPLAY_CACHE)):
                 ctx.verifier.remember_used(jti, exp)
             root.start_soon(self._retention_sweep, store)
             root.start_soon(self._sweep_sessions, ctx)
@@ -159,19 +164,35 @@ class Server:
             shards_scope.cancel()
             root.cancel_scope.cancel()  # retention sweep; the store flushes on its way out
 
-    async def _run_in_scope(self, scope: trio.CancelScope,
-                            fn: Callable[[], Awaitable[object]]) -> None:
+    async def _run_in_scope(
+        self, scope: trio.CancelScope, fn: Callable[[], Awaitable[object]]
+    ) -> None:
         with scope:
             await fn()
 
-    async def _listen(self, scope: trio.CancelScope, connections: trio.Nursery, *,
-                      task_status: trio.TaskStatus[list[trio.SocketListener]]) -> None:
+    async def _listen(
+        self,
+        scope: trio.CancelScope,
+        connections: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]],
+    ) -> None:
         with scope:
-            await trio.serve_tcp(self._handle, self.config.port, host=self.config.host,
-                                 handler_nursery=connections, task_status=task_status)
+            await trio.serve_tcp(
+                self._handle,
+                self.config.port,
+                host=self.config.host,
+                handler_nursery=connections,
+                task_status=task_status,
+            )
 
-    async def _drain(self, ctx: GatewayContext, shards: LocalShards, listen_scope: trio.CancelScope,
-                     connections: trio.Nursery) -> None:
+    async def _drain(
+        self,
+        ctx: GatewayContext,
+        shards: LocalShards,
+        listen_scope: trio.CancelScope,
+        connections: trio.Nursery,
+    ) -> None:
         event(log, "draining", sessions=len(ctx.sessions))
         listen_scope.cancel()
         ctx.draining = True
@@ -193,20 +214,30 @@ class Server:
                 stream = trio.SSLStream(stream, self._ssl, server_side=True)
             with trio.fail_after(ctx.handshake_timeout_s):
                 accepted = await accept(
-                    stream, self._http,
+                    stream,
+                    self._http,
                     can_accept=not ctx.draining and len(ctx.sessions) < MAX_CONNECTIONS,
                 )
                 if accepted is None:
                     return
                 await stream.send_all(accepted.response)
             ws = accepted.ws
-            session = Session(ctx, stream, ws,
-                              Outbox(stream, ws, max_bytes=ctx.outbound_buffer_bytes),
-                              early=accepted.early)
+            session = Session(
+                ctx,
+                stream,
+                ws,
+                Outbox(stream, ws, max_bytes=ctx.outbound_buffer_bytes),
+                early=accepted.early,
+            )
             ctx.sessions.add(session)
             await session.run()
-        except (HandshakeFailed, trio.TooSlowError, trio.BrokenResourceError,
-                trio.ClosedResourceError, ssl.SSLError):
+        except (
+            HandshakeFailed,
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            ssl.SSLError,
+        ):
             pass
         except Exception as exc:  # one connection's bug never takes the server down
             event(log, "connection_failed", level=logging.ERROR, error=repr(exc))

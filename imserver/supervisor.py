@@ -26,11 +26,23 @@ HEALTHY_AFTER_S: Final = 60.0
 STOP_GRACE_S: Final = 5.0
 
 
-async def supervise(name: str, *, url: str, secret: bytes, data_dir: Path,
-                    config: Path | None = None) -> None:
+async def supervise(
+    name: str, *, url: str, secret: bytes, data_dir: Path, config: Path | None = None
+) -> None:
     """Keep one worker process running until cancelled."""
-    command = [sys.executable, "-m", "imserver", "worker", name, "--server", url,
-               "--secret", secret.decode(), "--data", str(data_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "imserver",
+        "worker",
+        name,
+        "--server",
+        url,
+        "--secret",
+        secret.decode(),
+        "--data",
+        str(data_dir),
+    ]
     if config is not None:
         command += ["--config", str(config)]
     failures = 0

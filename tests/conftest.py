@@ -25,7 +25,8 @@ SHOPS = ("shop1", "shop2", "shop-1", "shop-2", "s", "s1", "s2", "s3", "t", "shop
 # property test through Hypothesis' timing checks (deadline, "input generation
 # is slow"). What the properties assert is unaffected.
 settings.register_profile(
-    "imserver", deadline=None,
+    "imserver",
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("imserver")
@@ -40,11 +41,18 @@ class RunningServer:
     def token(self, user: str, role: str = "customer", shop: str = "", **kw: object) -> str:
         return mint_token(SECRET, user=user, role=role, shop=shop, **kw)  # type: ignore[arg-type]
 
-    def connect(self, user: str, role: str = "customer", shop: str = "", *,
-                device: str | None = None, resume: dict[str, int] | None = None
-                ) -> AbstractAsyncContextManager[Client]:
-        return connect(self.url, self.token(user, role, shop), device=device or f"{user}-dev",
-                       resume=resume)
+    def connect(
+        self,
+        user: str,
+        role: str = "customer",
+        shop: str = "",
+        *,
+        device: str | None = None,
+        resume: dict[str, int] | None = None,
+    ) -> AbstractAsyncContextManager[Client]:
+        return connect(
+            self.url, self.token(user, role, shop), device=device or f"{user}-dev", resume=resume
+        )
 
 
 @pytest.fixture
@@ -69,8 +77,14 @@ class ServerProcess:
     def token(self, user: str, role: str = "customer", shop: str = "") -> str:
         return mint_token(SECRET, user=user, role=role, shop=shop)
 
-    def connect(self, user: str, role: str = "customer", shop: str = "", *,
-                resume: dict[str, int] | None = None) -> AbstractAsyncContextManager[Client]:
+    def connect(
+        self,
+        user: str,
+        role: str = "customer",
+        shop: str = "",
+        *,
+        resume: dict[str, int] | None = None,
+    ) -> AbstractAsyncContextManager[Client]:
         return connect(self.url, self.token(user, role, shop), device=f"{user}-dev", resume=resume)
 
 
@@ -79,12 +93,29 @@ async def start_server_process(data_dir: Path, nursery: trio.Nursery) -> ServerP
     import subprocess
     import sys
 
-    process = await nursery.start(partial(
-        trio.run_process,
-        [sys.executable, "-m", "imserver", "serve", "--data", str(data_dir), "--port", "0",
-         "--secret", SECRET.decode(), "--log-level", "warning", "--shops", ",".join(SHOPS)],
-        stdout=subprocess.PIPE, check=False,
-    ))
+    process = await nursery.start(
+        partial(
+            trio.run_process,
+            [
+                sys.executable,
+                "-m",
+                "imserver",
+                "serve",
+                "--data",
+                str(data_dir),
+                "--port",
+                "0",
+                "--secret",
+                SECRET.decode(),
+                "--log-level",
+                "warning",
+                "--shops",
+                ",".join(SHOPS),
+            ],
+            stdout=subprocess.PIPE,
+            check=False,
+        )
+    )
     assert process.stdout is not None
     line = b""
     with trio.fail_after(30):

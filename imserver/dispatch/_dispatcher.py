@@ -146,7 +146,9 @@ class PluginGroup:
 
     @property
     def kinds(self) -> frozenset[WorkerEventKind]:
-        return frozenset().union(*(i.kinds for i in self.instances)) if self.instances else frozenset()
+        return (
+            frozenset().union(*(i.kinds for i in self.instances)) if self.instances else frozenset()
+        )
 
 
 class WorkerDispatcher:
@@ -170,8 +172,14 @@ class WorkerDispatcher:
 
     # ------------------------------------------------------------ membership
 
-    async def join(self, peer: WorkerPeer, plugin: str, kinds: Iterable[WorkerEventKind], *,
-                   shop: str = ALL_SHOPS) -> Instance:
+    async def join(
+        self,
+        peer: WorkerPeer,
+        plugin: str,
+        kinds: Iterable[WorkerEventKind],
+        *,
+        shop: str = ALL_SHOPS,
+    ) -> Instance:
         """Add an instance to the group of ``plugin`` for the shop scope ``shop``;
         on the group's first join, load its watermark and replay what the log
         holds beyond it."""
@@ -200,8 +208,14 @@ class WorkerDispatcher:
         self._rebalance(group, announce_to=instance)
         self._wakeup.set()
         self._announce_membership()
-        event(log, "worker_joined", plugin=key, instance=instance.id, shards=len(instance.shards),
-              instances=len(group.instances))
+        event(
+            log,
+            "worker_joined",
+            plugin=key,
+            instance=instance.id,
+            shards=len(instance.shards),
+            instances=len(group.instances),
+        )
         return instance
 
     def leave(self, peer: WorkerPeer) -> None:
@@ -212,8 +226,13 @@ class WorkerDispatcher:
         group.instances.remove(instance)
         self._rebalance(group, announce_to=None)
         self._announce_membership()
-        event(log, "worker_left", plugin=instance.group, instance=instance.id,
-              instances=len(group.instances))
+        event(
+            log,
+            "worker_left",
+            plugin=instance.group,
+            instance=instance.id,
+            instances=len(group.instances),
+        )
 
     def _rebalance(self, group: PluginGroup, announce_to: Instance | None) -> None:
         before = {i.id: list(i.shards) for i in group.instances}
@@ -228,8 +247,9 @@ class WorkerDispatcher:
         for instance in group.instances:
             if instance is announce_to or before.get(instance.id) == instance.shards:
                 continue
-            instance.peer.send_frame(WorkerAssignment(shards=instance.shards,
-                                                      shard_count=self.shard_count))
+            instance.peer.send_frame(
+                WorkerAssignment(shards=instance.shards, shard_count=self.shard_count)
+            )
         # Events in flight on a shard that changed hands go to the new owner now.
         for flight in group.inflight.values():
             owner = group.owner.get(flight.stored.shard)
@@ -322,7 +342,9 @@ class WorkerDispatcher:
                     await self._replay(group)
                 for flight in list(group.inflight.values()):
                     owner = group.owner.get(flight.stored.shard)
-                    if owner is not None and (flight.to is None or now - flight.sent_at >= WORKER_ACK_TIMEOUT_S):
+                    if owner is not None and (
+                        flight.to is None or now - flight.sent_at >= WORKER_ACK_TIMEOUT_S
+                    ):
                         self._deliver(group, flight, owner)
                 if group.watermark != group.saved_watermark:
                     mark = group.watermark
@@ -337,8 +359,12 @@ class WorkerDispatcher:
             for stored in batch:
                 after = group.replay_cursor = stored.id
                 group.highest_seen = max(group.highest_seen, stored.id)
-                if (stored.kind in group.kinds and stored.id not in group.inflight
-                        and group.in_scope(stored) and not group.is_own(stored)):
+                if (
+                    stored.kind in group.kinds
+                    and stored.id not in group.inflight
+                    and group.in_scope(stored)
+                    and not group.is_own(stored)
+                ):
                     group.inflight[stored.id] = _InFlight(stored=stored)
             if len(batch) < WORKER_REPLAY_BATCH:
                 group.needs_replay = False

@@ -16,8 +16,13 @@ from ..limits import CUSTOMER_OPEN_BUCKETS, CUSTOMER_OPENS_BURST, CUSTOMER_OPENS
 
 
 class OpenRate:
-    def __init__(self, *, per_minute: float = CUSTOMER_OPENS_PER_MINUTE,
-                 burst: float = CUSTOMER_OPENS_BURST, size: int = CUSTOMER_OPEN_BUCKETS) -> None:
+    def __init__(
+        self,
+        *,
+        per_minute: float = CUSTOMER_OPENS_PER_MINUTE,
+        burst: float = CUSTOMER_OPENS_BURST,
+        size: int = CUSTOMER_OPEN_BUCKETS,
+    ) -> None:
         self._rate = per_minute / 60
         self._burst = burst
         self._size = size

@@ -42,6 +42,7 @@ from ..logs import event
 
 log = logging.getLogger("imserver.gateway")
 
+
 class ReadMux:
     """See the module docstring. ``run`` must be running for callbacks to fire."""
 
@@ -81,8 +82,9 @@ class ReadMux:
                         callback()
                     except Exception as exc:  # a bug: isolate it to its connection
                         self.remove(fd)
-                        event(log, "read_callback_failed", level=logging.ERROR,
-                              fd=fd, error=repr(exc))
+                        event(
+                            log, "read_callback_failed", level=logging.ERROR, fd=fd, error=repr(exc)
+                        )
         finally:
             self._callbacks.clear()
             self._epoll.close()

@@ -164,8 +164,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("imserver.session")
 
 
-
-
 @dataclass
 class GatewayContext:
     """What sessions share: the engines and the server's state."""
@@ -202,8 +200,14 @@ class GatewayContext:
 
 
 class Session:
-    def __init__(self, ctx: GatewayContext, stream: trio.abc.Stream, ws: ServerProtocol,
-                 outbox: Outbox, early: bytes = b"") -> None:
+    def __init__(
+        self,
+        ctx: GatewayContext,
+        stream: trio.abc.Stream,
+        ws: ServerProtocol,
+        outbox: Outbox,
+        early: bytes = b"",
+    ) -> None:
         self.ctx = ctx
         self.stream = stream
         self.ws = ws
@@ -363,7 +367,9 @@ class Session:
             return await self._read_via_mux(self.ctx.read_mux)
         while self._reading:
             try:
-                data = bytes(await self.stream.receive_some(RECEIVE_CHUNK_BYTES))  # TLS: a bytearray
+                data = bytes(
+                    await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
+                )  # TLS: a bytearray
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return True
             if not data:
@@ -445,7 +451,7 @@ class Session:
             result = self._deliver(payload)
             if result is not _CONTINUE:
                 # Keep the rest as frames for _process_frames (after the wait).
-                self._frames.extend(Frame(Opcode.BINARY, p) for p in payloads[index + 1:])
+                self._frames.extend(Frame(Opcode.BINARY, p) for p in payloads[index + 1 :])
                 return result
         return _CONTINUE
 
@@ -506,20 +512,32 @@ class Session:
     def _handle(self, ev: ServerEvent) -> None:
         if isinstance(ev, RequestReceived):
             if self.ctx.draining:
-                self.send_frame(Error(code=ErrorCode.UNAVAILABLE, message="server draining",
-                                      id=ev.request.id, retry_after_ms=1000))
+                self.send_frame(
+                    Error(
+                        code=ErrorCode.UNAVAILABLE,
+                        message="server draining",
+                        id=ev.request.id,
+                        retry_after_ms=1000,
+                    )
+                )
                 return
             assert self.identity is not None
             if not policy.may_attempt(type(ev.request), self.identity):
-                self.send_frame(Error(code=ErrorCode.FORBIDDEN, id=ev.request.id,
-                                      message=f"a {self.identity.role} may not {ev.request.__struct_config__.tag}"))
+                self.send_frame(
+                    Error(
+                        code=ErrorCode.FORBIDDEN,
+                        id=ev.request.id,
+                        message=f"a {self.identity.role} may not {ev.request.__struct_config__.tag}",
+                    )
+                )
                 return
             try:
                 _REQUEST_HANDLERS[type(ev.request)](self, ev.request)
             except Exception as exc:  # a bug must not take the connection down
                 event(log, "request_failed", level=logging.ERROR, error=repr(exc))
-                self.send_frame(Error(code=ErrorCode.INTERNAL, message="internal error",
-                                      id=ev.request.id))
+                self.send_frame(
+                    Error(code=ErrorCode.INTERNAL, message="internal error", id=ev.request.id)
+                )
         elif isinstance(ev, NoticeReceived):
             self._notice(ev.notice)
         elif isinstance(ev, HelloReceived):
@@ -539,11 +557,18 @@ class Session:
             self._handle(self.conn.reject(ErrorCode.UNAUTHORIZED, str(exc), CloseCode.UNAUTHORIZED))
             return
         if self.ctx.draining:
-            self._handle(self.conn.reject(ErrorCode.UNAVAILABLE, "server draining", CloseCode.GOING_AWAY))
+            self._handle(
+                self.conn.reject(ErrorCode.UNAVAILABLE, "server draining", CloseCode.GOING_AWAY)
+            )
             return
-        who = policy.Identity(user=claims.sub, role=claims.role, shop=claims.shop,
-                              session=self.id, device=hello.device,
-                              plugin=getattr(claims, "plugin", ""))
+        who = policy.Identity(
+            user=claims.sub,
+            role=claims.role,
+            shop=claims.shop,
+            session=self.id,
+            device=hello.device,
+            plugin=getattr(claims, "plugin", ""),
+        )
         self.identity = who
         assert self._nursery is not None
         if claims.once:  # refused from memory from now on; stored for after a restart
@@ -556,14 +581,25 @@ class Session:
             self.idle_timeout_ms = min(self.idle_timeout_ms, WORKER_IDLE_TIMEOUT_MS)
             self.heartbeat_ms = min(self.heartbeat_ms, WORKER_HEARTBEAT_MS)
         welcome = Welcome(
-            v=PROTOCOL_VERSION, session=self.id, user=who.user, role=who.role, shop=who.shop,
-            server_time=now_ms(), heartbeat_ms=self.heartbeat_ms,
+            v=PROTOCOL_VERSION,
+            session=self.id,
+            user=who.user,
+            role=who.role,
+            shop=who.shop,
+            server_time=now_ms(),
+            heartbeat_ms=self.heartbeat_ms,
             idle_timeout_ms=self.idle_timeout_ms,
             limits=Limits(
-                max_frame_bytes=MAX_FRAME_BYTES, max_text_chars=MAX_TEXT_CHARS,
-                frames_per_second=self.conn.bucket.rate if who.role in (Role.WORKER, Role.ADMIN) else FRAMES_PER_SECOND,  # type: ignore[arg-type]
-                frames_burst=self.conn.bucket.burst if who.role in (Role.WORKER, Role.ADMIN) else FRAMES_BURST,  # type: ignore[arg-type]
-                max_inflight=MAX_INFLIGHT_REQUESTS, history_page=MAX_HISTORY_PAGE,
+                max_frame_bytes=MAX_FRAME_BYTES,
+                max_text_chars=MAX_TEXT_CHARS,
+                frames_per_second=self.conn.bucket.rate
+                if who.role in (Role.WORKER, Role.ADMIN)
+                else FRAMES_PER_SECOND,  # type: ignore[arg-type]
+                frames_burst=self.conn.bucket.burst
+                if who.role in (Role.WORKER, Role.ADMIN)
+                else FRAMES_BURST,  # type: ignore[arg-type]
+                max_inflight=MAX_INFLIGHT_REQUESTS,
+                history_page=MAX_HISTORY_PAGE,
                 recall_window_ms=RECALL_WINDOW_MS,
             ),
         )
@@ -574,13 +610,24 @@ class Session:
             self._catchup[conv] = []
         others = self.ctx.hub.register(self)
         for other in others:
-            if isinstance(other, Session) and other.identity and other.identity.device == who.device:
+            if (
+                isinstance(other, Session)
+                and other.identity
+                and other.identity.device == who.device
+            ):
                 other.close(CloseCode.SESSION_REPLACED, "logged in again from the same device")
         live = [o for o in others if isinstance(o, Session) and o.outbox.closing is None]
         for oldest in live[: max(0, len(live) + 1 - MAX_DEVICES_PER_USER)]:
             oldest.close(CloseCode.SESSION_REPLACED, "too many devices")
-        event(log, "login", user=who.user, role=who.role.value, session=self.id,
-              device=hello.device, resume=len(hello.resume))
+        event(
+            log,
+            "login",
+            user=who.user,
+            role=who.role.value,
+            session=self.id,
+            device=hello.device,
+            resume=len(hello.resume),
+        )
         assert self._nursery is not None
         self._nursery.start_soon(self._resume, dict(hello.resume))
 
@@ -592,8 +639,9 @@ class Session:
 
     async def _store_staff(self, who: policy.Identity) -> None:
         try:
-            await self.ctx.store.write([PutStaff(shop=who.shop, user=who.user, role=who.role,
-                                                 ts=now_ms())])
+            await self.ctx.store.write(
+                [PutStaff(shop=who.shop, user=who.user, role=who.role, ts=now_ms())]
+            )
         except Exception as exc:
             event(log, "staff_not_stored", level=logging.ERROR, error=repr(exc))
 
@@ -620,8 +668,9 @@ class Session:
         last = after
         while True:
             while True:
-                page = await store.read_page(conv_id, user=who.user, before=None, after=last,
-                                             limit=RESUME_BATCH)
+                page = await store.read_page(
+                    conv_id, user=who.user, before=None, after=last, limit=RESUME_BATCH
+                )
                 if not _readable(who, page):
                     return None
                 for message in page.messages:
@@ -647,8 +696,16 @@ class Session:
             return
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             try:
-                await self.ctx.store.write([PutAgent(shop=who.shop, agent=who.user,
-                                                     status=AgentStatusEnum.OFFLINE, ts=now_ms())])
+                await self.ctx.store.write(
+                    [
+                        PutAgent(
+                            shop=who.shop,
+                            agent=who.user,
+                            status=AgentStatusEnum.OFFLINE,
+                            ts=now_ms(),
+                        )
+                    ]
+                )
             except Exception as exc:
                 event(log, "agent_offline_failed", level=logging.WARNING, error=repr(exc))
                 return
@@ -664,19 +721,32 @@ class Session:
         if not self.ctx.shards.submit(cmd):
             self._blocked.append(cmd)  # the read loop waits for room before reading on
 
-    def _spawn(self, request: Request, handler: Callable[[Any], Awaitable[ServerFrameType]]) -> None:
+    def _spawn(
+        self, request: Request, handler: Callable[[Any], Awaitable[ServerFrameType]]
+    ) -> None:
         assert self._nursery is not None
         self._nursery.start_soon(self._guarded, request, handler)
 
-    async def _guarded(self, request: Request, handler: Callable[[Any], Awaitable[ServerFrameType]]) -> None:
+    async def _guarded(
+        self, request: Request, handler: Callable[[Any], Awaitable[ServerFrameType]]
+    ) -> None:
         try:
             reply = await handler(request)
         except _Refuse as refusal:
-            reply = Error(code=refusal.code, message=refusal.message, id=request.id,
-                          retry_after_ms=refusal.retry_after_ms)
+            reply = Error(
+                code=refusal.code,
+                message=refusal.message,
+                id=request.id,
+                retry_after_ms=refusal.retry_after_ms,
+            )
         except Exception as exc:
-            event(log, "request_failed", level=logging.ERROR, request=type(request).__name__,
-                  error=repr(exc))
+            event(
+                log,
+                "request_failed",
+                level=logging.ERROR,
+                request=type(request).__name__,
+                error=repr(exc),
+            )
             reply = Error(code=ErrorCode.INTERNAL, message="internal error", id=request.id)
         self.send_frame(reply)
 
@@ -690,13 +760,24 @@ class Session:
         self._submit(GetCmd(conv=r.conv, **self._origin(r)))
 
     def _members(self, r: UpdateMembers) -> None:
-        self._submit(MembersCmd(conv=r.conv, add=r.add, remove=r.remove, role=r.role,
-                                **self._origin(r)))
+        self._submit(
+            MembersCmd(conv=r.conv, add=r.add, remove=r.remove, role=r.role, **self._origin(r))
+        )
 
     def _update(self, r: UpdateConversation) -> None:
-        self._submit(UpdateCmd(conv=r.conv, state=r.state, agent=r.agent, priority=r.priority,
-                               tags_add=r.tags_add, tags_remove=r.tags_remove, note=r.note,
-                               key=r.key, **self._origin(r)))
+        self._submit(
+            UpdateCmd(
+                conv=r.conv,
+                state=r.state,
+                agent=r.agent,
+                priority=r.priority,
+                tags_add=r.tags_add,
+                tags_remove=r.tags_remove,
+                note=r.note,
+                key=r.key,
+                **self._origin(r),
+            )
+        )
 
     def _spawn_history(self, r: History) -> None:
         self._spawn(r, self._history)
@@ -725,23 +806,36 @@ class Session:
     def _spawn_watch(self, r: WatchPresence) -> None:
         self._spawn(r, self._watch)
 
-    def _spawn_submit(self, request: Request,
-                      check: Callable[[Any], Awaitable[AnyCommand]]) -> None:
+    def _spawn_submit(
+        self, request: Request, check: Callable[[Any], Awaitable[AnyCommand]]
+    ) -> None:
         """Checks that need the store, then a command for an actor (which replies)."""
         assert self._nursery is not None
         self._nursery.start_soon(self._check_then_submit, request, check)
 
-    async def _check_then_submit(self, request: Request,
-                                 check: Callable[[Any], Awaitable[AnyCommand]]) -> None:
+    async def _check_then_submit(
+        self, request: Request, check: Callable[[Any], Awaitable[AnyCommand]]
+    ) -> None:
         try:
             cmd = await check(request)
         except _Refuse as refusal:
-            self.send_frame(Error(code=refusal.code, message=refusal.message, id=request.id,
-                                  retry_after_ms=refusal.retry_after_ms))
+            self.send_frame(
+                Error(
+                    code=refusal.code,
+                    message=refusal.message,
+                    id=request.id,
+                    retry_after_ms=refusal.retry_after_ms,
+                )
+            )
             return
         except Exception as exc:
-            event(log, "request_failed", level=logging.ERROR, request=type(request).__name__,
-                  error=repr(exc))
+            event(
+                log,
+                "request_failed",
+                level=logging.ERROR,
+                request=type(request).__name__,
+                error=repr(exc),
+            )
             self.send_frame(Error(code=ErrorCode.INTERNAL, message="internal error", id=request.id))
             return
         if not self.ctx.shards.submit(cmd):
@@ -755,8 +849,11 @@ class Session:
         self.send_frame(Pong(id=request.id, server_time=now_ms()))
 
     def _send(self, request: Send) -> None:
-        self._submit(SendCmd(conv=request.conv, cmid=request.cmid, body=request.body,
-                             **self._origin(request)))
+        self._submit(
+            SendCmd(
+                conv=request.conv, cmid=request.cmid, body=request.body, **self._origin(request)
+            )
+        )
 
     async def _open(self, request: OpenConversation) -> AnyCommand:
         who = self.identity
@@ -765,19 +862,26 @@ class Session:
             raise _Refuse(ErrorCode.FORBIDDEN, "only customers open direct conversations")
         wait = self.ctx.open_rate.take(who.user, trio.current_time())
         if wait:
-            raise _Refuse(ErrorCode.RATE_LIMITED, "opening conversations too fast",
-                          retry_after_ms=int(wait * 1000) + 1)
+            raise _Refuse(
+                ErrorCode.RATE_LIMITED,
+                "opening conversations too fast",
+                retry_after_ms=int(wait * 1000) + 1,
+            )
         await self._registered(request.shop)
         conv = direct_conversation_id(request.shop, who.user)
         store = self.ctx.store
         if await store.find_open_direct(request.shop, who.user) is None and (
-                await store.count_open_direct(who.user, MAX_OPEN_CONVERSATIONS_PER_CUSTOMER)
-                >= MAX_OPEN_CONVERSATIONS_PER_CUSTOMER):
-            raise _Refuse(ErrorCode.RATE_LIMITED,
-                          f"{MAX_OPEN_CONVERSATIONS_PER_CUSTOMER} conversations are open already:"
-                          " close one first")
-        return OpenDirectCmd(conv=conv, shop=request.shop, channel=request.channel,
-                             **self._origin(request))
+            await store.count_open_direct(who.user, MAX_OPEN_CONVERSATIONS_PER_CUSTOMER)
+            >= MAX_OPEN_CONVERSATIONS_PER_CUSTOMER
+        ):
+            raise _Refuse(
+                ErrorCode.RATE_LIMITED,
+                f"{MAX_OPEN_CONVERSATIONS_PER_CUSTOMER} conversations are open already:"
+                " close one first",
+            )
+        return OpenDirectCmd(
+            conv=conv, shop=request.shop, channel=request.channel, **self._origin(request)
+        )
 
     async def _create_group(self, request: CreateGroup) -> AnyCommand:
         who = self.identity
@@ -785,15 +889,24 @@ class Session:
         if not policy.can_create_group(who, request.shop):
             raise _Refuse(ErrorCode.FORBIDDEN, "only staff of the shop create groups")
         await self._registered(request.shop)
-        return CreateGroupCmd(conv=group_conversation_id(), shop=request.shop,
-                              title=request.title, members=request.members,
-                              **self._origin(request))
+        return CreateGroupCmd(
+            conv=group_conversation_id(),
+            shop=request.shop,
+            title=request.title,
+            members=request.members,
+            **self._origin(request),
+        )
 
     async def _history(self, request: History) -> ServerFrameType:
         who = self.identity
         assert who is not None
-        page = await self.ctx.store.read_page(request.conv, user=who.user, before=request.before,
-                                              after=request.after, limit=request.limit)
+        page = await self.ctx.store.read_page(
+            request.conv,
+            user=who.user,
+            before=request.before,
+            after=request.after,
+            limit=request.limit,
+        )
         if not _readable(who, page):
             raise _Refuse(ErrorCode.NOT_FOUND, f"no conversation {request.conv!r}")
         messages, more = page.messages, page.more
@@ -816,8 +929,10 @@ class Session:
         who = self.identity
         assert who is not None
         convs, more = await self.ctx.store.list_conversations(
-            Scope.for_role(who.role, who.user, who.shop), state=request.state,
-            updated_before=request.updated_before, before_id=request.before_id,
+            Scope.for_role(who.role, who.user, who.shop),
+            state=request.state,
+            updated_before=request.updated_before,
+            before_id=request.before_id,
             limit=request.limit,
         )
         if who.role is Role.CUSTOMER:
@@ -829,17 +944,28 @@ class Session:
         assert who is not None
         if who.role not in (Role.AGENT, Role.SUPERVISOR):
             raise _Refuse(ErrorCode.FORBIDDEN, "only agents have an agent status")
-        await self.ctx.store.write([PutAgent(shop=who.shop, agent=who.user, status=request.status,
-                                             ts=now_ms())])
+        await self.ctx.store.write(
+            [PutAgent(shop=who.shop, agent=who.user, status=request.status, ts=now_ms())]
+        )
         self._agent_changed(who, request.status)
         return Ok(id=request.id)
 
     def _agent_changed(self, who: policy.Identity, status: AgentStatusEnum) -> None:
-        self.ctx.hub.broadcast_shop(who.shop, Topic.AGENTS, AgentEvent(
-            shop=who.shop, agent=who.user, status=status))
-        self.ctx.dispatcher.broadcast(WorkerEventKind.AGENT, WorkerEvent(
-            event_id=0, shard=0, kind=WorkerEventKind.AGENT, ts=now_ms(), agent=who.user,
-            agent_status=status, shop=who.shop))
+        self.ctx.hub.broadcast_shop(
+            who.shop, Topic.AGENTS, AgentEvent(shop=who.shop, agent=who.user, status=status)
+        )
+        self.ctx.dispatcher.broadcast(
+            WorkerEventKind.AGENT,
+            WorkerEvent(
+                event_id=0,
+                shard=0,
+                kind=WorkerEventKind.AGENT,
+                ts=now_ms(),
+                agent=who.user,
+                agent_status=status,
+                shop=who.shop,
+            ),
+        )
 
     async def _watch(self, request: WatchPresence) -> ServerFrameType:
         who = self.identity
@@ -850,8 +976,9 @@ class Session:
         related = set() if who.all_shops else await self.ctx.store.shop_users(who.shop, users)
         strangers = [u for u in users if not policy.user_access(WatchPresence, who, u in related)]
         if strangers:
-            raise _Refuse(ErrorCode.FORBIDDEN,
-                          f"not users of your shop: {', '.join(strangers)[:200]}")
+            raise _Refuse(
+                ErrorCode.FORBIDDEN, f"not users of your shop: {', '.join(strangers)[:200]}"
+            )
         return PresenceList(id=request.id, presences=self.ctx.hub.watch(self, users))
 
     async def _subscribe(self, request: Subscribe) -> ServerFrameType:
@@ -861,8 +988,10 @@ class Session:
         if shop in ("", policy.ALL_SHOPS):
             raise _Refuse(ErrorCode.BAD_FRAME, "name the shop to subscribe to")
         if not policy.shop_access(Subscribe, who, shop, topics=request.topics):
-            raise _Refuse(ErrorCode.FORBIDDEN,
-                          f"you may not subscribe to {', '.join(request.topics)} of {shop}")
+            raise _Refuse(
+                ErrorCode.FORBIDDEN,
+                f"you may not subscribe to {', '.join(request.topics)} of {shop}",
+            )
         await self._registered(shop)
         for topic in request.topics:
             self.ctx.hub.subscribe(self, shop, topic)
@@ -886,8 +1015,12 @@ class Session:
         who = self.identity
         assert who is not None
         if not policy.may_attempt(type(notice), who):
-            self.send_frame(Error(code=ErrorCode.FORBIDDEN,
-                                  message=f"a {who.role} may not send {type(notice).__name__}"))
+            self.send_frame(
+                Error(
+                    code=ErrorCode.FORBIDDEN,
+                    message=f"a {who.role} may not send {type(notice).__name__}",
+                )
+            )
             return
         if isinstance(notice, Typing):
             self._submit(TypingCmd(conv=notice.conv, who=who))
@@ -902,15 +1035,23 @@ class Session:
         who = self.identity
         assert who is not None
         if not policy.self_access(WorkerJoin, who, plugin=request.plugin):
-            raise _Refuse(ErrorCode.FORBIDDEN,
-                          f"this token may join plugin {who.plugin!r} only" if who.plugin
-                          else "this token names no plugin to join")
+            raise _Refuse(
+                ErrorCode.FORBIDDEN,
+                f"this token may join plugin {who.plugin!r} only"
+                if who.plugin
+                else "this token names no plugin to join",
+            )
         if self._worker is not None:
             raise _Refuse(ErrorCode.CONFLICT, "this connection already joined a plugin")
-        self._worker = await self.ctx.dispatcher.join(self, request.plugin, request.kinds,
-                                                      shop=who.shop)
-        return WorkerJoined(id=request.id, instance=self._worker.id, shards=self._worker.shards,
-                            shard_count=self.ctx.dispatcher.shard_count)
+        self._worker = await self.ctx.dispatcher.join(
+            self, request.plugin, request.kinds, shop=who.shop
+        )
+        return WorkerJoined(
+            id=request.id,
+            instance=self._worker.id,
+            shards=self._worker.shards,
+            shard_count=self.ctx.dispatcher.shard_count,
+        )
 
     async def _notify(self, request: Notify) -> ServerFrameType:
         who = self.identity
@@ -931,8 +1072,9 @@ class Session:
                 raise _Refuse(ErrorCode.FORBIDDEN, "you may not notify this conversation")
             hub.publish(conv, members, frame, topic=None)
         elif request.user is not None:
-            related = who.all_shops or request.user in await store.shop_users(who.shop,
-                                                                               [request.user])
+            related = who.all_shops or request.user in await store.shop_users(
+                who.shop, [request.user]
+            )
             if not policy.user_access(Notify, who, related):
                 raise _Refuse(ErrorCode.FORBIDDEN, "not a user of your shop")
             hub.send_to_user(request.user, frame)

@@ -71,7 +71,9 @@ def _is_upgrade(request: h11.Request) -> bool:
     return False
 
 
-async def _respond_http(stream: trio.abc.Stream, status: int, content_type: str, body: bytes) -> None:
+async def _respond_http(
+    stream: trio.abc.Stream, status: int, content_type: str, body: bytes
+) -> None:
     conn = h11.Connection(h11.SERVER)
     # h11 needs to have seen a request before it will send a response.
     conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -111,7 +113,7 @@ async def accept(
         if not chunk:
             raise HandshakeFailed("connection closed during the HTTP request")
         buffer += chunk
-    head, early = bytes(buffer[:end + 4]), bytes(buffer[end + 4:])
+    head, early = bytes(buffer[: end + 4]), bytes(buffer[end + 4 :])
     parser = h11.Connection(h11.SERVER)
     parser.receive_data(head)
     try:
@@ -126,7 +128,11 @@ async def accept(
     if not _is_upgrade(request):
         answer = await http_handler(target)
         if answer is None:
-            answer = (426, "text/plain", b"this endpoint speaks WebSocket (binary msgpack frames)\n")
+            answer = (
+                426,
+                "text/plain",
+                b"this endpoint speaks WebSocket (binary msgpack frames)\n",
+            )
         await _respond_http(stream, *answer)
         return None
     if not can_accept:
@@ -152,10 +158,15 @@ async def accept(
 class Outbox:
     """Bounded, coalescing writer of one connection. See the module docstring."""
 
-    def __init__(self, stream: trio.abc.Stream, ws: ServerProtocol, *,
-                 max_bytes: int = OUTBOUND_BUFFER_BYTES,
-                 hard_bytes: int = OUTBOUND_BUFFER_HARD_BYTES,
-                 max_frames: int = OUTBOUND_BUFFER_FRAMES) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        ws: ServerProtocol,
+        *,
+        max_bytes: int = OUTBOUND_BUFFER_BYTES,
+        hard_bytes: int = OUTBOUND_BUFFER_HARD_BYTES,
+        max_frames: int = OUTBOUND_BUFFER_FRAMES,
+    ) -> None:
         self._stream = stream
         self._ws = ws
         # Plain TCP only: TLS must go through the SSL stream.
@@ -202,8 +213,11 @@ class Outbox:
             now = trio.current_time()
             if self._over_since is None:
                 self._over_since = now
-            if (size > self.hard_bytes or len(self._chunks) >= self.max_frames
-                    or now - self._over_since > SLOW_CONSUMER_GRACE_S):
+            if (
+                size > self.hard_bytes
+                or len(self._chunks) >= self.max_frames
+                or now - self._over_since > SLOW_CONSUMER_GRACE_S
+            ):
                 self.on_overflow()
                 self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outbound buffer full")
                 return False

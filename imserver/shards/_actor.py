@@ -150,7 +150,9 @@ class ConversationActor:
         self.hub = hub
         self._on_passivate = on_passivate
         self._on_processed = on_processed
-        self.send_channel, self._receive_channel = trio.open_memory_channel[AnyCommand](mailbox_depth)
+        self.send_channel, self._receive_channel = trio.open_memory_channel[AnyCommand](
+            mailbox_depth
+        )
         self.conversation: Conversation | None = None
         self.members: dict[str, MemberRole] = {}
         self.recent: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()
@@ -191,8 +193,14 @@ class ConversationActor:
             except Exception as exc:
                 crashes += 1
                 METRICS.actor_crashes.inc()
-                event(log, "actor_crashed", level=logging.ERROR, conv=self.conv_id, crashes=crashes,
-                      error=repr(exc))
+                event(
+                    log,
+                    "actor_crashed",
+                    level=logging.ERROR,
+                    conv=self.conv_id,
+                    crashes=crashes,
+                    error=repr(exc),
+                )
                 for cmd in self._batch:
                     self._reply_error(cmd, ErrorCode.INTERNAL, "internal error; retry")
                 self._on_processed(len(self._batch))
@@ -287,12 +295,12 @@ class ConversationActor:
             # The same answer for "absent" and "not yours": ids are not an oracle.
             raise Refusal(ErrorCode.NOT_FOUND, f"no conversation {cmd.conv!r}")
         if kind is not None and not policy.conversation_access(kind, cmd.who, conv, self.members):
-            raise Refusal(ErrorCode.FORBIDDEN,
-                          f"a {cmd.who.role} may not {kind.__name__} here")
+            raise Refusal(ErrorCode.FORBIDDEN, f"a {cmd.who.role} may not {kind.__name__} here")
         return conv
 
-    def _publish_conversation(self, ops: list[WriteOp], conv: Conversation, change: str, *,
-                              also: str = "") -> Effect:
+    def _publish_conversation(
+        self, ops: list[WriteOp], conv: Conversation, change: str, *, also: str = ""
+    ) -> Effect:
         """Tell participants (customer without internal fields), the shop's
         conversation watchers and the worker plugins what changed; ``also`` is a
         user who just left (a previous agent) and must hear it too."""
@@ -303,8 +311,13 @@ class ConversationActor:
         def effect() -> None:
             if logged is not None:
                 self.dispatcher.publish(logged.stored())
-            self.hub.publish(conv, members, staff_frame, topic=Topic.CONVERSATIONS,
-                             exclude_user=conv.customer or "")
+            self.hub.publish(
+                conv,
+                members,
+                staff_frame,
+                topic=Topic.CONVERSATIONS,
+                exclude_user=conv.customer or "",
+            )
             if conv.customer:
                 self.hub.send_to_user(
                     conv.customer,
@@ -331,7 +344,12 @@ class ConversationActor:
         seq = conv.last_seq + 1
         ts = max(now_ms(), conv.updated_at)
         message = Message(
-            conv=conv.id, seq=seq, sender=who.user, sender_role=who.role, cmid=cmid, ts=ts,
+            conv=conv.id,
+            seq=seq,
+            sender=who.user,
+            sender_role=who.role,
+            cmid=cmid,
+            ts=ts,
             body=body,  # type: ignore[arg-type]
         )
         ops.append(PutMessage(message=message))
@@ -344,21 +362,45 @@ class ConversationActor:
         members = self.members  # never mutated in place: see _members
         frame = MessageEvent(message=message)
         METRICS.hot.messages += 1
-        effects.append(lambda: self.hub.publish(
-            conv, members, frame, topic=Topic.MESSAGES, seq=seq, exclude_session=exclude_session,
-        ))
+        effects.append(
+            lambda: self.hub.publish(
+                conv,
+                members,
+                frame,
+                topic=Topic.MESSAGES,
+                seq=seq,
+                exclude_session=exclude_session,
+            )
+        )
         return message
 
-    def _log_event(self, ops: list[WriteOp], kind: WorkerEventKind, conv: Conversation, *,
-                   message: Message | None = None, change: str = "") -> PutEvent | None:
+    def _log_event(
+        self,
+        ops: list[WriteOp],
+        kind: WorkerEventKind,
+        conv: Conversation,
+        *,
+        message: Message | None = None,
+        change: str = "",
+    ) -> PutEvent | None:
         """Log a worker event in the same transaction as the change it describes
         (unless no plugin will ever want it)."""
         if not self.dispatcher.wants(kind):
             return None
-        op = PutEvent(shard=self.shard, kind=kind, event=WorkerEvent(
-            event_id=0, shard=self.shard, kind=kind, ts=message.ts if message else now_ms(),
-            conversation=conv, message=message, change=change, shop=conv.shop,
-        ))
+        op = PutEvent(
+            shard=self.shard,
+            kind=kind,
+            event=WorkerEvent(
+                event_id=0,
+                shard=self.shard,
+                kind=kind,
+                ts=message.ts if message else now_ms(),
+                conversation=conv,
+                message=message,
+                change=change,
+                shop=conv.shop,
+            ),
+        )
         ops.append(op)
         return op
 
@@ -367,8 +409,14 @@ class ConversationActor:
         if len(self.recent) > DEDUP_WINDOW:
             self.recent.popitem(last=False)
 
-    def _system(self, ops: list[WriteOp], effects: list[Effect], who: policy.Identity,
-                name: str, **data: str) -> None:
+    def _system(
+        self,
+        ops: list[WriteOp],
+        effects: list[Effect],
+        who: policy.Identity,
+        name: str,
+        **data: str,
+    ) -> None:
         conv = self.conversation
         assert conv is not None
         cmid = f"sys:{name}:{conv.last_seq + 1}"
@@ -408,22 +456,45 @@ class ConversationActor:
         original = self.recent.get((who.user, cmd.cmid))
         if original is not None:
             seq, ts = original
-            effects.append(_bind(self._reply, cmd, Sent(
-                id=cmd.reply.request if cmd.reply else 0, conv=conv.id, cmid=cmd.cmid, seq=seq,
-                ts=ts, duplicate=True,
-            )))
+            effects.append(
+                _bind(
+                    self._reply,
+                    cmd,
+                    Sent(
+                        id=cmd.reply.request if cmd.reply else 0,
+                        conv=conv.id,
+                        cmid=cmd.cmid,
+                        seq=seq,
+                        ts=ts,
+                        duplicate=True,
+                    ),
+                )
+            )
             return
-        if conv.kind is ConvKind.DIRECT and conv.state is ConvState.CLOSED and who.role is Role.CUSTOMER:
+        if (
+            conv.kind is ConvKind.DIRECT
+            and conv.state is ConvState.CLOSED
+            and who.role is Role.CUSTOMER
+        ):
             # A customer writing into a closed conversation opens a new service session.
             self.conversation = replace(conv, state=ConvState.BOT, agent=None, priority=0)
             ops.append(PutConversation(conversation=self.conversation))
             effects.append(self._publish_conversation(ops, self.conversation, "reopened"))
         message = self._append(ops, effects, who, cmd.cmid, cmd.body, exclude_session=who.session)
         self._raise_read_point(ops, who.user, message.seq)
-        effects.append(_bind(self._reply, cmd, Sent(
-            id=cmd.reply.request if cmd.reply else 0, conv=conv.id, cmid=cmd.cmid,
-            seq=message.seq, ts=message.ts,
-        )))
+        effects.append(
+            _bind(
+                self._reply,
+                cmd,
+                Sent(
+                    id=cmd.reply.request if cmd.reply else 0,
+                    conv=conv.id,
+                    cmid=cmd.cmid,
+                    seq=message.seq,
+                    ts=message.ts,
+                ),
+            )
+        )
 
     async def _recall(self, cmd: RecallCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
         conv = self._existing(cmd, Recall)
@@ -431,15 +502,29 @@ class ConversationActor:
         cmid = f"recall:{cmd.seq}"
         original = self.recent.get((cmd.who.user, cmid))
         if original is not None:
-            effects.append(_bind(self._reply, cmd, Sent(
-                id=request_id, conv=conv.id, cmid=cmid, seq=original[0], ts=original[1],
-                duplicate=True,
-            )))
+            effects.append(
+                _bind(
+                    self._reply,
+                    cmd,
+                    Sent(
+                        id=request_id,
+                        conv=conv.id,
+                        cmid=cmid,
+                        seq=original[0],
+                        ts=original[1],
+                        duplicate=True,
+                    ),
+                )
+            )
             return
-        target = next((op.message for op in ops if isinstance(op, PutMessage)
-                       and op.message.seq == cmd.seq), None)
+        target = next(
+            (op.message for op in ops if isinstance(op, PutMessage) and op.message.seq == cmd.seq),
+            None,
+        )
         if target is None and 0 < cmd.seq <= conv.last_seq:
-            found, _ = await self.store.history(conv.id, before=cmd.seq + 1, after=cmd.seq - 1, limit=1)
+            found, _ = await self.store.history(
+                conv.id, before=cmd.seq + 1, after=cmd.seq - 1, limit=1
+            )
             target = found[0] if found else None
         if target is None:
             raise Refusal(ErrorCode.NOT_FOUND, f"no message {cmd.seq}")
@@ -449,12 +534,23 @@ class ConversationActor:
             raise Refusal(ErrorCode.CONFLICT, "message already recalled or not recallable")
         if now_ms() - target.ts > RECALL_WINDOW_MS:
             raise Refusal(ErrorCode.CONFLICT, "the recall window has passed")
-        message = self._append(ops, effects, cmd.who, cmid, RecallBody(seq=cmd.seq),
-                               exclude_session=cmd.who.session)
+        message = self._append(
+            ops, effects, cmd.who, cmid, RecallBody(seq=cmd.seq), exclude_session=cmd.who.session
+        )
         ops.append(MarkRecalled(conv=conv.id, seq=cmd.seq))
-        effects.append(_bind(self._reply, cmd, Sent(
-            id=request_id, conv=conv.id, cmid=cmid, seq=message.seq, ts=message.ts,
-        )))
+        effects.append(
+            _bind(
+                self._reply,
+                cmd,
+                Sent(
+                    id=request_id,
+                    conv=conv.id,
+                    cmid=cmid,
+                    seq=message.seq,
+                    ts=message.ts,
+                ),
+            )
+        )
 
     def _read(self, cmd: ReadCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
         conv = self._existing(cmd, Read)
@@ -462,28 +558,42 @@ class ConversationActor:
         if self._raise_read_point(ops, cmd.who.user, seq):
             members = self.members  # never mutated in place: see _members
             frame = ReceiptEvent(conv=conv.id, user=cmd.who.user, kind=ReceiptKind.READ, seq=seq)
-            effects.append(lambda: self.hub.publish(
-                conv, members, frame, topic=Topic.MESSAGES, exclude_session=cmd.who.session
-            ))
+            effects.append(
+                lambda: self.hub.publish(
+                    conv, members, frame, topic=Topic.MESSAGES, exclude_session=cmd.who.session
+                )
+            )
         effects.append(_bind(self._reply, cmd, Ok(id=cmd.reply.request if cmd.reply else 0)))
 
     def _delivered(self, cmd: DeliveredCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
         conv = self._existing(cmd, Delivered)
-        frame = ReceiptEvent(conv=conv.id, user=cmd.who.user, kind=ReceiptKind.DELIVERED,
-                             seq=min(cmd.seq, conv.last_seq))
+        frame = ReceiptEvent(
+            conv=conv.id,
+            user=cmd.who.user,
+            kind=ReceiptKind.DELIVERED,
+            seq=min(cmd.seq, conv.last_seq),
+        )
         members = self.members  # never mutated in place: see _members
-        effects.append(lambda: self.hub.publish(
-            conv, members, frame, topic=Topic.MESSAGES, exclude_user=cmd.who.user
-        ))
+        effects.append(
+            lambda: self.hub.publish(
+                conv, members, frame, topic=Topic.MESSAGES, exclude_user=cmd.who.user
+            )
+        )
 
     def _typing(self, cmd: TypingCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
         conv = self._existing(cmd, Typing)
         frame = TypingEvent(conv=conv.id, user=cmd.who.user)
         members = self.members  # never mutated in place: see _members
         # Typing reaches participants only (not topic watchers): it is ephemeral chatter.
-        effects.append(lambda: self.hub.publish(
-            conv, members, frame, topic=None, exclude_user=cmd.who.user,
-        ))
+        effects.append(
+            lambda: self.hub.publish(
+                conv,
+                members,
+                frame,
+                topic=None,
+                exclude_user=cmd.who.user,
+            )
+        )
 
     async def _get(self, cmd: GetCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
         conv = self._existing(cmd, GetConversation)
@@ -502,8 +612,9 @@ class ConversationActor:
         view = replace(view, read_seq=read_seq, unread=max(0, conv.last_seq - read_seq))
         return ConversationInfo(id=cmd.reply.request if cmd.reply else 0, conversation=view)
 
-    async def _open_direct(self, cmd: OpenDirectCmd, ops: list[WriteOp],
-                           effects: list[Effect]) -> None:
+    async def _open_direct(
+        self, cmd: OpenDirectCmd, ops: list[WriteOp], effects: list[Effect]
+    ) -> None:
         who = cmd.who
         if not policy.shop_access(OpenConversation, who, cmd.shop):
             raise Refusal(ErrorCode.FORBIDDEN, "only customers open direct conversations")
@@ -512,15 +623,27 @@ class ConversationActor:
         change = ""
         if conv is None:
             conv = Conversation(
-                id=self.conv_id, kind=ConvKind.DIRECT, shop=cmd.shop, state=ConvState.BOT,
-                channel=cmd.channel, customer=who.user, created_at=now, updated_at=now,
+                id=self.conv_id,
+                kind=ConvKind.DIRECT,
+                shop=cmd.shop,
+                state=ConvState.BOT,
+                channel=cmd.channel,
+                customer=who.user,
+                created_at=now,
+                updated_at=now,
             )
             change = "opened"
         elif conv.customer != who.user or conv.shop != cmd.shop:
             raise Refusal(ErrorCode.FORBIDDEN, "conversation id collision")
         elif conv.state is ConvState.CLOSED:
-            conv = replace(conv, state=ConvState.BOT, agent=None, priority=0, channel=cmd.channel,
-                           updated_at=max(now, conv.updated_at))
+            conv = replace(
+                conv,
+                state=ConvState.BOT,
+                agent=None,
+                priority=0,
+                channel=cmd.channel,
+                updated_at=max(now, conv.updated_at),
+            )
             change = "reopened"
         elif conv.channel != cmd.channel:
             conv = replace(conv, channel=cmd.channel)
@@ -543,8 +666,13 @@ class ConversationActor:
             raise Refusal(ErrorCode.TOO_LARGE, f"more than {MAX_GROUP_MEMBERS} members")
         now = now_ms()
         conv = Conversation(
-            id=self.conv_id, kind=ConvKind.GROUP, shop=cmd.shop, state=ConvState.ASSIGNED,
-            title=cmd.title, created_at=now, updated_at=now,
+            id=self.conv_id,
+            kind=ConvKind.GROUP,
+            shop=cmd.shop,
+            state=ConvState.ASSIGNED,
+            title=cmd.title,
+            created_at=now,
+            updated_at=now,
         )
         self.conversation = conv
         self.members = members
@@ -558,7 +686,9 @@ class ConversationActor:
         if not policy.can_manage_members(cmd.who, conv, self.members):
             raise Refusal(ErrorCode.FORBIDDEN, "you may not change this group's members")
         add = {u: cmd.role for u in cmd.add if self.members.get(u) != cmd.role}
-        remove = [u for u in cmd.remove if u in self.members and self.members[u] is not MemberRole.OWNER]
+        remove = [
+            u for u in cmd.remove if u in self.members and self.members[u] is not MemberRole.OWNER
+        ]
         if len(set(self.members) | set(add)) - len(remove) > MAX_GROUP_MEMBERS:
             raise Refusal(ErrorCode.TOO_LARGE, f"more than {MAX_GROUP_MEMBERS} members")
         if add or remove:
@@ -569,14 +699,21 @@ class ConversationActor:
             for user in remove:
                 updated.pop(user, None)
             self.members = updated
-            self._system(ops, effects, cmd.who, "members", added=",".join(add)[:256],
-                         removed=",".join(remove)[:256])
+            self._system(
+                ops,
+                effects,
+                cmd.who,
+                "members",
+                added=",".join(add)[:256],
+                removed=",".join(remove)[:256],
+            )
             current = self.conversation
             assert current is not None
             frame = ConversationEvent(conversation=current, change="members")
             audience = {**before, **self.members}
-            effects.append(lambda: self.hub.publish(current, audience, frame,
-                                                    topic=Topic.CONVERSATIONS))
+            effects.append(
+                lambda: self.hub.publish(current, audience, frame, topic=Topic.CONVERSATIONS)
+            )
         effects.append(_bind(self._reply, cmd, Ok(id=cmd.reply.request if cmd.reply else 0)))
 
     async def _update(self, cmd: UpdateCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
@@ -597,8 +734,9 @@ class ConversationActor:
             if agent is None:
                 raise Refusal(ErrorCode.BAD_FRAME, "assigning needs an agent")
             if agent != conv.agent and not await self._is_agent_of(conv.shop, agent, cmd.who):
-                raise Refusal(ErrorCode.FORBIDDEN,
-                              f"{agent!r} is not an agent of shop {conv.shop!r}")
+                raise Refusal(
+                    ErrorCode.FORBIDDEN, f"{agent!r} is not an agent of shop {conv.shop!r}"
+                )
         elif state is not None:
             agent = None
         tags = [t for t in conv.tags if t not in cmd.tags_remove]
@@ -628,9 +766,9 @@ class ConversationActor:
             if change == "transferred" and conv.agent:
                 data["from"] = conv.agent
             self._system(ops, effects, cmd.who, change, **data)
-        effects.append(self._publish_conversation(
-            ops, self.conversation, change, also=conv.agent or ""
-        ))
+        effects.append(
+            self._publish_conversation(ops, self.conversation, change, also=conv.agent or "")
+        )
         if cmd.note and new.agent:
             # The note is for staff: it goes to the receiving agent, never into the stream.
             note_event = ConversationEvent(

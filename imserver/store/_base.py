@@ -133,8 +133,18 @@ class PutStaff(msgspec.Struct, kw_only=True, tag="staff", gc=False):
 
 
 WriteOp = (
-    PutConversation | PutMessage | SetMembers | SetReadPoint | MarkRecalled | PutAgent
-    | PutAppliedKey | PutEvent | PutCursor | PutUsedToken | PutShop | PutStaff
+    PutConversation
+    | PutMessage
+    | SetMembers
+    | SetReadPoint
+    | MarkRecalled
+    | PutAgent
+    | PutAppliedKey
+    | PutEvent
+    | PutCursor
+    | PutUsedToken
+    | PutShop
+    | PutStaff
 )
 
 
@@ -233,7 +243,9 @@ class Store(Protocol):
     async def write(self, ops: Sequence[WriteOp]) -> None:
         """Apply ``ops`` atomically; return once durable."""
 
-    async def load_actor(self, conv: str, *, dedup_window: int, keys_window: int) -> ActorSnapshot: ...
+    async def load_actor(
+        self, conv: str, *, dedup_window: int, keys_window: int
+    ) -> ActorSnapshot: ...
 
     async def used_tokens(self, now_s: int, limit: int) -> list[tuple[str, int]]:
         """(jti, exp) of used single-use tokens not yet expired, latest expiry first."""
@@ -242,8 +254,9 @@ class Store(Protocol):
 
     async def get_members(self, conv: str) -> dict[str, MemberRole]: ...
 
-    async def read_page(self, conv: str, *, user: str, before: int | None, after: int | None,
-                        limit: int) -> PageRead:
+    async def read_page(
+        self, conv: str, *, user: str, before: int | None, after: int | None, limit: int
+    ) -> PageRead:
         """``history`` plus the conversation and ``user``'s membership, in one read."""
 
     async def find_open_direct(self, shop: str, customer: str) -> Conversation | None:
@@ -257,7 +270,12 @@ class Store(Protocol):
         the newest ``limit`` below it; with ``after``, the oldest ``limit`` above it."""
 
     async def list_conversations(
-        self, scope: Scope, *, state: ConvState | None, updated_before: int | None, limit: int,
+        self,
+        scope: Scope,
+        *,
+        state: ConvState | None,
+        updated_before: int | None,
+        limit: int,
         before_id: str | None = None,
     ) -> tuple[list[Conversation], bool]:
         """Conversations visible in ``scope``, most recently updated first (then by id,

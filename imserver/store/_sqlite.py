@@ -543,32 +543,41 @@ _EVENT_ROW: Final = "(?, ?, ?, ?)"
 @functools.cache
 def _multi_row_sql(kind: str, rows: int) -> str:
     if kind == "messages":
-        return ("INSERT INTO messages (conv, seq, sender, sender_role, cmid, ts, kind, body,"
-                " recalled) VALUES " + ", ".join([_MESSAGE_ROW] * rows))
+        return (
+            "INSERT INTO messages (conv, seq, sender, sender_role, cmid, ts, kind, body,"
+            " recalled) VALUES " + ", ".join([_MESSAGE_ROW] * rows)
+        )
     if kind == "read_points":
-        return ("INSERT INTO read_points (conv, user, seq) VALUES "
-                + ", ".join([_READ_POINT_ROW] * rows)
-                + " ON CONFLICT (conv, user) DO UPDATE SET seq = MAX(seq, excluded.seq)")
+        return (
+            "INSERT INTO read_points (conv, user, seq) VALUES "
+            + ", ".join([_READ_POINT_ROW] * rows)
+            + " ON CONFLICT (conv, user) DO UPDATE SET seq = MAX(seq, excluded.seq)"
+        )
     if kind == "bumps":
         # UPDATE ... FROM (SQLite >= 3.33); ids are unique within one statement.
-        return ("UPDATE conversations SET last_seq = MAX(last_seq, v.column2),"
-                " updated_at = MAX(updated_at, v.column3) FROM (VALUES "
-                + ", ".join([_BUMP_ROW] * rows) + ") AS v WHERE conversations.id = v.column1")
+        return (
+            "UPDATE conversations SET last_seq = MAX(last_seq, v.column2),"
+            " updated_at = MAX(updated_at, v.column3) FROM (VALUES "
+            + ", ".join([_BUMP_ROW] * rows)
+            + ") AS v WHERE conversations.id = v.column1"
+        )
     if kind == "events":
-        return ("INSERT INTO worker_events (shard, kind, ts, event) VALUES "
-                + ", ".join([_EVENT_ROW] * rows))
+        return "INSERT INTO worker_events (shard, kind, ts, event) VALUES " + ", ".join(
+            [_EVENT_ROW] * rows
+        )
     raise ValueError(kind)
 
 
-def _execute_rows(cur: sqlite3.Cursor, kind: str,
-                  rows: Sequence[tuple[Any, ...]]) -> list[tuple[int, int]]:
+def _execute_rows(
+    cur: sqlite3.Cursor, kind: str, rows: Sequence[tuple[Any, ...]]
+) -> list[tuple[int, int]]:
     """Execute ``rows`` in multi-row statements, in order; returns (rows, last
     row id) of each statement, for event numbering."""
     done = 0
     statements: list[tuple[int, int]] = []
     for size in ROWS_PER_STATEMENT:
         while len(rows) - done >= size:
-            params = [value for row in rows[done:done + size] for value in row]
+            params = [value for row in rows[done : done + size] for value in row]
             cur.execute(_multi_row_sql(kind, size), params)
             statements.append((size, cur.lastrowid or 0))
             done += size
@@ -599,8 +608,19 @@ class _Rows:
 
     def message(self, m: Message) -> None:
         body = b"" if m.recalled else body_encoder.encode(m.body)
-        self.messages.append((m.conv, m.seq, m.sender, m.sender_role.value, m.cmid, m.ts,
-                              BODY_KIND[type(m.body)], body, int(m.recalled)))
+        self.messages.append(
+            (
+                m.conv,
+                m.seq,
+                m.sender,
+                m.sender_role.value,
+                m.cmid,
+                m.ts,
+                BODY_KIND[type(m.body)],
+                body,
+                int(m.recalled),
+            )
+        )
         seq, ts = self.bumps.get(m.conv, (0, 0))
         self.bumps[m.conv] = (max(seq, m.seq), max(ts, m.ts))
 
@@ -616,18 +636,23 @@ class _Rows:
             self.messages.clear()
             self.bumps.clear()
         if self.read_points:
-            _execute_rows(cur, "read_points",
-                          [(conv, user, seq) for (conv, user), seq in self.read_points.items()])
+            _execute_rows(
+                cur,
+                "read_points",
+                [(conv, user, seq) for (conv, user), seq in self.read_points.items()],
+            )
             self.read_points.clear()
         if self.events:
             events = self.events
-            rows = [(op.shard, op.kind.value, op.event.ts, event_encoder.encode(op.event))
-                    for op in events]
+            rows = [
+                (op.shard, op.kind.value, op.event.ts, event_encoder.encode(op.event))
+                for op in events
+            ]
             # AUTOINCREMENT ids of one multi-row INSERT are consecutive, in VALUES
             # order (one writer, and an id is max(ever used) + 1).
             done = 0
             for size, last_id in _execute_rows(cur, "events", rows):
-                for offset, op in enumerate(events[done:done + size]):
+                for offset, op in enumerate(events[done : done + size]):
                     self.numbered.append((op, last_id - size + 1 + offset))
                 done += size
             self.events = []
@@ -650,9 +675,21 @@ def _apply_ops(rows: _Rows, ops: list[WriteOp]) -> None:
             c = op.conversation
             cur.execute(
                 _SQL_PUT_CONVERSATION,
-                (c.id, c.kind.value, c.shop, c.customer, c.channel.value, c.state.value,
-                 c.agent, c.priority, tags_encoder.encode(c.tags).decode(), c.title,
-                 c.last_seq, c.created_at, c.updated_at),
+                (
+                    c.id,
+                    c.kind.value,
+                    c.shop,
+                    c.customer,
+                    c.channel.value,
+                    c.state.value,
+                    c.agent,
+                    c.priority,
+                    tags_encoder.encode(c.tags).decode(),
+                    c.title,
+                    c.last_seq,
+                    c.created_at,
+                    c.updated_at,
+                ),
             )
         elif isinstance(op, SetMembers):
             for user, role in op.add.items():
@@ -741,13 +778,15 @@ def _transact(
     return results, stats
 
 
-def _transact_in(process: WriterProcess, batch: list[_Job]) -> tuple[list[int | Exception],
-                                                                    list[_Stat]]:
+def _transact_in(
+    process: WriterProcess, batch: list[_Job]
+) -> tuple[list[int | Exception], list[_Stat]]:
     """``_transact`` run by the writer process; event ids come back with the
     outcome and are written into the ops here, as ``_in_transaction`` does."""
     works: list[WireWork] = [
         PruneWork(table=job.work.table, cutoff=job.work.cutoff, limit=job.work.limit)
-        if isinstance(job.work, _PruneStep) else job.work
+        if isinstance(job.work, _PruneStep)
+        else job.work
         for job in batch
     ]
     results, event_ids, stats = process.transact(works)
@@ -800,8 +839,12 @@ def _q_history(
 
 
 def _q_list_conversations(
-    conn: sqlite3.Connection, scope: Scope, state: ConvState | None, before: int | None,
-    limit: int, before_id: str | None = None,
+    conn: sqlite3.Connection,
+    scope: Scope,
+    state: ConvState | None,
+    before: int | None,
+    limit: int,
+    before_id: str | None = None,
 ) -> tuple[list[Conversation], bool]:
     limit = max(limit, 0)
     params = {
@@ -826,15 +869,25 @@ def _q_get_members(conn: sqlite3.Connection, conv: str) -> dict[str, MemberRole]
     return {u: MemberRole(r) for u, r in conn.execute(SQL_GET_MEMBERS, (conv,))}
 
 
-def _q_read_page(conn: sqlite3.Connection, conv: str, user: str, before: int | None,
-                 after: int | None, limit: int) -> PageRead:
+def _q_read_page(
+    conn: sqlite3.Connection,
+    conv: str,
+    user: str,
+    before: int | None,
+    after: int | None,
+    limit: int,
+) -> PageRead:
     conversation = _q_get_conversation(conn, conv)
     if conversation is None:
         return PageRead(conversation=None, member_role=None, messages=[], more=False)
     row = conn.execute(SQL_MEMBER_ROLE, (conv, user)).fetchone()
     messages, more = _q_history(conn, conv, before, after, limit)
-    return PageRead(conversation=conversation, member_role=MemberRole(row[0]) if row else None,
-                    messages=messages, more=more)
+    return PageRead(
+        conversation=conversation,
+        member_role=MemberRole(row[0]) if row else None,
+        messages=messages,
+        more=more,
+    )
 
 
 def _q_find_open_direct(conn: sqlite3.Connection, shop: str, customer: str) -> Conversation | None:
@@ -855,8 +908,11 @@ def _q_list_agents(conn: sqlite3.Connection, shop: str) -> list[AgentRecord]:
 
 
 def _q_shop_users(conn: sqlite3.Connection, shop: str, users: Sequence[str]) -> set[str]:
-    return {user for user in users
-            if conn.execute(SQL_SHOP_USER, {"shop": shop, "user": user}).fetchone()[0]}
+    return {
+        user
+        for user in users
+        if conn.execute(SQL_SHOP_USER, {"shop": shop, "user": user}).fetchone()[0]
+    }
 
 
 def _q_shop_agent(conn: sqlite3.Connection, shop: str, user: str) -> bool:
@@ -1004,7 +1060,8 @@ class SqliteStore:
                 # Started before run() reports itself started: its memory is part of
                 # the server's baseline, and the first write pays no fork.
                 process = self.writer = WriterProcess(
-                    str(self.path), self.synchronous, BUSY_TIMEOUT_S)
+                    str(self.path), self.synchronous, BUSY_TIMEOUT_S
+                )
                 try:
                     await trio.to_thread.run_sync(process.start, limiter=self._limiter)
                 except BaseException:
@@ -1132,8 +1189,9 @@ class SqliteStore:
         while self._waiting and self._fits(self._waiting[0].weight):
             self._admit_job(self._waiting.popleft())
 
-    async def _run_writer(self, token: trio.lowlevel.TrioToken,
-                          process: WriterProcess | None) -> None:
+    async def _run_writer(
+        self, token: trio.lowlevel.TrioToken, process: WriterProcess | None
+    ) -> None:
         await trio.to_thread.run_sync(self._writer_main, token, process, limiter=self._limiter)
 
     def _writer_main(self, token: trio.lowlevel.TrioToken, process: WriterProcess | None) -> None:
@@ -1159,8 +1217,9 @@ class SqliteStore:
             if process is not None:
                 process.close()
 
-    def _committed(self, batch: list[_Job], results: list[int | Exception],
-                   stats: list[_Stat]) -> None:
+    def _committed(
+        self, batch: list[_Job], results: list[int | Exception], stats: list[_Stat]
+    ) -> None:
         """In the trio thread: wake the batch's callers, admit waiting jobs."""
         for job, result in zip(batch, results, strict=True):
             if isinstance(result, Exception):
@@ -1194,7 +1253,9 @@ class SqliteStore:
         return await self._prune_table("used_tokens", now_s)
 
     async def _prune_table(
-        self, table: Literal["messages", "applied_keys", "worker_events", "used_tokens"], older_than_ms: int
+        self,
+        table: Literal["messages", "applied_keys", "worker_events", "used_tokens"],
+        older_than_ms: int,
     ) -> int:
         deleted = 0
         while True:
@@ -1235,8 +1296,9 @@ class SqliteStore:
     async def get_members(self, conv: str) -> dict[str, MemberRole]:
         return await self._read(lambda c: _q_get_members(c, conv))
 
-    async def read_page(self, conv: str, *, user: str, before: int | None, after: int | None,
-                        limit: int) -> PageRead:
+    async def read_page(
+        self, conv: str, *, user: str, before: int | None, after: int | None, limit: int
+    ) -> PageRead:
         return await self._read(lambda c: _q_read_page(c, conv, user, before, after, limit))
 
     async def find_open_direct(self, shop: str, customer: str) -> Conversation | None:
@@ -1248,7 +1310,12 @@ class SqliteStore:
         return await self._read(lambda c: _q_history(c, conv, before, after, limit))
 
     async def list_conversations(
-        self, scope: Scope, *, state: ConvState | None, updated_before: int | None, limit: int,
+        self,
+        scope: Scope,
+        *,
+        state: ConvState | None,
+        updated_before: int | None,
+        limit: int,
         before_id: str | None = None,
     ) -> tuple[list[Conversation], bool]:
         return await self._read(
@@ -1262,7 +1329,9 @@ class SqliteStore:
         return await self._read(lambda c: _q_list_agents(c, shop))
 
     async def shop_exists(self, shop: str) -> bool:
-        return await self._read(lambda c: c.execute(SQL_SHOP_EXISTS, (shop,)).fetchone() is not None)
+        return await self._read(
+            lambda c: c.execute(SQL_SHOP_EXISTS, (shop,)).fetchone() is not None
+        )
 
     async def list_shops(self) -> list[str]:
         return await self._read(lambda c: [str(n) for (n,) in c.execute(SQL_LIST_SHOPS)])
@@ -1275,7 +1344,8 @@ class SqliteStore:
 
     async def count_open_direct(self, customer: str, limit: int) -> int:
         return await self._read(
-            lambda c: int(c.execute(SQL_COUNT_OPEN_DIRECT, (customer, limit)).fetchone()[0]))
+            lambda c: int(c.execute(SQL_COUNT_OPEN_DIRECT, (customer, limit)).fetchone()[0])
+        )
 
     async def worker_cursor(self, plugin: str) -> int | None:
         return await self._read(lambda c: _q_worker_cursor(c, plugin))

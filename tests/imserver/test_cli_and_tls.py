@@ -21,8 +21,13 @@ from tests.conftest import SECRET, SHOPS, RunningServer
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "imserver", *args], capture_output=True,
-                          text=True, check=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "imserver", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
 
 
 def test_token_command_mints_a_verifiable_token(tmp_path: Path) -> None:
@@ -38,12 +43,20 @@ async def test_export_writes_jsonl_and_csv(server: RunningServer, tmp_path: Path
         for text in ("第一条", "second, with a comma"):
             await client.send_text(conv, text)
     data = str(server.data_dir)
-    jsonl = await trio.to_thread.run_sync(lambda: _cli("export", "--data", data, "--conv", conv).stdout)
+    jsonl = await trio.to_thread.run_sync(
+        lambda: _cli("export", "--data", data, "--conv", conv).stdout
+    )
     rows = [json.loads(line) for line in jsonl.splitlines()]
-    assert [(r["seq"], r["body"]["text"]) for r in rows] == [(1, "第一条"), (2, "second, with a comma")]
+    assert [(r["seq"], r["body"]["text"]) for r in rows] == [
+        (1, "第一条"),
+        (2, "second, with a comma"),
+    ]
     out = tmp_path / "shop.csv"
-    await trio.to_thread.run_sync(lambda: _cli("export", "--data", data, "--shop", "shopx",
-                                               "--format", "csv", "--out", str(out)))
+    await trio.to_thread.run_sync(
+        lambda: _cli(
+            "export", "--data", data, "--shop", "shopx", "--format", "csv", "--out", str(out)
+        )
+    )
     table = list(csv.DictReader(io.StringIO(out.read_text(encoding="utf-8"))))
     assert [row["text"] for row in table] == ["第一条", "second, with a comma"]
 
@@ -54,7 +67,9 @@ async def test_tls(tmp_path: Path) -> None:
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
     cert.private_key_pem.write_to_path(str(key_file))
-    config = ServerConfig(data_dir=tmp_path / "d", secret=SECRET, port=0, shops=SHOPS, cert=cert_file, key=key_file)
+    config = ServerConfig(
+        data_dir=tmp_path / "d", secret=SECRET, port=0, shops=SHOPS, cert=cert_file, key=key_file
+    )
     srv = Server(config)
     async with trio.open_nursery() as nursery:
         url = await nursery.start(srv.serve)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from imserver.auth import TokenError, TokenVerifier, mint_token
 from imserver.policy import (
     Identity,
     can_create_group,
@@ -16,12 +15,11 @@ from imserver.policy import (
 )
 from protocol import Conversation, ConvKind, ConvState, MemberRole, Role, Topic
 
-SECRET = b"policy-secret-0123456789"
-
 
 def direct(state: ConvState = ConvState.ASSIGNED, agent: str | None = "a1") -> Conversation:
-    return Conversation(id="d", kind=ConvKind.DIRECT, shop="s1", state=state, customer="c1",
-                        agent=agent)
+    return Conversation(
+        id="d", kind=ConvKind.DIRECT, shop="s1", state=state, customer="c1", agent=agent
+    )
 
 
 GROUP = Conversation(id="g", kind=ConvKind.GROUP, shop="s1", state=ConvState.ASSIGNED)
@@ -32,25 +30,33 @@ def who(user: str, role: Role, shop: str = "s1") -> Identity:
     return Identity(user=user, role=role, shop="" if role is Role.CUSTOMER else shop)
 
 
-@pytest.mark.parametrize(("identity", "conv", "members", "readable", "sendable"), [
-    (who("c1", Role.CUSTOMER), direct(), {}, True, True),
-    (who("c9", Role.CUSTOMER), direct(), {}, False, False),           # another customer
-    (who("a1", Role.AGENT), direct(), {}, True, True),                # the assigned agent
-    (who("a2", Role.AGENT), direct(), {}, False, False),              # a colleague
-    (who("a2", Role.AGENT), direct(ConvState.QUEUED, None), {}, True, False),  # open to all
-    (who("a1", Role.AGENT, "s2"), direct(), {}, False, False),        # another shop
-    (who("sup", Role.SUPERVISOR), direct(), {}, True, True),
-    (who("sup", Role.SUPERVISOR, "s2"), direct(), {}, False, False),
-    (who("w", Role.WORKER, "*"), direct(), {}, True, True),
-    (who("w", Role.WORKER, "s2"), direct(), {}, False, False),
-    (who("root", Role.ADMIN, "*"), direct(), {}, True, True),
-    (who("c2", Role.CUSTOMER), GROUP, MEMBERS, True, True),           # group member
-    (who("c1", Role.CUSTOMER), GROUP, MEMBERS, False, False),
-    (who("a2", Role.AGENT), GROUP, MEMBERS, True, True),
-    (who("a1", Role.AGENT), GROUP, MEMBERS, False, False),            # shop agent, not a member
-])
-def test_read_and_send(identity: Identity, conv: Conversation, members: dict[str, MemberRole],
-                       readable: bool, sendable: bool) -> None:
+@pytest.mark.parametrize(
+    ("identity", "conv", "members", "readable", "sendable"),
+    [
+        (who("c1", Role.CUSTOMER), direct(), {}, True, True),
+        (who("c9", Role.CUSTOMER), direct(), {}, False, False),  # another customer
+        (who("a1", Role.AGENT), direct(), {}, True, True),  # the assigned agent
+        (who("a2", Role.AGENT), direct(), {}, False, False),  # a colleague
+        (who("a2", Role.AGENT), direct(ConvState.QUEUED, None), {}, True, False),  # open to all
+        (who("a1", Role.AGENT, "s2"), direct(), {}, False, False),  # another shop
+        (who("sup", Role.SUPERVISOR), direct(), {}, True, True),
+        (who("sup", Role.SUPERVISOR, "s2"), direct(), {}, False, False),
+        (who("w", Role.WORKER, "*"), direct(), {}, True, True),
+        (who("w", Role.WORKER, "s2"), direct(), {}, False, False),
+        (who("root", Role.ADMIN, "*"), direct(), {}, True, True),
+        (who("c2", Role.CUSTOMER), GROUP, MEMBERS, True, True),  # group member
+        (who("c1", Role.CUSTOMER), GROUP, MEMBERS, False, False),
+        (who("a2", Role.AGENT), GROUP, MEMBERS, True, True),
+        (who("a1", Role.AGENT), GROUP, MEMBERS, False, False),  # shop agent, not a member
+    ],
+)
+def test_read_and_send(
+    identity: Identity,
+    conv: Conversation,
+    members: dict[str, MemberRole],
+    readable: bool,
+    sendable: bool,
+) -> None:
     assert can_read(identity, conv, members) is readable
     assert can_send(identity, conv, members) is sendable
 
@@ -62,10 +68,16 @@ def test_routing_updates() -> None:
     assert check_update(who("a2", Role.AGENT), direct(), ConvState.CLOSED, None) is not None
     assert check_update(who("a1", Role.AGENT), direct(), ConvState.CLOSED, None) is None
     assert check_update(who("c1", Role.CUSTOMER), direct(), ConvState.CLOSED, None) is not None
-    assert check_update(who("w", Role.WORKER, "*"), direct(ConvState.BOT, None),
-                        ConvState.QUEUED, None) is None
-    assert check_update(who("a1", Role.AGENT), direct(ConvState.CLOSED, None),
-                        ConvState.BOT, None) is not None  # only shop-wide roles reopen
+    assert (
+        check_update(
+            who("w", Role.WORKER, "*"), direct(ConvState.BOT, None), ConvState.QUEUED, None
+        )
+        is None
+    )
+    assert (
+        check_update(who("a1", Role.AGENT), direct(ConvState.CLOSED, None), ConvState.BOT, None)
+        is not None
+    )  # only shop-wide roles reopen
     assert check_update(who("sup", Role.SUPERVISOR), GROUP, ConvState.CLOSED, None) is not None
 
 
@@ -73,34 +85,10 @@ def test_groups_and_topics() -> None:
     assert can_create_group(who("a1", Role.AGENT), "s1")
     assert not can_create_group(who("a1", Role.AGENT), "s2")
     assert not can_create_group(who("c1", Role.CUSTOMER), "s1")
-    assert can_manage_members(who("a2", Role.AGENT), GROUP, MEMBERS)       # owner
+    assert can_manage_members(who("a2", Role.AGENT), GROUP, MEMBERS)  # owner
     assert not can_manage_members(who("c2", Role.CUSTOMER), GROUP, MEMBERS)
     assert can_subscribe(who("a1", Role.AGENT), Topic.CONVERSATIONS, "s1")
     assert not can_subscribe(who("a1", Role.AGENT), Topic.MESSAGES, "s1")
     assert can_subscribe(who("sup", Role.SUPERVISOR), Topic.MESSAGES, "s1")
     assert not can_subscribe(who("sup", Role.SUPERVISOR), Topic.MESSAGES, "s2")
     assert not can_subscribe(who("c1", Role.CUSTOMER), Topic.CONVERSATIONS, "s1")
-
-
-def test_tokens() -> None:
-    verifier = TokenVerifier(SECRET)
-    token = mint_token(SECRET, user="a1", role="agent", shop="s1", now=1000, ttl_s=60)
-    claims = verifier.verify(token, now=1030)
-    assert (claims.sub, claims.role, claims.shop) == ("a1", Role.AGENT, "s1")
-    with pytest.raises(TokenError, match="expired"):
-        verifier.verify(token, now=1061)
-    with pytest.raises(TokenError, match="signature"):
-        TokenVerifier(b"another-secret-0123456789").verify(token, now=1030)
-    with pytest.raises(TokenError, match="malformed"):
-        verifier.verify("no-dot-here", now=1030)
-    with pytest.raises(TokenError, match="shop"):
-        verifier.verify(mint_token(SECRET, user="a1", role="agent", now=1000), now=1030)
-    with pytest.raises(TokenError, match="lifetime"):
-        verifier.verify(mint_token(SECRET, user="u", role="customer", now=1000,
-                                   ttl_s=400 * 86400), now=1030)
-    once = mint_token(SECRET, user="c1", role="customer", now=1000, once=True)
-    verifier.verify(once, now=1030)
-    with pytest.raises(TokenError, match="replayed"):
-        verifier.verify(once, now=1031)
-    with pytest.raises(ValueError, match="16 bytes"):
-        TokenVerifier(b"short")

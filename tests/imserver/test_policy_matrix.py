@@ -69,9 +69,13 @@ REACHABLE: dict[Role, tuple[Relation, ...]] = {
 """Relations a token of each role can have to some target (customers belong to
 no shop; agents and supervisors never hold all shops, admins always do)."""
 
-HOME = {Role.CUSTOMER: Relation.OWN_CONVERSATION, Role.AGENT: Relation.OWN_SHOP,
-        Role.SUPERVISOR: Relation.OWN_SHOP, Role.WORKER: Relation.OWN_SHOP,
-        Role.ADMIN: Relation.ALL_SHOPS}
+HOME = {
+    Role.CUSTOMER: Relation.OWN_CONVERSATION,
+    Role.AGENT: Relation.OWN_SHOP,
+    Role.SUPERVISOR: Relation.OWN_SHOP,
+    Role.WORKER: Relation.OWN_SHOP,
+    Role.ADMIN: Relation.ALL_SHOPS,
+}
 
 
 def reachable(kind: type, role: Role, relation: Relation) -> bool:
@@ -79,8 +83,11 @@ def reachable(kind: type, role: Role, relation: Relation) -> bool:
         return False
     target = TARGETS[kind]
     if target is Target.SELF:  # about nothing but the requester's own scope
-        home = Relation.ALL_SHOPS if role is Role.WORKER and relation is Relation.ALL_SHOPS \
+        home = (
+            Relation.ALL_SHOPS
+            if role is Role.WORKER and relation is Relation.ALL_SHOPS
             else HOME[role]
+        )
         return relation is home
     if target in (Target.SHOP, Target.USER):
         return relation is not Relation.OWN_CONVERSATION
@@ -109,9 +116,11 @@ def test_a_request_kind_without_an_entry_fails_the_import() -> None:
         policy.KINDS = kinds  # type: ignore[misc]
 
 
-@pytest.mark.parametrize(("kind", "role", "relation"),
-                         [c for c in CELLS if not reachable(*c)],
-                         ids=lambda v: getattr(v, "__name__", str(v)))
+@pytest.mark.parametrize(
+    ("kind", "role", "relation"),
+    [c for c in CELLS if not reachable(*c)],
+    ids=lambda v: getattr(v, "__name__", str(v)),
+)
 def test_cells_no_token_can_reach_are_denied(kind: type, role: Role, relation: Relation) -> None:
     assert RULES[kind, role, relation] is Access.DENY
 
@@ -129,10 +138,12 @@ class World:
     convs: dict[str, str] = field(default_factory=dict)
     fresh: itertools.count[int] = field(default_factory=itertools.count)
 
-    async def connect(self, name: str, role: str = "customer", shop: str = "",
-                      **claims: str) -> Client:
+    async def connect(
+        self, name: str, role: str = "customer", shop: str = "", **claims: str
+    ) -> Client:
         client = await self.stack.enter_async_context(
-            _connect(self.server, name, role, shop, **claims))
+            _connect(self.server, name, role, shop, **claims)
+        )
         self.clients[name] = client
         return client
 
@@ -147,8 +158,7 @@ async def _group(client: Client, shop: str, members: list[str]) -> str:
     return str(info.conversation.id)
 
 
-def _connect(server: RunningServer, name: str, role: str, shop: str,
-             **claims: str) -> Any:
+def _connect(server: RunningServer, name: str, role: str, shop: str, **claims: str) -> Any:
     from imserver.client import connect
 
     return connect(server.url, server.token(name, role, shop, **claims), device=f"{name}-d")
@@ -197,10 +207,12 @@ async def build_world(server: RunningServer, stack: AsyncExitStack) -> World:
 # Per requester and relation: (direct conversation, its observer), group.
 def targets(who: str, relation: Relation) -> tuple[str, str, str]:
     if relation is Relation.OWN_CONVERSATION:
-        return {"cu": ("cu_direct", "ag", "ag_owned"),  # a member of no group: group unused
-                "ag": ("cu_direct", "cu", "ag_owned"),
-                "su": ("su_direct", "os", "su_group"),
-                "wk": ("su_group", "su", "su_group")}[who]
+        return {
+            "cu": ("cu_direct", "ag", "ag_owned"),  # a member of no group: group unused
+            "ag": ("cu_direct", "cu", "ag_owned"),
+            "su": ("su_direct", "os", "su_group"),
+            "wk": ("su_group", "su", "su_group"),
+        }[who]
     if relation is Relation.OWN_SHOP:
         return ("open1", "cx1", "su_group" if who == "ag" else "ag_owned")
     return ("d2", "cx2", "g2")  # other shop, all shops
@@ -236,8 +248,11 @@ async def _notice_seen(w: World, who: str, notice: Any, conv: str, observer: str
     for frame in _drain(watcher):
         if isinstance(frame, TypingEvent) and frame.user == who:
             return True
-        if isinstance(frame, ReceiptEvent) and frame.user == who and \
-                frame.kind is ReceiptKind.DELIVERED:
+        if (
+            isinstance(frame, ReceiptEvent)
+            and frame.user == who
+            and frame.kind is ReceiptKind.DELIVERED
+        ):
             return True
     return False
 
@@ -275,8 +290,9 @@ async def attempt(w: World, kind: type, role: Role, relation: Relation) -> bool:
     if kind is UpdateMembers:
         return await _answer(client, UpdateMembers(id=0, conv=conv, add=["zz"]))
     if kind is Send:
-        return await _answer(client, Send(id=0, conv=conv, cmid=f"m{next(w.fresh)}",
-                                          body=TextBody(text="hi")))
+        return await _answer(
+            client, Send(id=0, conv=conv, cmid=f"m{next(w.fresh)}", body=TextBody(text="hi"))
+        )
     if kind is Recall:
         try:
             sent = await client.send_text(conv, "oops")
@@ -293,8 +309,9 @@ async def attempt(w: World, kind: type, role: Role, relation: Relation) -> bool:
         if RULES[kind, role, relation] is Access.CLAIM:  # a new open conversation to claim
             fresh = await w.connect(f"cl{next(w.fresh)}")
             conv = await _open(fresh, "shop1")
-            return await _answer(client, UpdateConversation(
-                id=0, conv=conv, state=ConvState.ASSIGNED, agent=who))
+            return await _answer(
+                client, UpdateConversation(id=0, conv=conv, state=ConvState.ASSIGNED, agent=who)
+            )
         return await _answer(client, UpdateConversation(id=0, conv=conv, tags_add=["m"]))
     if kind is SetAgentStatus:
         return await _answer(client, SetAgentStatus(id=0, status=Status.ONLINE))
@@ -303,15 +320,19 @@ async def attempt(w: World, kind: type, role: Role, relation: Relation) -> bool:
     if kind is Unwatch:
         return await _answer(client, Unwatch(id=0, users=["cx1"]))
     if kind is Subscribe:
-        return await _answer(client, Subscribe(id=0, topics=[Topic.CONVERSATIONS],
-                                               shop=shop_target(relation)))
+        return await _answer(
+            client, Subscribe(id=0, topics=[Topic.CONVERSATIONS], shop=shop_target(relation))
+        )
     if kind is Unsubscribe:
         return await _answer(client, Unsubscribe(id=0, topics=[Topic.CONVERSATIONS]))
     if kind is WorkerJoin:  # one join per connection: a connection of its own
-        fresh = await w.connect(f"j{next(w.fresh)}", role.value, REQUESTERS[who][1],
-                                **({"plugin": "p1"} if role is Role.WORKER else {}))
-        return await _answer(fresh, WorkerJoin(id=0, plugin="p1",
-                                               kinds=[WorkerEventKind.AGENT]))
+        fresh = await w.connect(
+            f"j{next(w.fresh)}",
+            role.value,
+            REQUESTERS[who][1],
+            **({"plugin": "p1"} if role is Role.WORKER else {}),
+        )
+        return await _answer(fresh, WorkerJoin(id=0, plugin="p1", kinds=[WorkerEventKind.AGENT]))
     if kind is Notify:
         return await _answer(client, Notify(id=0, kind="k", conv=conv))
     if kind is WorkerAck:
@@ -340,8 +361,9 @@ async def test_the_live_server_follows_the_table_in_every_reachable_cell(world: 
         allowed = await attempt(world, kind, role, relation)
         expected = RULES[kind, role, relation] is not Access.DENY
         if allowed is not expected:
-            wrong.append(f"{kind.__name__} {role} {relation}: "
-                         f"{'allowed' if allowed else 'refused'}")
+            wrong.append(
+                f"{kind.__name__} {role} {relation}: {'allowed' if allowed else 'refused'}"
+            )
         checked += 1
     assert not wrong, wrong
     assert checked == sum(reachable(*c) for c in CELLS)
@@ -355,8 +377,9 @@ async def test_conditional_cells_refuse_when_their_condition_fails(world: World)
     assert refused.value.code == "not_found"
     # claim: an agent may assign an open conversation to themself, not to a colleague...
     with pytest.raises(ServerError) as refused:
-        await c["ag"].request(UpdateConversation(id=0, conv=convs["open1"],
-                                                 state=ConvState.ASSIGNED, agent="su"))
+        await c["ag"].request(
+            UpdateConversation(id=0, conv=convs["open1"], state=ConvState.ASSIGNED, agent="su")
+        )
     assert refused.value.code == "forbidden"
     # ... nor change it otherwise
     with pytest.raises(ServerError) as refused:

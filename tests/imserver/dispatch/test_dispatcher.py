@@ -54,14 +54,33 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
         nursery.cancel_scope.cancel()
 
 
-async def _log(store: SqliteStore, shard: int, sender: str, role: Role = Role.CUSTOMER) -> StoredEvent:
-    conv = Conversation(id=f"c{shard}", kind=ConvKind.DIRECT, shop="s", state=ConvState.BOT,
-                        customer="cust")
-    message = Message(conv=conv.id, seq=1, sender=sender, sender_role=role, cmid="m", ts=1,
-                      body=TextBody(text="hi"))
-    op = PutEvent(shard=shard, kind=WorkerEventKind.MESSAGE, event=WorkerEvent(
-        event_id=0, shard=shard, kind=WorkerEventKind.MESSAGE, ts=1, conversation=conv,
-        message=message))
+async def _log(
+    store: SqliteStore, shard: int, sender: str, role: Role = Role.CUSTOMER
+) -> StoredEvent:
+    conv = Conversation(
+        id=f"c{shard}", kind=ConvKind.DIRECT, shop="s", state=ConvState.BOT, customer="cust"
+    )
+    message = Message(
+        conv=conv.id,
+        seq=1,
+        sender=sender,
+        sender_role=role,
+        cmid="m",
+        ts=1,
+        body=TextBody(text="hi"),
+    )
+    op = PutEvent(
+        shard=shard,
+        kind=WorkerEventKind.MESSAGE,
+        event=WorkerEvent(
+            event_id=0,
+            shard=shard,
+            kind=WorkerEventKind.MESSAGE,
+            ts=1,
+            conversation=conv,
+            message=message,
+        ),
+    )
     await store.write([op])
     return op.stored()
 
@@ -82,8 +101,9 @@ async def test_shards_split_acks_failover_and_own_messages(store: SqliteStore) -
         got_a = {e.shard for e in a.events()}
         got_b = {e.shard for e in b.events()}
         assert got_a == set(joined_a.shards) and got_b == set(joined_b.shards)
-        assert all(e.message is not None and e.message.sender == "cust"
-                   for e in a.events() + b.events())
+        assert all(
+            e.message is not None and e.message.sender == "cust" for e in a.events() + b.events()
+        )
         # a acks its events, b dies without acking: b's events go to a
         dispatcher.ack(a, [e.event_id for e in a.events()])
         before = len(a.events())

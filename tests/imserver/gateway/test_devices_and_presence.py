@@ -92,8 +92,9 @@ async def test_presence_and_typing(server: RunningServer) -> None:
             online = await _next(sup, PresenceEvent)
             assert isinstance(online, PresenceEvent) and online.presence.online
             conv = (await lee.request(OpenConversation(id=0, shop="shop1"))).conversation.id
-            await agent.request(UpdateConversation(id=0, conv=conv, state=ConvState.ASSIGNED,
-                                                   agent="ag2"))
+            await agent.request(
+                UpdateConversation(id=0, conv=conv, state=ConvState.ASSIGNED, agent="ag2")
+            )
             await lee.notify(Typing(conv=conv))
             typing = await _next(agent, TypingEvent)
             assert isinstance(typing, TypingEvent) and typing.user == "lee"
@@ -106,7 +107,9 @@ async def test_presence_and_typing(server: RunningServer) -> None:
 
 
 async def test_idle_connection_is_closed(tmp_path: Path) -> None:
-    config = ServerConfig(data_dir=tmp_path / "d", secret=SECRET, port=0, shops=SHOPS, idle_timeout_ms=300)
+    config = ServerConfig(
+        data_dir=tmp_path / "d", secret=SECRET, port=0, shops=SHOPS, idle_timeout_ms=300
+    )
     srv = Server(config)
     async with trio.open_nursery() as nursery:
         url = await nursery.start(srv.serve)

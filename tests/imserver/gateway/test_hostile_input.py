@@ -224,8 +224,17 @@ async def test_malformed_frames_after_hello_get_errors_with_ids(server: RunningS
         err = await raw.next_frame()
         assert isinstance(err, Error) and err.code == ErrorCode.BAD_FRAME and err.id == 4
         # too long a text
-        await raw.send_bytes(msgspec.msgpack.encode(
-            {"t": "send", "id": 5, "conv": "c", "cmid": "m", "body": {"k": "text", "text": "x" * 6000}}))
+        await raw.send_bytes(
+            msgspec.msgpack.encode(
+                {
+                    "t": "send",
+                    "id": 5,
+                    "conv": "c",
+                    "cmid": "m",
+                    "body": {"k": "text", "text": "x" * 6000},
+                }
+            )
+        )
         err = await raw.next_frame()
         assert isinstance(err, Error) and err.code == ErrorCode.TOO_LARGE and err.id == 5
         # still usable
@@ -287,7 +296,9 @@ async def test_slowloris_and_silent_websocket_are_cut_off(tmp_path: Path) -> Non
     from imserver.server import Server, ServerConfig
     from tests.conftest import SECRET, SHOPS
 
-    config = ServerConfig(data_dir=tmp_path / "d", secret=SECRET, port=0, shops=SHOPS, handshake_timeout_s=0.3)
+    config = ServerConfig(
+        data_dir=tmp_path / "d", secret=SECRET, port=0, shops=SHOPS, handshake_timeout_s=0.3
+    )
     srv = Server(config)
     async with trio.open_nursery() as nursery:
         url = await nursery.start(srv.serve)

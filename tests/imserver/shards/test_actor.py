@@ -39,15 +39,19 @@ async def _collect_messages(client: Client, conv: str, count: int) -> list[Messa
 
 
 async def test_direct_chat_customer_to_agent(server: RunningServer) -> None:
-    async with server.connect("alice") as alice, server.connect("agent1", "agent", "shop1") as agent:
+    async with (
+        server.connect("alice") as alice,
+        server.connect("agent1", "agent", "shop1") as agent,
+    ):
         info: ConversationInfo = await alice.request(OpenConversation(id=0, shop="shop1"))
         conv = info.conversation
         assert conv.state is ConvState.BOT and conv.customer == "alice"
         # Opening again returns the same conversation (one per customer and shop).
         again: ConversationInfo = await alice.request(OpenConversation(id=0, shop="shop1"))
         assert again.conversation.id == conv.id
-        await agent.request(UpdateConversation(id=0, conv=conv.id, state=ConvState.ASSIGNED,
-                                               agent="agent1"))
+        await agent.request(
+            UpdateConversation(id=0, conv=conv.id, state=ConvState.ASSIGNED, agent="agent1")
+        )
         sent = await alice.send_text(conv.id, "where is my order?")
         assert sent.seq == 2  # seq 1 is the "assigned" system message
         events = await _collect_messages(agent, conv.id, 2)
@@ -68,7 +72,8 @@ async def test_twenty_concurrent_senders_get_gapless_ordered_seqs(server: Runnin
     total = len(senders) * per_sender
     async with server.connect("owner", "agent", "shop1") as owner:
         info: ConversationInfo = await owner.request(
-            CreateGroup(id=0, shop="shop1", title="fans", members=senders))
+            CreateGroup(id=0, shop="shop1", title="fans", members=senders)
+        )
         conv = info.conversation.id
         observed: dict[str, list[tuple[int, str, str]]] = {}
         online = 0
@@ -81,7 +86,9 @@ async def test_twenty_concurrent_senders_get_gapless_ordered_seqs(server: Runnin
                 if online == len(senders):
                     all_online.set()
                 await all_online.wait()
-                pending = [await client.start_request(_send(conv, name, i)) for i in range(per_sender)]
+                pending = [
+                    await client.start_request(_send(conv, name, i)) for i in range(per_sender)
+                ]
                 acks: list[Sent] = [await p.result() for p in pending]
                 seqs = [a.seq for a in acks]
                 assert seqs == sorted(seqs), "a sender's messages were reordered"
@@ -137,7 +144,10 @@ async def test_retried_send_is_stored_once(server: RunningServer) -> None:
 
 
 async def test_recall_by_author_only(server: RunningServer) -> None:
-    async with server.connect("carol") as carol, server.connect("agent2", "agent", "shop1") as agent:
+    async with (
+        server.connect("carol") as carol,
+        server.connect("agent2", "agent", "shop1") as agent,
+    ):
         conv = (await carol.request(OpenConversation(id=0, shop="shop1"))).conversation.id
         await agent.request(UpdateConversation(id=0, conv=conv, agent="agent2"))
         sent = await carol.send_text(conv, "oops, my phone number")
@@ -179,14 +189,21 @@ async def test_history_pages_fit_in_one_frame(server: RunningServer) -> None:
     """200 messages of 5000 CJK characters (15 kB each) cannot go in one frame."""
     from protocol import MAX_SERVER_FRAME_BYTES, MAX_TEXT_CHARS, encode
 
-    async with server.connect("writer", "worker", "shop1") as writer, server.connect("reader") as reader:
+    async with (
+        server.connect("writer", "worker", "shop1") as writer,
+        server.connect("reader") as reader,
+    ):
         conv = (await reader.request(OpenConversation(id=0, shop="shop1"))).conversation.id
         pending = [await writer.start_request(_send(conv, "w", i)) for i in range(5)]
         for p in pending:
             await p.result()
         long_text = "长" * MAX_TEXT_CHARS
-        pending = [await writer.start_request(
-            Send(id=0, conv=conv, cmid=f"long{i}", body=TextBody(text=long_text))) for i in range(200)]
+        pending = [
+            await writer.start_request(
+                Send(id=0, conv=conv, cmid=f"long{i}", body=TextBody(text=long_text))
+            )
+            for i in range(200)
+        ]
         for p in pending:
             await p.result()
         newest: HistoryPage = await reader.request(History(id=0, conv=conv, limit=200))
@@ -218,7 +235,8 @@ async def test_idle_actor_passivates_and_comes_back_with_its_state(server: Runni
 
 
 async def test_actor_crash_loses_nothing_acked_and_restarts(
-        server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A failing disk write crashes the actor mid-batch: the batch is answered with
     ``internal`` (not acked), the actor restarts from the store, retries succeed."""
     store = server.server.store

@@ -37,8 +37,17 @@ def test_real_schema_from_scratch_then_no_op(conn: sqlite3.Connection) -> None:
     assert migrate(conn) == (SCHEMA_VERSION, SCHEMA_VERSION)
     rows = conn.execute("SELECT version, name FROM schema_version").fetchall()
     assert rows == [(m.version, m.name) for m in MIGRATIONS]
-    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"conversations", "members", "messages", "read_points", "agents", "applied_keys"} <= tables
+    tables = {
+        name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
+    assert {
+        "conversations",
+        "members",
+        "messages",
+        "read_points",
+        "agents",
+        "applied_keys",
+    } <= tables
 
 
 def test_older_database_is_migrated_in_order(conn: sqlite3.Connection) -> None:
@@ -47,7 +56,10 @@ def test_older_database_is_migrated_in_order(conn: sqlite3.Connection) -> None:
     assert migrate(conn, [V1, V2]) == (1, 2)
     assert conn.execute("SELECT a, b FROM t ORDER BY a").fetchall() == [(1, "x1"), (2, "x2")]
     assert migrate(conn, [V1, V2]) == (2, 2)
-    assert [v for (v,) in conn.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+    assert [v for (v,) in conn.execute("SELECT version FROM schema_version ORDER BY version")] == [
+        1,
+        2,
+    ]
 
 
 def test_failed_migration_leaves_the_old_version(conn: sqlite3.Connection) -> None:
@@ -121,7 +133,9 @@ async def test_store_refuses_a_newer_database(db_path: Path) -> None:
     await store.aclose()
 
 
-async def test_store_migrates_an_empty_existing_file(make_store: StoreFactory, db_path: Path) -> None:
+async def test_store_migrates_an_empty_existing_file(
+    make_store: StoreFactory, db_path: Path
+) -> None:
     await trio.Path(db_path).touch()
     store = await make_store()
     await store.write([put_conv("c")])

@@ -139,11 +139,20 @@ S1, S2 = "s1", "s2"
 
 @pytest.fixture
 async def lists_store(store: SqliteStore) -> SqliteStore:
-    def direct(cid: str, shop: str, customer: str, state: ConvState, ts: int, agent: str | None = None) -> PutConversation:
+    def direct(
+        cid: str, shop: str, customer: str, state: ConvState, ts: int, agent: str | None = None
+    ) -> PutConversation:
         return put_conv(cid, shop=shop, customer=customer, state=state, agent=agent, updated_at=ts)
 
     def group(cid: str, shop: str, ts: int) -> PutConversation:
-        return put_conv(cid, shop=shop, kind=ConvKind.GROUP, customer=None, state=ConvState.ASSIGNED, updated_at=ts)
+        return put_conv(
+            cid,
+            shop=shop,
+            kind=ConvKind.GROUP,
+            customer=None,
+            state=ConvState.ASSIGNED,
+            updated_at=ts,
+        )
 
     ops: list[WriteOp] = [
         direct("d1", S1, "cu1", ConvState.BOT, 100),
@@ -247,7 +256,9 @@ async def test_list_orders_ties_by_id(store: SqliteStore) -> None:
 
 
 async def test_conversation_fields_round_trip(store: SqliteStore) -> None:
-    conv = conversation("c", tags=["vip", "退货"], title="标题", agent="a1", state=ConvState.ASSIGNED)
+    conv = conversation(
+        "c", tags=["vip", "退货"], title="标题", agent="a1", state=ConvState.ASSIGNED
+    )
     await store.write([PutConversation(conversation=conv)])
     assert await store.get_conversation("c") == conv
     assert await store.get_conversation("missing") is None
@@ -259,7 +270,12 @@ async def test_put_conversation_never_lowers_last_seq_or_updated_at(store: Sqlit
     await store.write([PutConversation(conversation=stale)])
     got = await store.get_conversation("c")
     assert got is not None
-    assert (got.state, got.agent, got.last_seq, got.updated_at) == (ConvState.ASSIGNED, "a1", 3, 500)
+    assert (got.state, got.agent, got.last_seq, got.updated_at) == (
+        ConvState.ASSIGNED,
+        "a1",
+        3,
+        500,
+    )
     # PutMessage: MAX semantics too (an older message does not lower them)
     await store.write([put_msg("c", 2, ts=10)])
     got = await store.get_conversation("c")
@@ -289,8 +305,12 @@ async def test_find_open_direct_ignores_closed_and_groups(store: SqliteStore) ->
 
 async def test_load_actor_windows(store: SqliteStore) -> None:
     ops: list[WriteOp] = [put_conv("c")]
-    ops += [put_msg("c", seq, sender=f"u{seq % 2}", cmid=f"m{seq}", ts=seq * 10) for seq in range(1, 31)]
-    ops += [PutAppliedKey(conv="c", key=f"k{i}", ts=7) for i in range(1, 16)]  # same ts: insertion order decides
+    ops += [
+        put_msg("c", seq, sender=f"u{seq % 2}", cmid=f"m{seq}", ts=seq * 10) for seq in range(1, 31)
+    ]
+    ops += [
+        PutAppliedKey(conv="c", key=f"k{i}", ts=7) for i in range(1, 16)
+    ]  # same ts: insertion order decides
     ops += [PutAppliedKey(conv="c", key="k3", ts=9)]  # a repeat is a no-op
     ops += [SetMembers(conv="c", add={"u0": MemberRole.MEMBER, "u1": MemberRole.ADMIN})]
     await store.write(ops)
@@ -322,7 +342,13 @@ async def test_members_add_update_remove(store: SqliteStore) -> None:
             SetMembers(conv="g", add={"a": MemberRole.OWNER, "b": MemberRole.MEMBER}),
         ]
     )
-    await store.write([SetMembers(conv="g", add={"b": MemberRole.ADMIN, "c": MemberRole.MEMBER}, remove=["a", "zz"])])
+    await store.write(
+        [
+            SetMembers(
+                conv="g", add={"b": MemberRole.ADMIN, "c": MemberRole.MEMBER}, remove=["a", "zz"]
+            )
+        ]
+    )
     assert await store.get_members("g") == {"b": MemberRole.ADMIN, "c": MemberRole.MEMBER}
     assert await store.get_members("missing") == {}
 
@@ -331,7 +357,9 @@ async def test_read_points_never_go_down(store: SqliteStore) -> None:
     await store.write([put_conv("c"), SetReadPoint(conv="c", user="u", seq=5)])
     await store.write([SetReadPoint(conv="c", user="u", seq=3)])
     assert await store.read_point("c", "u") == 5
-    await store.write([SetReadPoint(conv="c", user="u", seq=7), SetReadPoint(conv="c", user="v", seq=1)])
+    await store.write(
+        [SetReadPoint(conv="c", user="u", seq=7), SetReadPoint(conv="c", user="v", seq=1)]
+    )
     assert await store.read_point("c", "u") == 7
     assert await store.read_point("c", "v") == 1
     assert await store.read_point("c", "nobody") == 0
@@ -346,7 +374,9 @@ async def test_agents_latest_status_wins(store: SqliteStore) -> None:
         ]
     )
     await store.write([PutAgent(shop="s", agent="b", status=AgentStatus.OFFLINE, ts=20)])
-    await store.write([PutAgent(shop="s", agent="b", status=AgentStatus.AWAY, ts=15)])  # late, older
+    await store.write(
+        [PutAgent(shop="s", agent="b", status=AgentStatus.AWAY, ts=15)]
+    )  # late, older
     agents = await store.list_agents("s")
     assert [(a.agent, a.status, a.ts) for a in agents] == [
         ("a", AgentStatus.BUSY, 10),
@@ -367,7 +397,10 @@ async def test_prune_deletes_in_bounded_batches(
     ops: list[WriteOp] = [put_conv("a"), put_conv("b")]
     ops += [put_msg("a" if i % 2 else "b", i, ts=i) for i in range(1, old + 1)]
     ops += [put_msg("a", old + i, ts=1_000_000 + i) for i in range(1, 11)]
-    ops += [PutAppliedKey(conv="a", key="old", ts=5), PutAppliedKey(conv="a", key="new", ts=2_000_000)]
+    ops += [
+        PutAppliedKey(conv="a", key="old", ts=5),
+        PutAppliedKey(conv="a", key="new", ts=2_000_000),
+    ]
     await store.write(ops)
     commits.clear()
     assert await store.prune(1_000_000) == old
@@ -402,9 +435,7 @@ def planner() -> sqlite3.Connection:
 def test_every_query_is_index_driven(planner: sqlite3.Connection) -> None:
     """No full table scan anywhere, and no sort of more than a page."""
     list_params = {"user": "u", "shop": "s", "state": "bot", "before": 1, "before_id": "", "n": 51}
-    queries: list[tuple[str, Any]] = [
-        (sql, list_params) for sql in _sqlite._LIST_SQL.values()
-    ]
+    queries: list[tuple[str, Any]] = [(sql, list_params) for sql in _sqlite._LIST_SQL.values()]
     queries += [
         (_sqlite.SQL_HISTORY_BEFORE, ("c", 10, 51)),
         (_sqlite.SQL_HISTORY_AFTER, ("c", 1, 10, 51)),

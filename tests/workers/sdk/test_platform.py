@@ -20,9 +20,12 @@ async def _bot_replies(client: Client, conv: str, count: int) -> list[str]:
     texts: list[str] = []
     with trio.fail_after(60):
         async for frame in client.events:
-            if (isinstance(frame, MessageEvent) and frame.message.conv == conv
-                    and frame.message.sender != client.welcome.user
-                    and isinstance(frame.message.body, TextBody)):
+            if (
+                isinstance(frame, MessageEvent)
+                and frame.message.conv == conv
+                and frame.message.sender != client.welcome.user
+                and isinstance(frame.message.body, TextBody)
+            ):
                 texts.append(frame.message.body.text)
                 if len(texts) == count:
                     return texts
@@ -30,12 +33,14 @@ async def _bot_replies(client: Client, conv: str, count: int) -> list[str]:
 
 
 async def test_every_question_answered_once_even_when_a_worker_is_killed(
-        server: RunningServer, tmp_path: Path) -> None:
+    server: RunningServer, tmp_path: Path
+) -> None:
     plugin = "tests.workers.sdk.plugins:EchoPlugin"
     customers = [f"buyer{i}" for i in range(8)]
     async with (
         worker_process(server, plugin, tmp_path) as first,
-        worker_process(server, plugin, tmp_path),trio.open_nursery() as nursery
+        worker_process(server, plugin, tmp_path),
+        trio.open_nursery() as nursery,
     ):
         results: dict[str, list[str]] = {}
 
@@ -56,7 +61,8 @@ async def test_every_question_answered_once_even_when_a_worker_is_killed(
 
 
 async def test_raising_or_hanging_plugin_does_not_affect_chat(
-        server: RunningServer, tmp_path: Path) -> None:
+    server: RunningServer, tmp_path: Path
+) -> None:
     async with (
         worker_process(server, "tests.workers.sdk.plugins:FlakyPlugin", tmp_path),
         server.connect("zoe") as zoe,
@@ -83,7 +89,8 @@ async def test_raising_or_hanging_plugin_does_not_affect_chat(
 
 
 async def test_question_asked_while_worker_and_server_were_down_is_answered_once(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """The event log is durable: kill -9 the worker, then the server; the question
     asked in between is answered when both are back, exactly once."""
     import signal as _signal
@@ -96,9 +103,23 @@ async def test_question_asked_while_worker_and_server_were_down_is_answered_once
 
     async def start_worker(url: str) -> trio.Process:
         process = await trio.lowlevel.open_process(
-            [_sys.executable, "-m", "imserver", "worker", plugin, "--server", url,
-             "--secret", SECRET.decode(), "--data", str(tmp_path), "--log-level", "warning"],
-            stdout=subprocess.PIPE)
+            [
+                _sys.executable,
+                "-m",
+                "imserver",
+                "worker",
+                plugin,
+                "--server",
+                url,
+                "--secret",
+                SECRET.decode(),
+                "--data",
+                str(tmp_path),
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.PIPE,
+        )
         assert process.stdout is not None
         line = b""
         with trio.fail_after(30):
@@ -161,12 +182,31 @@ async def test_serve_supervises_worker_processes(tmp_path: Path) -> None:
 
     plugin = "tests.workers.sdk.plugins:EchoPlugin"
     async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(partial(
-            trio.run_process,
-            [_sys.executable, "-m", "imserver", "serve", "--data", str(tmp_path / "data"),
-             "--port", "0", "--secret", SECRET.decode(), "--log-level", "warning",
-             "--workers", plugin, "--shops", ",".join(SHOPS)],
-            stdout=subprocess.PIPE, check=False))
+        process: trio.Process = await nursery.start(
+            partial(
+                trio.run_process,
+                [
+                    _sys.executable,
+                    "-m",
+                    "imserver",
+                    "serve",
+                    "--data",
+                    str(tmp_path / "data"),
+                    "--port",
+                    "0",
+                    "--secret",
+                    SECRET.decode(),
+                    "--log-level",
+                    "warning",
+                    "--workers",
+                    plugin,
+                    "--shops",
+                    ",".join(SHOPS),
+                ],
+                stdout=subprocess.PIPE,
+                check=False,
+            )
+        )
         assert process.stdout is not None
         lines = _Lines(process.stdout)
         url = (await lines.until(b"listening on")).rsplit(" ", 1)[1]
@@ -178,8 +218,11 @@ async def test_serve_supervises_worker_processes(tmp_path: Path) -> None:
             assert await _bot_replies(una, conv, 1) == ["echo: first"]
             # The server's children are the worker, and the store's writer process
             # (with multiprocessing's fork server and resource tracker).
-            workers = [pid for pid in await _children(process.pid)
-                       if plugin in await trio.Path(f"/proc/{pid}/cmdline").read_text()]
+            workers = [
+                pid
+                for pid in await _children(process.pid)
+                if plugin in await trio.Path(f"/proc/{pid}/cmdline").read_text()
+            ]
             assert len(workers) == 1
             os.kill(workers[0], _signal.SIGKILL)
             await lines.until(b"joined")  # the supervisor started a new one
