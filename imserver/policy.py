@@ -147,245 +147,61 @@ class Target(enum.Enum):
     """Nothing but the requester's own scope (ping, list, status, plugin join)."""
 
 
-_Y: Final = Access.ALLOW
-_N: Final = Access.DENY
-_OPEN: Final = Access.OPEN
-_CLAIM: Final = Access.CLAIM
-_GADM: Final = Access.GROUP_ADMIN
-_PLUG: Final = Access.OWN_PLUGIN
-_QUEUE: Final = Access.QUEUE_TOPICS
-
-_C, _A, _S, _W, _D = Role.CUSTOMER, Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN
-
-# The table. Per request kind: its target, then per role the access in each
-# relation, in the order (own conversation, own shop, other shop, all shops).
+# The table: one row per request kind, its target, then per role (customer,
+# agent, supervisor, worker, admin) four letters, one per relation in the
+# order own conversation, own shop, other shop, all shops:
+#   Y allow   - deny   O open   C claim   G group admin   P own plugin   Q queue topics
 # Notify names a conversation, a user or a shop: its relation is the one to
-# whichever it names. Unwatch and Unsubscribe only ever remove the requester's
-# own subscriptions.
-_TABLE: Final[dict[type, tuple[Target, dict[Role, tuple[Access, Access, Access, Access]]]]] = {
-    Ping: (
-        Target.SELF,
-        {
-            _C: (_Y, _N, _N, _N),
-            _A: (_N, _Y, _N, _N),
-            _S: (_N, _Y, _N, _N),
-            _W: (_N, _Y, _N, _Y),
-            _D: (_N, _N, _N, _Y),
-        },
-    ),
-    ListConversations: (
-        Target.SELF,
-        {
-            _C: (_Y, _N, _N, _N),
-            _A: (_N, _Y, _N, _N),
-            _S: (_N, _Y, _N, _N),
-            _W: (_N, _Y, _N, _Y),
-            _D: (_N, _N, _N, _Y),
-        },
-    ),
-    OpenConversation: (
-        Target.SHOP,
-        {
-            _C: (_N, _N, _Y, _N),
-            _A: (_N, _N, _N, _N),
-            _S: (_N, _N, _N, _N),
-            _W: (_N, _N, _N, _N),
-            _D: (_N, _N, _N, _N),
-        },
-    ),
-    CreateGroup: (
-        Target.SHOP,
-        {
-            _C: (_N, _N, _N, _N),
-            _A: (_N, _Y, _N, _N),
-            _S: (_N, _Y, _N, _N),
-            _W: (_N, _Y, _N, _Y),
-            _D: (_N, _N, _N, _Y),
-        },
-    ),
-    UpdateMembers: (
-        Target.CONVERSATION,
-        {
-            _C: (_N, _N, _N, _N),
-            _A: (_GADM, _N, _N, _N),
-            _S: (_Y, _Y, _N, _N),
-            _W: (_Y, _Y, _N, _Y),
-            _D: (_N, _N, _N, _Y),
-        },
-    ),
-    Send: (
-        Target.CONVERSATION,
-        {
-            _C: (_Y, _N, _N, _N),
-            _A: (_Y, _N, _N, _N),
-            _S: (_Y, _Y, _N, _N),
-            _W: (_Y, _Y, _N, _Y),
-            _D: (_N, _N, _N, _Y),
-        },
-    ),
-    Typing: (
-        Target.CONVERSATION,
-        {
-            _C: (_Y, _N, _N, _N),
-            _A: (_Y, _N, _N, _N),
-            _S: (_Y, _Y, _N, _N),
-            _W: (_Y, _Y, _N, _Y),
-            _D: (_N, _N, _N, _Y),
-        },
-    ),
-    Recall: (
-        Target.CONVERSATION,
-        {  # and only one's own message (checked on the message)
-            _C: (_Y, _N, _N, _N),
-            _A: (_Y, _N, _N, _N),
-            _S: (_Y, _Y, _N, _N),
-            _W: (_Y, _Y, _N, _Y),
-            _D: (_N, _N, _N, _Y),
-        },
-    ),
-    History: (
-        Target.CONVERSATION,
-        {
-            _C: (_Y, _N, _N, _N),
-            _A: (_Y, _OPEN, _N, _N),
-            _S: (_Y, _Y, _N, _N),
-            _W: (_Y, _Y, _N, _Y),
-            _D: (_N, _N, _N, _Y),
-        },
-    ),
-    GetConversation: (
-        Target.CONVERSATION,
-        {
-            _C: (_Y, _N, _N, _N),
-            _A: (_Y, _OPEN, _N, _N),
-            _S: (_Y, _Y, _N, _N),
-            _W: (_Y, _Y, _N, _Y),
-            _D: (_N, _N, _N, _Y),
-        },
-    ),
-    Read: (
-        Target.CONVERSATION,
-        {
-            _C: (_Y, _N, _N, _N),
-            _A: (_Y, _OPEN, _N, _N),
-            _S: (_Y, _Y, _N, _N),
-            _W: (_Y, _Y, _N, _Y),
-            _D: (_N, _N, _N, _Y),
-        },
-    ),
-    Delivered: (
-        Target.CONVERSATION,
-        {
-            _C: (_Y, _N, _N, _N),
-            _A: (_Y, _OPEN, _N, _N),
-            _S: (_Y, _Y, _N, _N),
-            _W: (_Y, _Y, _N, _Y),
-            _D: (_N, _N, _N, _Y),
-        },
-    ),
-    UpdateConversation: (
-        Target.CONVERSATION,
-        {  # direct ones only: a worker is never their agent
-            _C: (_N, _N, _N, _N),
-            _A: (_Y, _CLAIM, _N, _N),
-            _S: (_Y, _Y, _N, _N),
-            _W: (_N, _Y, _N, _Y),
-            _D: (_N, _N, _N, _Y),
-        },
-    ),
-    SetAgentStatus: (
-        Target.SELF,
-        {
-            _C: (_N, _N, _N, _N),
-            _A: (_N, _Y, _N, _N),
-            _S: (_N, _Y, _N, _N),
-            _W: (_N, _N, _N, _N),
-            _D: (_N, _N, _N, _N),
-        },
-    ),
-    WatchPresence: (
-        Target.USER,
-        {
-            _C: (_N, _N, _N, _N),
-            _A: (_N, _Y, _N, _N),
-            _S: (_N, _Y, _N, _N),
-            _W: (_N, _Y, _N, _Y),
-            _D: (_N, _N, _N, _Y),
-        },
-    ),
-    Unwatch: (
-        Target.SELF,
-        {
-            _C: (_Y, _N, _N, _N),
-            _A: (_N, _Y, _N, _N),
-            _S: (_N, _Y, _N, _N),
-            _W: (_N, _Y, _N, _Y),
-            _D: (_N, _N, _N, _Y),
-        },
-    ),
-    Subscribe: (
-        Target.SHOP,
-        {
-            _C: (_N, _N, _N, _N),
-            _A: (_N, _QUEUE, _N, _N),
-            _S: (_N, _Y, _N, _N),
-            _W: (_N, _Y, _N, _Y),
-            _D: (_N, _N, _N, _Y),
-        },
-    ),
-    Unsubscribe: (
-        Target.SELF,
-        {
-            _C: (_Y, _N, _N, _N),
-            _A: (_N, _Y, _N, _N),
-            _S: (_N, _Y, _N, _N),
-            _W: (_N, _Y, _N, _Y),
-            _D: (_N, _N, _N, _Y),
-        },
-    ),
-    WorkerJoin: (
-        Target.SELF,
-        {
-            _C: (_N, _N, _N, _N),
-            _A: (_N, _N, _N, _N),
-            _S: (_N, _N, _N, _N),
-            _W: (_N, _PLUG, _N, _PLUG),
-            _D: (_N, _N, _N, _N),
-        },
-    ),
-    WorkerAck: (
-        Target.SELF,
-        {
-            _C: (_N, _N, _N, _N),
-            _A: (_N, _N, _N, _N),
-            _S: (_N, _N, _N, _N),
-            _W: (_N, _Y, _N, _Y),
-            _D: (_N, _N, _N, _N),
-        },
-    ),
-    Notify: (
-        Target.CONVERSATION,
-        {  # or a user or a shop: see above
-            _C: (_N, _N, _N, _N),
-            _A: (_N, _N, _N, _N),
-            _S: (_N, _N, _N, _N),
-            _W: (_Y, _Y, _N, _Y),
-            _D: (_N, _N, _N, _Y),
-        },
-    ),
+# whichever it names. Unwatch and Unsubscribe only remove the requester's own
+# subscriptions. Recall is, besides, for the author of the message only.
+# fmt: off
+_ROWS: Final[dict[type, tuple[Target, str, str, str, str, str]]] = {
+    #                     target               customer agent   superv. worker  admin
+    Ping:               (Target.SELF,         "Y---", "-Y--", "-Y--", "-Y-Y", "---Y"),
+    ListConversations:  (Target.SELF,         "Y---", "-Y--", "-Y--", "-Y-Y", "---Y"),
+    OpenConversation:   (Target.SHOP,         "--Y-", "----", "----", "----", "----"),
+    CreateGroup:        (Target.SHOP,         "----", "-Y--", "-Y--", "-Y-Y", "---Y"),
+    UpdateMembers:      (Target.CONVERSATION, "----", "G---", "YY--", "YY-Y", "---Y"),
+    Send:               (Target.CONVERSATION, "Y---", "Y---", "YY--", "YY-Y", "---Y"),
+    Typing:             (Target.CONVERSATION, "Y---", "Y---", "YY--", "YY-Y", "---Y"),
+    Recall:             (Target.CONVERSATION, "Y---", "Y---", "YY--", "YY-Y", "---Y"),
+    History:            (Target.CONVERSATION, "Y---", "YO--", "YY--", "YY-Y", "---Y"),
+    GetConversation:    (Target.CONVERSATION, "Y---", "YO--", "YY--", "YY-Y", "---Y"),
+    Read:               (Target.CONVERSATION, "Y---", "YO--", "YY--", "YY-Y", "---Y"),
+    Delivered:          (Target.CONVERSATION, "Y---", "YO--", "YY--", "YY-Y", "---Y"),
+    # (a worker takes part in groups only, and groups are not routed)
+    UpdateConversation: (Target.CONVERSATION, "----", "YC--", "YY--", "-Y-Y", "---Y"),
+    SetAgentStatus:     (Target.SELF,         "----", "-Y--", "-Y--", "----", "----"),
+    WatchPresence:      (Target.USER,         "----", "-Y--", "-Y--", "-Y-Y", "---Y"),
+    Unwatch:            (Target.SELF,         "Y---", "-Y--", "-Y--", "-Y-Y", "---Y"),
+    Subscribe:          (Target.SHOP,         "----", "-Q--", "-Y--", "-Y-Y", "---Y"),
+    Unsubscribe:        (Target.SELF,         "Y---", "-Y--", "-Y--", "-Y-Y", "---Y"),
+    WorkerJoin:         (Target.SELF,         "----", "----", "----", "-P-P", "----"),
+    WorkerAck:          (Target.SELF,         "----", "----", "----", "-Y-Y", "----"),
+    Notify:             (Target.CONVERSATION, "----", "----", "----", "YY-Y", "---Y"),
 }
-
+# fmt: on
+_LETTERS: Final = {
+    "Y": Access.ALLOW,
+    "-": Access.DENY,
+    "O": Access.OPEN,
+    "C": Access.CLAIM,
+    "G": Access.GROUP_ADMIN,
+    "P": Access.OWN_PLUGIN,
+    "Q": Access.QUEUE_TOPICS,
+}
+_ROLES: Final = (Role.CUSTOMER, Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN)
 _RELATIONS: Final = tuple(Relation)
 
 RULES: Final[dict[tuple[type, Role, Relation], Access]] = {
-    (kind, role, relation): access
-    for kind, (_, rows) in _TABLE.items()
-    for role, accesses in rows.items()
-    for relation, access in zip(_RELATIONS, accesses, strict=True)
+    (kind, role, relation): _LETTERS[letter]
+    for kind, (_, *columns) in _ROWS.items()
+    for role, column in zip(_ROLES, columns, strict=True)
+    for relation, letter in zip(_RELATIONS, column, strict=True)
 }
 """(request kind, role, relation) -> access: the one authorization table."""
 
-TARGETS: Final[dict[type, Target]] = {kind: target for kind, (target, _) in _TABLE.items()}
+TARGETS: Final[dict[type, Target]] = {kind: row[0] for kind, row in _ROWS.items()}
 
 KINDS: Final = (*REQUEST_TYPES, *NOTICE_TYPES)
 """Every request kind of the protocol (requests with an id, and notices)."""
@@ -399,7 +215,7 @@ def _check_complete() -> None:
         for rel in Relation
         if (k, r, rel) not in RULES
     ]
-    extra = [k.__name__ for k in _TABLE if k not in KINDS]
+    extra = [k.__name__ for k in _ROWS if k not in KINDS]
     if missing or extra:
         raise RuntimeError(
             f"authorization table incomplete: missing {missing[:5]}, unknown kinds {extra}"
@@ -579,13 +395,17 @@ STATE_TRANSITIONS: Final[dict[tuple[ConvState, ConvState], frozenset[Role]]] = {
 
 
 def check_update(
-    who: Identity, conv: Conversation, new_state: ConvState | None, new_agent: str | None
+    who: Identity,
+    conv: Conversation,
+    new_state: ConvState | None,
+    new_agent: str | None,
+    members: Mapping[str, MemberRole] | None = None,
 ) -> str | None:
     """None if ``who`` may make this update, else the reason it is forbidden.
     (That the new agent is an agent of the shop is the store's to know: the
     actor checks it.)"""
     if not conversation_access(
-        UpdateConversation, who, conv, {}, new_state=new_state, new_agent=new_agent
+        UpdateConversation, who, conv, members or {}, new_state=new_state, new_agent=new_agent
     ):
         if who.role is Role.AGENT and who.in_shop(conv.shop):
             return "agents may only claim open conversations or change their own"

@@ -567,7 +567,7 @@ class Session:
             shop=claims.shop,
             session=self.id,
             device=hello.device,
-            plugin=getattr(claims, "plugin", ""),
+            plugin=claims.plugin,
         )
         self.identity = who
         assert self._nursery is not None

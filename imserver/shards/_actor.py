@@ -725,7 +725,7 @@ class ConversationActor:
         state = cmd.state
         if cmd.agent is not None and state is None:
             state = ConvState.ASSIGNED
-        reason = policy.check_update(cmd.who, conv, state, cmd.agent)
+        reason = policy.check_update(cmd.who, conv, state, cmd.agent, self.members)
         if reason is not None:
             raise Refusal(ErrorCode.FORBIDDEN, reason)
         agent = conv.agent

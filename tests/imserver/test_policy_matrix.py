@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ import trio
 from imserver import policy
 from imserver.client import Client, ServerError
 from imserver.policy import RULES, TARGETS, Access, Relation, Target
+from protocol import AgentStatus as Status
 from protocol import (
     ConvState,
     CreateGroup,
@@ -56,7 +57,6 @@ from protocol import (
     WorkerEventKind,
     WorkerJoin,
 )
-from protocol import AgentStatus as Status
 from tests.conftest import RunningServer
 
 REACHABLE: dict[Role, tuple[Relation, ...]] = {
@@ -141,7 +141,7 @@ class World:
     async def connect(
         self, name: str, role: str = "customer", shop: str = "", **claims: str
     ) -> Client:
-        client = await self.stack.enter_async_context(
+        client: Client = await self.stack.enter_async_context(
             _connect(self.server, name, role, shop, **claims)
         )
         self.clients[name] = client
@@ -241,9 +241,9 @@ async def _notice_seen(w: World, who: str, notice: Any, conv: str, observer: str
     into the same conversation then comes after it in the actor's mailbox, and
     the effect (if any) reaches the observer before that message's ack."""
     client, watcher = w.clients[who], w.clients[observer]
+    _drain(watcher)
     await client.notify(notice)
     await client.request(Ping(id=0))
-    _drain(watcher)
     await watcher.send_text(w.convs[conv], "sync")
     for frame in _drain(watcher):
         if isinstance(frame, TypingEvent) and frame.user == who:
@@ -266,8 +266,10 @@ async def _answer(client: Client, request: Any) -> bool:
     try:
         await client.request(request)
     except ServerError as exc:
-        assert exc.code in ("forbidden", "not_found"), exc
-        assert not any(text in exc.error.message for text in _NOT_AUTHZ), exc
+        if exc.code not in ("forbidden", "not_found") or any(
+            text in exc.error.message for text in _NOT_AUTHZ
+        ):
+            raise AssertionError(f"not the table's refusal: {exc}") from exc
         return False
     return True
 
@@ -346,19 +348,29 @@ async def attempt(w: World, kind: type, role: Role, relation: Relation) -> bool:
     raise AssertionError(f"no scenario for {kind.__name__}: add one")
 
 
-@pytest.fixture
-async def world(server: RunningServer) -> AsyncIterator[World]:
+@asynccontextmanager
+async def live_world(server: RunningServer) -> AsyncIterator[World]:
     async with AsyncExitStack() as stack:
         yield await build_world(server, stack)
 
 
-async def test_the_live_server_follows_the_table_in_every_reachable_cell(world: World) -> None:
+async def test_the_live_server_follows_the_table_in_every_reachable_cell(
+    server: RunningServer,
+) -> None:
+    async with live_world(server) as world:
+        await _follows_the_table(world)
+
+
+async def _follows_the_table(world: World) -> None:
     checked = 0
     wrong = []
     for kind, role, relation in CELLS:
         if not reachable(kind, role, relation):
             continue
-        allowed = await attempt(world, kind, role, relation)
+        try:
+            allowed = await attempt(world, kind, role, relation)
+        except AssertionError as exc:
+            raise AssertionError(f"{kind.__name__} {role} {relation}: {exc}") from exc
         expected = RULES[kind, role, relation] is not Access.DENY
         if allowed is not expected:
             wrong.append(
@@ -369,7 +381,14 @@ async def test_the_live_server_follows_the_table_in_every_reachable_cell(world: 
     assert checked == sum(reachable(*c) for c in CELLS)
 
 
-async def test_conditional_cells_refuse_when_their_condition_fails(world: World) -> None:
+async def test_conditional_cells_refuse_when_their_condition_fails(
+    server: RunningServer,
+) -> None:
+    async with live_world(server) as world:
+        await _conditions_fail(world)
+
+
+async def _conditions_fail(world: World) -> None:
     c, convs = world.clients, world.convs
     # open (agents read open conversations of their shop): not one assigned to another
     with pytest.raises(ServerError) as refused:
