@@ -418,3 +418,33 @@ def check_update(
         if roles is None or who.role not in roles:
             return f"cannot go from {conv.state} to {target}"
     return None
+
+
+def markdown_table() -> str:
+    """The table for docs/SECURITY.md (``python -m imserver.policy``): one row per
+    request kind, one column per role, the four relations in each cell."""
+    names = {
+        Access.ALLOW: "Y",
+        Access.DENY: "-",
+        Access.OPEN: "O",
+        Access.CLAIM: "C",
+        Access.GROUP_ADMIN: "G",
+        Access.OWN_PLUGIN: "P",
+        Access.QUEUE_TOPICS: "Q",
+    }
+    rows = [
+        "| request (`t`) | target | " + " | ".join(role.value for role in _ROLES) + " |",
+        "|---|---|" + "---|" * len(_ROLES),
+    ]
+    for kind in KINDS:
+        cells = [
+            "`" + "".join(names[RULES[kind, role, rel]] for rel in _RELATIONS) + "`"
+            for role in _ROLES
+        ]
+        tag = kind.__struct_config__.tag
+        rows.append(f"| `{tag}` | {TARGETS[kind].value} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

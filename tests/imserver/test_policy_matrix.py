@@ -16,6 +16,7 @@ import itertools
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -417,3 +418,12 @@ async def _conditions_fail(world: World) -> None:
     with pytest.raises(ServerError) as refused:
         await other.request(WorkerJoin(id=0, plugin="crm", kinds=[WorkerEventKind.MESSAGE]))
     assert refused.value.code == "forbidden"
+
+
+def test_security_md_shows_the_table() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "SECURITY.md").read_text("utf-8")
+    start = text.index("<!-- authz:start")
+    start = text.index("\n", start) + 1
+    assert text[start : text.index("<!-- authz:end")].strip() == policy.markdown_table(), (
+        "docs/SECURITY.md: paste the output of `python -m imserver.policy`"
+    )
