@@ -275,8 +275,16 @@ def _serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         from .supervisor import supervise
 
+        until_drained = trio.CancelScope()
+
+        async def serve(task_status: trio.TaskStatus[str]) -> None:
+            try:
+                await server.serve(task_status=task_status)
+            finally:
+                until_drained.cancel()
+
         async with trio.open_nursery() as nursery:
-            url = await nursery.start(server.serve)
+            url = await nursery.start(serve)
             print(f"imserver listening on {url}", flush=True)
             workers = trio.CancelScope()
 
@@ -301,6 +309,12 @@ def _serve(args: argparse.Namespace) -> int:
                     workers.cancel()
                     server.stop()
                     break
+                # Taken and ignored while the server drains (bounded by DRAIN_TIMEOUT_S
+                # and CLOSE_LINGER_S): a second SIGTERM must not kill a clean drain, and
+                # a signal left pending when the receiver closes would be redelivered.
+                with until_drained:
+                    async for _ in signals:
+                        pass
 
     trio.run(run)
     return 0

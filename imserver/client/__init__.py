@@ -2,4 +2,11 @@
 
 from ._trio import Client, ConnectionClosed, PendingReply, ReconnectingClient, ServerError, connect
 
-__all__ = ["Client", "ConnectionClosed", "PendingReply", "ReconnectingClient", "ServerError", "connect"]
+__all__ = [
+    "Client",
+    "ConnectionClosed",
+    "PendingReply",
+    "ReconnectingClient",
+    "ServerError",
+    "connect",
+]

@@ -10,10 +10,24 @@ application stops reading events, the channel fills, the reader stops
 reading the socket and the server eventually cuts the client off as a slow
 consumer -- backpressure, never unbounded memory.
 
-``Client`` tracks the last seq it has seen per conversation (``last_seq``):
-pass it as ``resume`` to the next ``connect`` and the server replays exactly
-what was missed. ``ReconnectingClient`` does that by itself, with backoff,
-and carries sends across reconnects with their client message ids.
+One ``_Incoming`` (sans-IO: bytes in; the upgrade's outcome, frames, pings
+and the close out, in order) lives for the whole connection. The upgrade,
+the wait for Welcome and the reader all take items from it, so whatever a
+read carried past the end of one phase -- the resume replay and ``Synced``
+in the same read as Welcome, half a frame -- is the next phase's first item,
+never lost between them.
+
+Whether the connection may still send is the WebSocket state machine's
+answer (``ws.state``), read under the send lock right before encoding: the
+reader may have taken the server's close frame while a sender was between
+taking the lock and writing, and that sender then gets ``ConnectionClosed``.
+
+``Client`` tracks the last seq the application has received per
+conversation (``last_seq``; it moves when the application takes an event
+from ``client.events``, never for one still buffered): pass it as ``resume``
+to the next ``connect`` and the server replays exactly what was missed.
+``ReconnectingClient`` does that by itself, with backoff, and carries sends
+across reconnects with their client message ids.
 """
 
 from __future__ import annotations
@@ -21,14 +35,17 @@ from __future__ import annotations
 import contextlib
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
 import trio
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -40,12 +57,15 @@ from wsproto.events import (
 )
 
 from protocol import (
+    MAX_SERVER_FRAME_BYTES,
     PROTOCOL_VERSION,
     AnyBody,
     ClientConnection,
+    CloseCode,
     Error,
     Hello,
     MessageEvent,
+    ProtocolError,
     Reply,
     Send,
     Sent,
@@ -56,6 +76,9 @@ from protocol import (
 
 EVENT_BUFFER = 10_000
 """Events buffered for the application before the reader stops reading."""
+
+RECEIVE_BYTES = 65536
+"""Read size from the socket."""
 
 REQUEST_TIMEOUT_S = 30.0
 SEND_RETRIES = 5
@@ -77,6 +100,106 @@ class ConnectionClosed(Exception):
         super().__init__(f"connection closed ({code}) {reason}".strip())
         self.code = code
         self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class _Broken:
+    """The server's bytes made no sense: close with ``code``."""
+
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Eof:
+    """The socket closed (no close frame, or nothing after it)."""
+
+
+_Item = (
+    AcceptConnection | RejectConnection | Ping | CloseConnection | ServerFrameType | _Broken | _Eof
+)
+
+
+class _Incoming:
+    """Sans-IO: the server's bytes in, in arrival order; items out one at a time.
+
+    Complete WebSocket messages are decoded into frames (the partial one is
+    kept across reads, bounded by ``MAX_SERVER_FRAME_BYTES``); pings, the
+    close and the upgrade's outcome come out as wsproto events. After a
+    ``_Broken`` or ``_Eof`` nothing more is read.
+    """
+
+    def __init__(self, ws: WSConnection, conn: ClientConnection) -> None:
+        self._ws = ws
+        self._conn = conn
+        self._partial = bytearray()
+        self._items: deque[_Item] = deque()
+        self._ended = False
+
+    def pop(self) -> _Item | None:
+        return self._items.popleft() if self._items else None
+
+    def feed(self, data: bytes | bytearray) -> None:
+        """Bytes read from the socket; ``b""`` is the end of the stream."""
+        if self._ended:
+            return
+        if not data:
+            self._end(_Eof())
+            return
+        self._ws.receive_data(data)  # type: ignore[arg-type]  # bytearray is fine
+        for ev in self._ws.events():
+            if isinstance(ev, BytesMessage):
+                self._partial += ev.data
+                if len(self._partial) > MAX_SERVER_FRAME_BYTES:
+                    self._end(_Broken(CloseCode.MESSAGE_TOO_BIG, "server frame too big"))
+                    return
+                if ev.message_finished:
+                    try:
+                        frame = self._conn.receive(bytes(self._partial))
+                    except ProtocolError as exc:
+                        self._end(_Broken(CloseCode.PROTOCOL_ERROR, str(exc)[:100]))
+                        return
+                    self._partial.clear()
+                    self._items.append(frame)
+            elif isinstance(ev, AcceptConnection | RejectConnection | Ping):
+                self._items.append(ev)
+            elif isinstance(ev, CloseConnection):
+                self._end(ev)
+                return
+            # Pongs, rejection bodies and text messages carry nothing for us.
+
+    def _end(self, item: _Item) -> None:
+        self._items.append(item)
+        self._ended = True
+
+    async def next(self, stream: trio.abc.Stream) -> _Item:
+        """The next item, reading the socket only when none is buffered."""
+        while (item := self.pop()) is None:
+            self.feed(await stream.receive_some(RECEIVE_BYTES))
+        return item
+
+
+class _Events(trio.abc.ReceiveChannel[ServerFrameType]):
+    """The application's end of the event channel: taking a ``MessageEvent``
+    is what moves ``last_seq`` (kept in recency order, most recent last)."""
+
+    def __init__(
+        self, inner: trio.MemoryReceiveChannel[ServerFrameType], last_seq: dict[str, int]
+    ) -> None:
+        self._inner = inner
+        self._last_seq = last_seq
+
+    async def receive(self) -> ServerFrameType:
+        frame = await self._inner.receive()
+        if isinstance(frame, MessageEvent):
+            conv, seq = frame.message.conv, frame.message.seq
+            if seq > self._last_seq.get(conv, 0):
+                self._last_seq.pop(conv, None)
+                self._last_seq[conv] = seq
+        return frame
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 class PendingReply:
@@ -102,28 +225,37 @@ class PendingReply:
 
 
 class Client:
-    def __init__(self, stream: trio.abc.Stream, ws: WSConnection, welcome: Welcome,
-                 conn: ClientConnection, leftover: list[ServerFrameType]) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        ws: WSConnection,
+        welcome: Welcome,
+        conn: ClientConnection,
+        incoming: _Incoming,
+        resume: dict[str, int] | None = None,
+    ) -> None:
         self._stream = stream
         self._ws = ws
         self._conn = conn
+        self._incoming = incoming
         self.welcome = welcome
         self._send_lock = trio.Lock()
         self._waiting: dict[int, tuple[trio.Event, list[ServerFrameType]]] = {}
-        self._events_in, self.events = trio.open_memory_channel[ServerFrameType](EVENT_BUFFER)
-        self.last_seq: dict[str, int] = {}
+        self.last_seq: dict[str, int] = dict(resume or {})
+        self._events_in, events_out = trio.open_memory_channel[ServerFrameType](EVENT_BUFFER)
+        self.events: trio.abc.ReceiveChannel[ServerFrameType] = _Events(events_out, self.last_seq)
         self.close_code: int | None = None
         self.close_reason = ""
         self.closed = trio.Event()
-        for frame in leftover:
-            self._dispatch_nowait(frame)
 
     # -- sending
 
     async def _send_raw(self, data: bytes) -> None:
         async with self._send_lock:
-            if self.closed.is_set():
-                raise ConnectionClosed(self.close_code, self.close_reason)
+            # Asked here, under the lock, with no checkpoint before the write:
+            # the reader may have taken the server's close while we waited.
+            if self.closed.is_set() or self._ws.state is not ConnectionState.OPEN:
+                raise ConnectionClosed(self.close_code, self.close_reason or "closing")
             try:
                 await self._stream.send_all(self._ws.send(Message(data=data)))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -152,8 +284,9 @@ class Client:
             raise
         return pending
 
-    async def send(self, conv: str, body: AnyBody, *, cmid: str | None = None,
-                   retries: int = SEND_RETRIES) -> Sent:
+    async def send(
+        self, conv: str, body: AnyBody, *, cmid: str | None = None, retries: int = SEND_RETRIES
+    ) -> Sent:
         """Send a message; retried with the same cmid on ``unavailable`` (the server
         dedups, so a retry never stores it twice)."""
         cmid = cmid or uuid.uuid4().hex
@@ -162,7 +295,10 @@ class Client:
                 sent: Sent = await self.request(Send(id=0, conv=conv, cmid=cmid, body=body))
                 return sent
             except ServerError as exc:
-                if exc.code not in ("unavailable", "rate_limited", "internal") or attempt == retries:
+                if (
+                    exc.code not in ("unavailable", "rate_limited", "internal")
+                    or attempt == retries
+                ):
                     raise
                 await trio.sleep(max(exc.error.retry_after_ms, 50) / 1000)
         raise AssertionError("unreachable")
@@ -171,52 +307,48 @@ class Client:
         return await self.send(conv, TextBody(text=text), cmid=cmid)
 
     async def aclose(self, code: int = 1000) -> None:
-        if not self.closed.is_set():
-            with contextlib.suppress(Exception):  # already gone: nothing to say
-                async with self._send_lock:
-                    await self._stream.send_all(self._ws.send(CloseConnection(code=code)))
+        await self._send_close(code, "")
         await self._stream.aclose()
+
+    async def _send_close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):  # already gone: nothing to say
+            async with self._send_lock:
+                if self._ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+                    await self._stream.send_all(self._ws.send(CloseConnection(code, reason)))
 
     # -- receiving
 
-    def _dispatch_nowait(self, frame: ServerFrameType) -> bool:
-        """Hand a frame to its waiter; returns False if it is an event to queue."""
+    def _wake_waiter(self, frame: ServerFrameType) -> bool:
+        """Hand a reply to its request; False if the frame is an event."""
         if isinstance(frame, Reply | Error) and frame.id is not None and frame.id in self._waiting:
             done, slot = self._waiting[frame.id]
             slot.append(frame)
             done.set()
             return True
-        if isinstance(frame, MessageEvent):
-            message = frame.message
-            if message.seq > self.last_seq.get(message.conv, 0):
-                self.last_seq[message.conv] = message.seq
         return False
 
     async def _reader(self) -> None:
-        pending = bytearray()
         try:
             while True:
-                data = await self._stream.receive_some(65536)
-                if not data:
+                item = await self._incoming.next(self._stream)
+                if isinstance(item, Ping):
+                    async with self._send_lock:
+                        if self._ws.state is ConnectionState.OPEN:
+                            await self._stream.send_all(self._ws.send(item.response()))
+                elif isinstance(item, CloseConnection):
+                    self.close_code, self.close_reason = item.code, item.reason or ""
+                    await self._send_close(item.code, "")
                     return
-                self._ws.receive_data(data)  # type: ignore[arg-type]  # bytearray is fine
-                for ev in self._ws.events():
-                    if isinstance(ev, BytesMessage):
-                        pending += ev.data
-                        if ev.message_finished:
-                            frame = self._conn.receive(bytes(pending))
-                            pending.clear()
-                            if not self._dispatch_nowait(frame):
-                                await self._events_in.send(frame)
-                    elif isinstance(ev, Ping):
-                        async with self._send_lock:
-                            await self._stream.send_all(self._ws.send(ev.response()))
-                    elif isinstance(ev, CloseConnection):
-                        self.close_code, self.close_reason = ev.code, ev.reason or ""
-                        with contextlib.suppress(Exception):
-                            async with self._send_lock:
-                                await self._stream.send_all(self._ws.send(ev.response()))
-                        return
+                elif isinstance(item, _Broken):
+                    self.close_code, self.close_reason = item.code, item.reason
+                    await self._send_close(item.code, item.reason)
+                    return
+                elif isinstance(item, _Eof):
+                    return
+                elif isinstance(item, AcceptConnection | RejectConnection):
+                    continue  # (only ever the first item: taken by the upgrade)
+                elif not self._wake_waiter(item):
+                    await self._events_in.send(item)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
         finally:
@@ -226,15 +358,24 @@ class Client:
                 done.set()
 
 
-async def _open_stream(url: str, ssl_context: ssl.SSLContext | None) -> tuple[trio.abc.Stream, str, str]:
+async def _open_stream(url: str, ssl_context: ssl.SSLContext | None) -> trio.abc.Stream:
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
     port = parts.port or (443 if parts.scheme == "wss" else 80)
     stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
     if parts.scheme == "wss":
-        stream = trio.SSLStream(stream, ssl_context or ssl.create_default_context(),
-                                server_hostname=host)
-    return stream, f"{host}:{port}", parts.path or "/ws"
+        stream = trio.SSLStream(
+            stream, ssl_context or ssl.create_default_context(), server_hostname=host
+        )
+    return stream
+
+
+def _target(url: str) -> tuple[str, str]:
+    """(Host header, request path) for ``url``."""
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (443 if parts.scheme == "wss" else 80)
+    return f"{host}:{port}", parts.path or "/ws"
 
 
 @asynccontextmanager
@@ -246,22 +387,41 @@ async def connect(
     resume: dict[str, int] | None = None,
     ssl_context: ssl.SSLContext | None = None,
     handshake_timeout_s: float = 10.0,
+    stream: trio.abc.Stream | None = None,
 ) -> AsyncIterator[Client]:
     """Connect, authenticate, and run the reader for the duration of the block.
-    Raises ``ServerError`` if the Hello is refused."""
-    stream, netloc, path = await _open_stream(url, ssl_context)
+    Raises ``ServerError`` if the Hello is refused.
+
+    ``stream``: an already open byte stream to the server (a proxy, a Unix
+    socket, a test harness) to use instead of dialling ``url``; ``url`` then
+    only names the Host and path of the upgrade. It is closed on exit."""
+    if stream is None:
+        stream = await _open_stream(url, ssl_context)
+    netloc, path = _target(url)
     try:
         ws = WSConnection(ConnectionType.CLIENT)
         conn = ClientConnection()
+        incoming = _Incoming(ws, conn)
         with trio.fail_after(handshake_timeout_s):
             await stream.send_all(ws.send(Request(host=netloc, target=path)))
-            await _await_upgrade(stream, ws)
-            await stream.send_all(ws.send(Message(data=conn.hello(Hello(
-                v=PROTOCOL_VERSION, token=token, device=device, resume=resume or {},
-                agent="imserver-py/0.1")))))
-            welcome, leftover = await _await_welcome(stream, ws, conn)
-        client = Client(stream, ws, welcome, conn, leftover)
-        client.last_seq.update(resume or {})
+            await _await_upgrade(stream, incoming)
+            await stream.send_all(
+                ws.send(
+                    Message(
+                        data=conn.hello(
+                            Hello(
+                                v=PROTOCOL_VERSION,
+                                token=token,
+                                device=device,
+                                resume=resume or {},
+                                agent="imserver-py/0.1",
+                            )
+                        )
+                    )
+                )
+            )
+            welcome = await _await_welcome(stream, ws, incoming)
+        client = Client(stream, ws, welcome, conn, incoming, resume)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client._reader)
@@ -280,49 +440,34 @@ async def connect(
             await stream.aclose()
 
 
-async def _await_upgrade(stream: trio.abc.Stream, ws: WSConnection) -> None:
+async def _await_upgrade(stream: trio.abc.Stream, incoming: _Incoming) -> None:
     while True:
-        data = await stream.receive_some(65536)
-        if not data:
+        item = await incoming.next(stream)
+        if isinstance(item, AcceptConnection):
+            return
+        if isinstance(item, RejectConnection):
+            raise ConnectionClosed(item.status_code, "upgrade rejected")
+        if isinstance(item, _Eof):
             raise ConnectionClosed(None, "closed during the upgrade")
-        ws.receive_data(data)  # type: ignore[arg-type]  # bytearray is fine
-        for ev in ws.events():
-            if isinstance(ev, RejectConnection):
-                raise ConnectionClosed(ev.status_code, "upgrade rejected")
-            if isinstance(ev, AcceptConnection):
-                return
 
 
-async def _await_welcome(stream: trio.abc.Stream, ws: WSConnection,
-                         conn: ClientConnection) -> tuple[Welcome, list[ServerFrameType]]:
-    pending = bytearray()
-    welcome: Welcome | None = None
-    leftover: list[ServerFrameType] = []
-    while welcome is None:
-        data = await stream.receive_some(65536)
-        if not data:
+async def _await_welcome(stream: trio.abc.Stream, ws: WSConnection, incoming: _Incoming) -> Welcome:
+    """Items up to Welcome; what came after it stays in ``incoming`` for the reader."""
+    while True:
+        item = await incoming.next(stream)
+        if isinstance(item, Welcome):
+            return item
+        if isinstance(item, Error):
+            raise ServerError(item)
+        if isinstance(item, CloseConnection):
+            raise ConnectionClosed(item.code, item.reason or "")
+        if isinstance(item, _Broken):
+            raise ConnectionClosed(item.code, item.reason)
+        if isinstance(item, _Eof):
             raise ConnectionClosed(None, "closed during handshake")
-        ws.receive_data(data)  # type: ignore[arg-type]  # bytearray is fine
-        for ev in ws.events():
-            if isinstance(ev, RejectConnection):
-                raise ConnectionClosed(ev.status_code, "upgrade rejected")
-            if isinstance(ev, AcceptConnection):
-                continue
-            if isinstance(ev, BytesMessage):
-                pending += ev.data
-                if not ev.message_finished:
-                    continue
-                frame = conn.receive(bytes(pending))
-                pending.clear()
-                if isinstance(frame, Error):
-                    raise ServerError(frame)
-                if isinstance(frame, Welcome):
-                    welcome = frame
-                else:
-                    leftover.append(frame)
-            elif isinstance(ev, CloseConnection):
-                raise ConnectionClosed(ev.code, ev.reason or "")
-    return welcome, leftover
+        if isinstance(item, Ping):
+            await stream.send_all(ws.send(item.response()))
+        # Anything else before Welcome is refused by ClientConnection (a _Broken).
 
 
 RECONNECT_BACKOFF_S: Final = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -331,33 +476,61 @@ MAX_RESUMED_CONVERSATIONS: Final = 1000  # protocol.MAX_RESUME_POINTS
 
 class ReconnectingClient:
     """A client that stays connected: it reconnects with backoff and resumes from
-    the last seq it saw in every conversation, so the application sees one
-    gapless stream across disconnects. ``send`` survives reconnects too (it
-    retries with the same client message id, which the server deduplicates).
+    the last seq the application received in every conversation, so the
+    application sees one gapless stream across disconnects. ``send`` survives
+    reconnects too (it retries with the same client message id, which the
+    server deduplicates).
+
+    ``last_seq`` moves only when the application takes an event from
+    ``events`` (persist it to resume in a later process). Reconnects resume
+    from the highest seq queued for the application per conversation: what
+    is buffered will still be taken, and a replay never queues it twice.
+    ``open_stream`` dials the server instead of ``url`` (a proxy, a Unix socket).
 
     Run it in a nursery: ``await nursery.start(client.run)``.
     """
 
-    def __init__(self, url: str, token: Callable[[], str], *, device: str = "py-client",
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: Callable[[], str],
+        *,
+        device: str = "py-client",
+        ssl_context: ssl.SSLContext | None = None,
+        open_stream: Callable[[], Awaitable[trio.abc.Stream]] | None = None,
+    ) -> None:
         self.url = url
         self.token = token
         self.device = device
         self.ssl_context = ssl_context
+        self.open_stream = open_stream
         self.last_seq: dict[str, int] = {}
+        self._queued: dict[str, int] = {}
         self.connections = 0
         self._current: Client | None = None
         self._changed = trio.Event()
-        self._events_in, self.events = trio.open_memory_channel[ServerFrameType](EVENT_BUFFER)
+        self._events_in, events_out = trio.open_memory_channel[ServerFrameType](EVENT_BUFFER)
+        self.events: trio.abc.ReceiveChannel[ServerFrameType] = _Events(events_out, self.last_seq)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         failures = 0
         started = False
         while True:
-            resume = dict(list(self.last_seq.items())[-MAX_RESUMED_CONVERSATIONS:])
+            for conv, seq in self.last_seq.items():  # (the application may have set some)
+                if seq > self._queued.get(conv, 0):
+                    self._queued[conv] = seq
+            # From what is queued, not only what was taken: the rest is in the buffer.
+            resume = dict(list(self._queued.items())[-MAX_RESUMED_CONVERSATIONS:])
             try:
-                async with connect(self.url, self.token(), device=self.device, resume=resume,
-                                   ssl_context=self.ssl_context) as client:
+                stream = await self.open_stream() if self.open_stream is not None else None
+                async with connect(
+                    self.url,
+                    self.token(),
+                    device=self.device,
+                    resume=resume,
+                    ssl_context=self.ssl_context,
+                    stream=stream,
+                ) as client:
                     failures = 0
                     self.connections += 1
                     self._set_current(client)
@@ -367,10 +540,13 @@ class ReconnectingClient:
                     async for frame in client.events:
                         if isinstance(frame, MessageEvent):
                             message = frame.message
-                            if message.seq <= self.last_seq.get(message.conv, 0):
-                                continue  # already seen before a reconnect
-                            self.last_seq[message.conv] = message.seq
-                        await self._events_in.send(frame)
+                            if message.seq <= self._queued.get(message.conv, 0):
+                                continue  # replayed, but already queued for the application
+                            await self._events_in.send(frame)
+                            self._queued.pop(message.conv, None)  # most recent last
+                            self._queued[message.conv] = message.seq
+                        else:
+                            await self._events_in.send(frame)
             except (OSError, ConnectionClosed, trio.BrokenResourceError, trio.TooSlowError):
                 failures += 1
             except ServerError as exc:

@@ -14,8 +14,13 @@ from tests.conftest import ServerProcess, start_server_process
 SENDERS = 6
 
 
-async def _storm(proc: ServerProcess, acked: dict[str, tuple[str, int]], convs: dict[str, str],
-                 enough: trio.Event, threshold: int) -> None:
+async def _storm(
+    proc: ServerProcess,
+    acked: dict[str, tuple[str, int]],
+    convs: dict[str, str],
+    enough: trio.Event,
+    threshold: int,
+) -> None:
     """Each sender pipelines sends until its connection dies; records what was acked."""
 
     async def sender(name: str) -> None:
@@ -28,8 +33,14 @@ async def _storm(proc: ServerProcess, acked: dict[str, tuple[str, int]], convs: 
                     batch = []
                     for _ in range(20):
                         cmid = f"{name}-{i}"
-                        batch.append((cmid, await client.start_request(
-                            Send(id=0, conv=conv, cmid=cmid, body=TextBody(text=cmid)))))
+                        batch.append(
+                            (
+                                cmid,
+                                await client.start_request(
+                                    Send(id=0, conv=conv, cmid=cmid, body=TextBody(text=cmid))
+                                ),
+                            )
+                        )
                         i += 1
                     for cmid, pending in batch:
                         try:
@@ -48,13 +59,17 @@ async def _storm(proc: ServerProcess, acked: dict[str, tuple[str, int]], convs: 
             nursery.start_soon(sender, f"buyer{n}")
 
 
-async def _verify(proc: ServerProcess, acked: dict[str, tuple[str, int]], convs: dict[str, str]) -> None:
+async def _verify(
+    proc: ServerProcess, acked: dict[str, tuple[str, int]], convs: dict[str, str]
+) -> None:
     async with proc.connect("auditor", "admin", "*") as admin:
         for conv in set(convs.values()):
             messages = []
             after = 0
             while True:
-                page: HistoryPage = await admin.request(History(id=0, conv=conv, after=after, limit=200))
+                page: HistoryPage = await admin.request(
+                    History(id=0, conv=conv, after=after, limit=200)
+                )
                 messages += page.messages
                 if not page.has_more:
                     break
@@ -69,8 +84,9 @@ async def _verify(proc: ServerProcess, acked: dict[str, tuple[str, int]], convs:
                     assert stored.get(cmid) == seq, f"acked {cmid} lost or moved"
 
 
-async def _storm_then_signal(data: Path, threshold: int, sig: signal.Signals
-                             ) -> tuple[ServerProcess, dict[str, tuple[str, int]], dict[str, str]]:
+async def _storm_then_signal(
+    data: Path, threshold: int, sig: signal.Signals
+) -> tuple[ServerProcess, dict[str, tuple[str, int]], dict[str, str]]:
     """Run a send storm against a server process until ``threshold`` sends are
     acked, then send it ``sig`` and wait for it to exit."""
     acked: dict[str, tuple[str, int]] = {}
@@ -114,3 +130,51 @@ async def test_sigterm_drains_without_loss(tmp_path: Path) -> None:
         proc2 = await start_server_process(data, nursery)
         await _verify(proc2, acked, convs)
         proc2.process.send_signal(signal.SIGTERM)
+
+
+async def test_second_sigterm_during_drain_still_exits_cleanly(tmp_path: Path) -> None:
+    """A peer that never answers our close keeps the drain in its linger; a
+    second SIGTERM then (an impatient orchestrator) must not kill the process."""
+    from urllib.parse import urlsplit
+
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Message, Request
+
+    from protocol import PROTOCOL_VERSION, ClientConnection, Hello, Welcome
+
+    async with trio.open_nursery() as nursery:
+        proc = await start_server_process(tmp_path / "data", nursery)
+        url = urlsplit(proc.url)
+        assert url.hostname is not None and url.port is not None
+        stream = await trio.open_tcp_stream(url.hostname, url.port)
+        ws, conn = WSConnection(ConnectionType.CLIENT), ClientConnection()
+        await stream.send_all(ws.send(Request(host=url.netloc, target=url.path)))
+
+        async def until(kind: type) -> object:
+            with trio.fail_after(10):
+                while True:
+                    for ev in ws.events():
+                        item = conn.receive(bytes(ev.data)) if isinstance(ev, BytesMessage) else ev
+                        if isinstance(item, kind):
+                            return item
+                    ws.receive_data(await stream.receive_some())
+
+        async with stream:
+            await until(AcceptConnection)
+            await stream.send_all(
+                ws.send(
+                    Message(
+                        data=conn.hello(
+                            Hello(v=PROTOCOL_VERSION, token=proc.token("quiet"), device="d")
+                        )
+                    )
+                )
+            )
+            await until(Welcome)
+            proc.process.send_signal(signal.SIGTERM)
+            close = await until(CloseConnection)
+            assert isinstance(close, CloseConnection) and close.code == 1001  # draining now
+            proc.process.send_signal(signal.SIGTERM)  # and we never answer the close
+            with trio.fail_after(30):
+                await proc.process.wait()
+    assert proc.process.returncode == 0

@@ -12,7 +12,9 @@ from tests.conftest import RunningServer
 async def test_reconnects_and_resumes_without_gaps_or_duplicates(server: RunningServer) -> None:
     ctx = server.server.ctx
     assert ctx is not None
-    agent = ReconnectingClient(server.url, lambda: server.token("ra", "agent", "shop1"), device="d1")
+    agent = ReconnectingClient(
+        server.url, lambda: server.token("ra", "agent", "shop1"), device="d1"
+    )
     async with trio.open_nursery() as nursery, server.connect("rb") as buyer:
         await nursery.start(agent.run)
         conv = (await buyer.request(OpenConversation(id=0, shop="shop1"))).conversation.id

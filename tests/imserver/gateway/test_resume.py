@@ -25,9 +25,13 @@ async def test_resume_delivers_exactly_what_was_missed(server: RunningServer) ->
         conv = (await hana.request(OpenConversation(id=0, shop="shop1"))).conversation.id
         async with server.connect("agent7", "agent", "shop1") as agent:
             await agent.request(UpdateConversation(id=0, conv=conv, agent="agent7"))
-            for i in range(3):
-                await hana.send_text(conv, f"before {i}")
+            before = [await hana.send_text(conv, f"before {i}") for i in range(3)]
+            with trio.fail_after(20):
+                async for frame in agent.events:  # last_seq counts what the application took
+                    if isinstance(frame, MessageEvent) and frame.message.seq == before[-1].seq:
+                        break
             seen = agent.last_seq
+            assert seen == {conv: before[-1].seq}
         # agent is offline now
         missed = [await hana.send_text(conv, f"while away {i}") for i in range(25)]
         async with server.connect("agent7", "agent", "shop1", resume=dict(seen)) as agent:
@@ -55,7 +59,9 @@ async def test_resume_while_messages_keep_coming(server: RunningServer) -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(keep_sending)
-            async with server.connect("agent8", "agent", "shop1", resume={conv: resume_from}) as agent:
+            async with server.connect(
+                "agent8", "agent", "shop1", resume={conv: resume_from}
+            ) as agent:
                 seqs, _ = await _until_synced(agent)
                 target = seqs[-1] + 20
                 with trio.fail_after(20):
