@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
 from imserver import policy
-from imserver.client import Client, ServerError
+from imserver.client import Client, ServerError, connect
 from imserver.policy import RULES, TARGETS, Access, Relation, Target
 from protocol import AgentStatus as Status
 from protocol import (
@@ -34,6 +33,7 @@ from protocol import (
     GetConversation,
     History,
     ListConversations,
+    MessageEvent,
     Notify,
     OpenConversation,
     Ping,
@@ -136,6 +136,8 @@ class World:
     server: RunningServer
     stack: AsyncExitStack
     clients: dict[str, Client] = field(default_factory=dict)
+    listeners: dict[str, Client] = field(default_factory=dict)
+    """Observers' second devices: they get what the observer's messages cause."""
     convs: dict[str, str] = field(default_factory=dict)
     fresh: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -143,10 +145,15 @@ class World:
         self, name: str, role: str = "customer", shop: str = "", **claims: str
     ) -> Client:
         client: Client = await self.stack.enter_async_context(
-            _connect(self.server, name, role, shop, **claims)
+            _connect(self.server, name, role, shop, f"{name}-d", **claims)
         )
         self.clients[name] = client
         return client
+
+    async def listen(self, name: str, role: str = "customer", shop: str = "") -> None:
+        self.listeners[name] = await self.stack.enter_async_context(
+            _connect(self.server, name, role, shop, f"{name}-listen")
+        )
 
 
 async def _open(client: Client, shop: str) -> str:
@@ -159,10 +166,10 @@ async def _group(client: Client, shop: str, members: list[str]) -> str:
     return str(info.conversation.id)
 
 
-def _connect(server: RunningServer, name: str, role: str, shop: str, **claims: str) -> Any:
-    from imserver.client import connect
-
-    return connect(server.url, server.token(name, role, shop, **claims), device=f"{name}-d")
+def _connect(
+    server: RunningServer, name: str, role: str, shop: str, device: str, **claims: str
+) -> Any:
+    return connect(server.url, server.token(name, role, shop, **claims), device=device)
 
 
 REQUESTERS = {  # name -> (role, shop), and the relations it is used for
@@ -202,6 +209,9 @@ async def build_world(server: RunningServer, stack: AsyncExitStack) -> World:
     w.convs["open1"] = await _open(c["cx1"], "shop1")
     w.convs["d2"] = await _open(c["cx2"], "shop2")
     w.convs["g2"] = await _group(ag2, "shop2", ["cx2"])
+    for name in ("ag", "cu", "os", "su", "cx1", "cx2"):  # the observers
+        role, shop = REQUESTERS.get(name, (Role.CUSTOMER, ""))
+        await w.listen(name, role.value, shop)
     return w
 
 
@@ -227,35 +237,45 @@ def user_target(relation: Relation) -> str:
     return "cx1" if relation is Relation.OWN_SHOP else "cx2"
 
 
-def _drain(client: Client) -> list[Any]:
-    frames = []
-    while True:
-        try:
-            frames.append(client.events.receive_nowait())
-        except trio.WouldBlock:
-            return frames
+_MARK = Typing(conv="")
+"""A malformed notice: answered with ``bad_frame`` (no id), after anything the
+frames before it caused, so reading up to that answer is a barrier."""
+
+
+async def _refused_notice(client: Client, notice: Any) -> bool:
+    """Send a notice; whether the gateway refused it (an ``Error`` without id)."""
+    await client.notify(notice)
+    await client.notify(_MARK)
+    refused = False
+    async for frame in client.events:
+        if isinstance(frame, Error) and frame.id is None:
+            if frame.code == "bad_frame":
+                return refused
+            refused = True
+    raise AssertionError("connection closed")
 
 
 async def _notice_seen(w: World, who: str, notice: Any, conv: str, observer: str) -> bool:
-    """Whether a participant saw the notice's effect. The requester's Ping reply
-    means the notice went into the shard queue; the observer's own message
-    into the same conversation then comes after it in the actor's mailbox, and
-    the effect (if any) reaches the observer before that message's ack."""
-    client, watcher = w.clients[who], w.clients[observer]
-    _drain(watcher)
-    await client.notify(notice)
-    await client.request(Ping(id=0))
-    await watcher.send_text(w.convs[conv], "sync")
-    for frame in _drain(watcher):
+    """Whether a participant saw the notice's effect. Once the requester's notice
+    is past the gateway (the barrier), a message from the observer into the same
+    conversation comes after it in the actor's mailbox, so the observer's other
+    device gets the effect, if any, before that message."""
+    await _refused_notice(w.clients[who], notice)
+    marker = f"sync {next(w.fresh)}"
+    await w.clients[observer].send_text(w.convs[conv], marker)
+    seen = False
+    async for frame in w.listeners[observer].events:
         if isinstance(frame, TypingEvent) and frame.user == who:
-            return True
+            seen = True
         if (
             isinstance(frame, ReceiptEvent)
             and frame.user == who
             and frame.kind is ReceiptKind.DELIVERED
         ):
-            return True
-    return False
+            seen = True
+        if isinstance(frame, MessageEvent) and frame.message.body == TextBody(text=marker):
+            return seen
+    raise AssertionError("connection closed")
 
 
 _NOT_AUTHZ = ("author", "no message", "only direct", "already joined")
@@ -339,9 +359,7 @@ async def attempt(w: World, kind: type, role: Role, relation: Relation) -> bool:
     if kind is Notify:
         return await _answer(client, Notify(id=0, kind="k", conv=conv))
     if kind is WorkerAck:
-        await client.notify(WorkerAck(ids=[1]))
-        await client.request(Ping(id=0))
-        return not any(isinstance(f, Error) and f.id is None for f in _drain(client))
+        return not await _refused_notice(client, WorkerAck(ids=[1]))
     if kind is Typing:
         return await _notice_seen(w, who, Typing(conv=conv), direct, observer)
     if kind is Delivered:
