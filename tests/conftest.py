@@ -49,9 +49,14 @@ class RunningServer:
         *,
         device: str | None = None,
         resume: dict[str, int] | None = None,
+        **claims: object,
     ) -> AbstractAsyncContextManager[Client]:
+        """``claims``: more token claims (``plugin`` for workers)."""
         return connect(
-            self.url, self.token(user, role, shop), device=device or f"{user}-dev", resume=resume
+            self.url,
+            self.token(user, role, shop, **claims),
+            device=device or f"{user}-dev",
+            resume=resume,
         )
 
 

@@ -79,6 +79,7 @@ from ..limits import (
     APPLIED_KEYS_WINDOW,
     DEDUP_WINDOW,
     MAX_GROUP_MEMBERS,
+    MAX_OPEN_CONVERSATIONS_PER_CUSTOMER,
     MAX_TAGS,
     RECALL_WINDOW_MS,
 )
@@ -445,7 +446,9 @@ class ConversationActor:
             return True
         return await self.store.is_shop_agent(shop, user)
 
-    def _send(self, cmd: SendCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
+    def _send(
+        self, cmd: SendCmd, ops: list[WriteOp], effects: list[Effect]
+    ) -> Awaitable[None] | None:
         conv = self._existing(cmd)
         who = cmd.who
         if not policy.can_send(who, conv, self.members):
@@ -470,16 +473,38 @@ class ConversationActor:
                     ),
                 )
             )
-            return
+            return None
         if (
             conv.kind is ConvKind.DIRECT
             and conv.state is ConvState.CLOSED
             and who.role is Role.CUSTOMER
         ):
-            # A customer writing into a closed conversation opens a new service session.
-            self.conversation = replace(conv, state=ConvState.BOT, agent=None, priority=0)
-            ops.append(PutConversation(conversation=self.conversation))
-            effects.append(self._publish_conversation(ops, self.conversation, "reopened"))
+            return self._reopen_then_send(cmd, ops, effects)
+        self._store_sent(cmd, ops, effects, conv)
+        return None
+
+    async def _reopen_then_send(
+        self, cmd: SendCmd, ops: list[WriteOp], effects: list[Effect]
+    ) -> None:
+        """A customer writing into a closed conversation opens a new service
+        session: within their cap on open conversations, as an open request."""
+        cap = MAX_OPEN_CONVERSATIONS_PER_CUSTOMER
+        if await self.store.count_open_direct(cmd.who.user, cap) >= cap:
+            raise Refusal(
+                ErrorCode.RATE_LIMITED,
+                f"{cap} conversations are open already: wait for one to close",
+            )
+        conv = self.conversation
+        assert conv is not None
+        self.conversation = conv = replace(conv, state=ConvState.BOT, agent=None, priority=0)
+        ops.append(PutConversation(conversation=conv))
+        effects.append(self._publish_conversation(ops, conv, "reopened"))
+        self._store_sent(cmd, ops, effects, conv)
+
+    def _store_sent(
+        self, cmd: SendCmd, ops: list[WriteOp], effects: list[Effect], conv: Conversation
+    ) -> None:
+        who = cmd.who
         message = self._append(ops, effects, who, cmd.cmid, cmd.body, exclude_session=who.session)
         self._raise_read_point(ops, who.user, message.seq)
         effects.append(
