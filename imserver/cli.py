@@ -39,9 +39,16 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--secret",
         default=_env("IMSERVER_SECRET"),
-        help="token signing secret, at least 16 bytes (env IMSERVER_SECRET; "
+        help="token signing secret, at least 32 bytes (env IMSERVER_SECRET; "
         "default: DATA/secret, created on first use)",
     )
+
+
+def _shop_file(text: str) -> tuple[str, Path]:
+    shop, eq, path = text.partition("=")
+    if not eq or not shop or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: want SHOP=PATH")
+    return shop, Path(path)
 
 
 def _secret(args: argparse.Namespace) -> bytes:
@@ -118,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=_env("IMSERVER_WORKERS_CONFIG"),
         help="YAML file with per-plugin settings (env IMSERVER_WORKERS_CONFIG)",
+    )
+    serve.add_argument(
+        "--jwks",
+        action="append",
+        type=_shop_file,
+        default=[_shop_file(item) for item in (_env("IMSERVER_JWKS") or "").split(",") if item],
+        metavar="SHOP=PATH",
+        help="the JWKS file with the public keys shop SHOP's backend signs its tokens with; "
+        "repeatable (env IMSERVER_JWKS, comma-separated). DATA/jwks/SHOP.json is read too",
     )
 
     worker = sub.add_parser("worker", help="run one worker plugin (asyncio + uvloop)")
@@ -267,8 +283,13 @@ def _serve(args: argparse.Namespace) -> int:
         synchronous=args.synchronous,
         shards=args.shards,
         shops=_shop_names(args.shops),
+        jwks=dict(args.jwks),
     )
-    server = Server(config)
+    try:
+        server = Server(config)
+    except ValueError as exc:  # a shop's JWKS file: one line, not a traceback
+        print(f"imserver: {exc}", file=sys.stderr)
+        return 2
 
     plugins = [name.strip() for name in args.workers.split(",") if name.strip()]
 

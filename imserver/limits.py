@@ -111,6 +111,9 @@ DRAIN_TIMEOUT_S: Final = 10.0
 MAX_WATCHED_USERS: Final = 1000
 """Presence subscriptions one connection may hold."""
 
+MAX_AGENT_LIST: Final = 5000
+"""Most agents one ``ListAgents`` reply names (by id; ``truncated`` says there were more)."""
+
 MAX_DEVICES_PER_USER: Final = 20
 """Concurrent connections of one user (all devices); the oldest is closed with 4010."""
 
@@ -137,8 +140,24 @@ CATCHUP_BUFFER: Final = 1000
 """Live events buffered per conversation while its resume replay runs; past it the
 session re-reads the store instead (never drops)."""
 
+CLOSE_SEND_TIMEOUT_S: Final = 2.0
+"""After the server closes a connection, how long its close frame (and what was
+queued before it) may take to be written; a peer that does not read by then is
+dropped at once."""
+
 CLOSE_LINGER_S: Final = 2.0
-"""After sending our close frame, how long we read on for the peer's before dropping TCP."""
+"""After our close frame is written, how long we read on for the peer's before
+dropping TCP. A peer that never answers, never reads and never sends FIN holds
+its socket at most ``CLOSE_SEND_TIMEOUT_S + CLOSE_LINGER_S`` after the close."""
+
+ACCEPT_BACKOFF_S: Final = 0.05
+"""First pause of the accept loop after ``accept`` fails for lack of descriptors or
+kernel memory (EMFILE, ENFILE, ENOBUFS, ENOMEM); it doubles per failure up to
+``ACCEPT_BACKOFF_MAX_S``. Open connections are served meanwhile, and one spare
+descriptor is kept to answer ``/healthz`` (and refuse upgrades with 503)."""
+
+ACCEPT_BACKOFF_MAX_S: Final = 1.0
+"""Longest pause of the accept loop while descriptors are exhausted."""
 
 OVERLOAD_RETRY_MS: Final = 200
 """Retry hint sent with ``unavailable`` while the server stops."""
@@ -148,6 +167,24 @@ TOKEN_REPLAY_CACHE: Final = 200_000
 
 MAX_TOKEN_TTL_S: Final = 30 * 24 * 3600
 """Tokens claiming a longer life are refused."""
+
+TOKEN_CLOCK_SKEW_S: Final = 300
+"""How far in the future a token's ``iat`` (or ``nbf``) may lie: the issuer's
+clock may run a little ahead of ours. Further is refused."""
+
+MIN_SECRET_BYTES: Final = 32
+"""Shortest server signing secret: HS256 wants a key of at least 256 bits
+(RFC 7518, section 3.2)."""
+
+JWKS_RECHECK_S: Final = 1.0
+"""How often the shops' JWKS files (and the directory holding them) are checked
+for changes: an added, rotated or withdrawn shop key takes effect within it."""
+
+MAX_JWKS_BYTES: Final = 65_536
+"""Largest JWKS file read; a larger one is refused (its shop then has no keys)."""
+
+MAX_JWKS_KEYS: Final = 16
+"""Most keys in one shop's JWKS (rotation needs two or three)."""
 
 GC_THRESHOLDS: Final = (50_000, 20, 1000)
 """Python's cyclic collector thresholds (gen0 allocations, gen1, gen2 counts) for

@@ -23,7 +23,10 @@ Relations (``Relation``), from the requester's point of view:
   requester's own scope: ``own_shop`` for staff, ``own_conversation`` for
   customers;
 * ``other_shop``: another shop's conversation, user or shop. Customers belong
-  to no shop: any conversation not theirs, and any shop, is ``other_shop``;
+  to no shop: any conversation not theirs is ``other_shop``. As for shops, a
+  platform buyer (token shop "") may deal with every shop (``own_shop``), a
+  buyer whose token a shop's key vouches for (token shop = that shop) with
+  that shop only;
 * ``all_shops``: the requester holds the all-shops scope (token shop ``*``,
   given only explicitly); every target is in it. An empty shop is never all
   shops.
@@ -64,6 +67,7 @@ from protocol import (
     Delivered,
     GetConversation,
     History,
+    ListAgents,
     ListConversations,
     MemberRole,
     Notify,
@@ -159,7 +163,7 @@ _ROWS: Final[dict[type, tuple[Target, str, str, str, str, str]]] = {
     #                     target               customer agent   superv. worker  admin
     Ping:               (Target.SELF,         "Y---", "-Y--", "-Y--", "-Y-Y", "---Y"),
     ListConversations:  (Target.SELF,         "Y---", "-Y--", "-Y--", "-Y-Y", "---Y"),
-    OpenConversation:   (Target.SHOP,         "--Y-", "----", "----", "----", "----"),
+    OpenConversation:   (Target.SHOP,         "-Y--", "----", "----", "----", "----"),
     CreateGroup:        (Target.SHOP,         "----", "-Y--", "-Y--", "-Y-Y", "---Y"),
     UpdateMembers:      (Target.CONVERSATION, "----", "G---", "YY--", "YY-Y", "---Y"),
     Send:               (Target.CONVERSATION, "Y---", "Y---", "YY--", "YY-Y", "---Y"),
@@ -172,6 +176,7 @@ _ROWS: Final[dict[type, tuple[Target, str, str, str, str, str]]] = {
     # (a worker takes part in groups only, and groups are not routed)
     UpdateConversation: (Target.CONVERSATION, "----", "YC--", "YY--", "-Y-Y", "---Y"),
     SetAgentStatus:     (Target.SELF,         "----", "-Y--", "-Y--", "----", "----"),
+    ListAgents:         (Target.SHOP,         "----", "-Y--", "-Y--", "-Y-Y", "---Y"),
     WatchPresence:      (Target.USER,         "----", "-Y--", "-Y--", "-Y-Y", "---Y"),
     Unwatch:            (Target.SELF,         "Y---", "-Y--", "-Y--", "-Y-Y", "---Y"),
     Subscribe:          (Target.SHOP,         "----", "-Q--", "-Y--", "-Y-Y", "---Y"),
@@ -238,9 +243,13 @@ def home_relation(who: Identity) -> Relation:
 def shop_relation(who: Identity, shop: str) -> Relation:
     if who.all_shops:
         return Relation.ALL_SHOPS
-    if who.is_staff and shop and shop == who.shop:
-        return Relation.OWN_SHOP
-    return Relation.OTHER_SHOP
+    if who.role is Role.CUSTOMER:
+        # A platform buyer (no shop) deals with every shop; one vouched for by a
+        # shop's own key (its token names that shop) with that shop only.
+        own = not who.shop or who.shop == shop
+    else:
+        own = bool(shop) and shop == who.shop
+    return Relation.OWN_SHOP if own else Relation.OTHER_SHOP
 
 
 def user_relation(who: Identity, related: bool) -> Relation:

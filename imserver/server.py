@@ -34,7 +34,7 @@ import trio
 
 from protocol import CloseCode
 
-from .auth import TokenVerifier
+from .auth import ShopKeys, TokenVerifier
 from .dispatch import WorkerDispatcher
 from .fanout import Hub
 from .gateway._readmux import ReadMux
@@ -42,6 +42,7 @@ from .gateway._session import GatewayContext, Session
 from .gateway._websocket import HandshakeFailed, HttpResponse, Outbox, accept
 from .limits import (
     CLOSE_LINGER_S,
+    CLOSE_SEND_TIMEOUT_S,
     DRAIN_TIMEOUT_S,
     HANDSHAKE_TIMEOUT_S,
     IDLE_TIMEOUT_MS,
@@ -63,6 +64,7 @@ log = logging.getLogger("imserver.server")
 
 DB_FILE = "imserver.db"
 SECRET_FILE = "secret"
+JWKS_DIR = "jwks"  # SHOP.json: the public keys shop SHOP's backend signs tokens with
 
 
 def load_or_create_secret(data_dir: Path) -> bytes:
@@ -91,9 +93,14 @@ class ServerConfig:
     idle_timeout_ms: int = IDLE_TIMEOUT_MS
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
     outbound_buffer_bytes: int = OUTBOUND_BUFFER_BYTES
+    close_send_timeout_s: float = CLOSE_SEND_TIMEOUT_S
+    close_linger_s: float = CLOSE_LINGER_S
     shops: tuple[str, ...] = ()
     """Shops registered at start (more with ``imserver shop add``)."""
     extra: dict[str, str] = field(default_factory=dict)
+    jwks: dict[str, Path] = field(
+        default_factory=dict
+    )  # shop -> its JWKS file (besides DATA/jwks/)
 
 
 class Server:
@@ -106,6 +113,7 @@ class Server:
         if config.cert and config.key:
             self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self._ssl.load_cert_chain(config.cert, config.key)
+        self._shop_keys = ShopKeys(config.jwks, config.data_dir / JWKS_DIR)
         self.ctx: GatewayContext | None = None
         self.shards: LocalShards | None = None
         self.store: SqliteStore | None = None
@@ -136,10 +144,12 @@ class Server:
                 shards=shards,
                 hub=hub,
                 dispatcher=dispatcher,
-                verifier=TokenVerifier(config.secret),
+                verifier=TokenVerifier(config.secret, shop_keys=self._shop_keys),
                 idle_timeout_ms=config.idle_timeout_ms,
                 handshake_timeout_s=config.handshake_timeout_s,
                 outbound_buffer_bytes=config.outbound_buffer_bytes,
+                close_send_timeout_s=config.close_send_timeout_s,
+                close_linger_s=config.close_linger_s,
                 read_mux=(read_mux := ReadMux()),
             )
             self.ctx = ctx
@@ -203,7 +213,9 @@ class Server:
         for session in list(ctx.sessions):
             session.close(CloseCode.GOING_AWAY, "server shutting down")
         # Sessions finish their close handshakes on their own; stragglers are cut off.
-        connections.cancel_scope.deadline = trio.current_time() + CLOSE_LINGER_S + 1
+        connections.cancel_scope.deadline = (
+            trio.current_time() + ctx.close_send_timeout_s + ctx.close_linger_s + 1
+        )
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         METRICS.connections_total.inc()

@@ -16,10 +16,14 @@ from imserver.auth import mint_token
 from imserver.client import Client, connect
 from imserver.server import Server, ServerConfig
 
-SECRET = b"test-secret-0123456789abcdef"
+SECRET = b"test-secret-0123456789abcdef-0123456"
 
-SHOPS = ("shop1", "shop2", "shop-1", "shop-2", "s", "s1", "s2", "s3", "t", "shopx", "elsewhere")
-"""The shops every test server registers (conversations need a registered shop)."""
+SHOPS = (
+    *(f"shop{i}" for i in range(1, 40)),
+    *("shop-1", "shop-2", "s", "s1", "s2", "s3", "t", "shopx", "elsewhere"),
+)
+"""The shops every test server registers (conversations need a registered shop).
+A test that needs another one registers it (``imserver.store.add_shops``)."""
 
 # The suite runs on shared 2-core machines: a neighbour's load must not fail a
 # property test through Hypothesis' timing checks (deadline, "input generation

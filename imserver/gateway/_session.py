@@ -48,6 +48,8 @@ from websockets.server import ServerProtocol
 from protocol import (
     PROTOCOL_VERSION,
     AgentEvent,
+    AgentInfo,
+    AgentList,
     ClientFrameType,
     CloseCode,
     ConversationPage,
@@ -61,6 +63,7 @@ from protocol import (
     History,
     HistoryPage,
     Limits,
+    ListAgents,
     ListConversations,
     Message,
     MessageEvent,
@@ -110,11 +113,13 @@ from ..dispatch import Instance
 from ..limits import (
     CATCHUP_BUFFER,
     CLOSE_LINGER_S,
+    CLOSE_SEND_TIMEOUT_S,
     FRAMES_BURST,
     FRAMES_PER_SECOND,
     HANDSHAKE_TIMEOUT_S,
     HEARTBEAT_INTERVAL_MS,
     IDLE_TIMEOUT_MS,
+    MAX_AGENT_LIST,
     MAX_DEVICES_PER_USER,
     MAX_FRAME_BYTES,
     MAX_HISTORY_PAGE,
@@ -178,6 +183,8 @@ class GatewayContext:
     idle_timeout_ms: int = IDLE_TIMEOUT_MS
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
     outbound_buffer_bytes: int = OUTBOUND_BUFFER_BYTES
+    close_send_timeout_s: float = CLOSE_SEND_TIMEOUT_S
+    close_linger_s: float = CLOSE_LINGER_S
     draining: bool = False
     sessions: set[Session] = field(default_factory=set)
     known_shops: set[str] = field(default_factory=set)
@@ -237,9 +244,11 @@ class Session:
         self._mux_wake = trio.Event()
         self._mux_result: _ReadResult = _CONTINUE
         self._worker: Instance | None = None
+        self._read_scope = trio.CancelScope()
+        """Around the read loop: cancelled by ``close`` (see ``run``)."""
         self.quiet = trio.Event()
         """Set when no request awaits its reply (drain waits for it)."""
-        outbox.on_overflow = METRICS.slow_consumers.inc
+        outbox.on_overflow = self._slow_consumer
 
     # -- Peer interface (used by the hub)
 
@@ -285,30 +294,47 @@ class Session:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._write_then_stop, nursery.cancel_scope)
-                peer_done = await self._read_loop()
+                peer_done = False
+                with self._read_scope:  # close() cancels it: a blocked read never holds us
+                    peer_done = await self._read_loop()
                 self.close(CloseCode.NORMAL)
-                if not peer_done:
-                    await self._linger()
-                with trio.move_on_after(CLOSE_LINGER_S):
-                    await self.outbox.done.wait()
+                await self._linger(peer_done)
                 nursery.cancel_scope.cancel()
         finally:
             METRICS.connections.dec()
             self.ctx.sessions.discard(self)
-            if self._worker is not None:
-                self.ctx.dispatcher.leave(self)
+            self._leave()
             if self.identity is not None:
-                self.ctx.hub.unregister(self)
                 await self._after_logout(self.identity)
-            with trio.CancelScope(shield=True):
+            # Bounded: a TLS close_notify is a write to a peer that may not read.
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + self.ctx.close_send_timeout_s
                 await self.stream.aclose()
 
     def close(self, code: CloseCode, reason: str = "") -> None:
+        """Close from our side: queue the close frame, stop reading, leave the
+        hub (presence goes offline now, not when the socket is released).
+        ``run`` then releases the connection within a bounded time (``_linger``)."""
         if self.outbox.closing is None:
             METRICS.closes.labels(code=str(int(code))).inc()
         self.conn.close(code)
         self.outbox.close(code, reason)
         self._reading = False
+        self._read_scope.cancel()
+        self._leave()
+
+    def _slow_consumer(self) -> None:
+        """The outbox overflowed: close here, not just in the outbox, so that the
+        read loop stops and the connection is released in bounded time."""
+        METRICS.slow_consumers.inc()
+        self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outbound buffer full")
+
+    def _leave(self) -> None:
+        """Out of the hub and the worker dispatcher (idempotent)."""
+        if self._worker is not None:
+            self.ctx.dispatcher.leave(self)
+        if self.identity is not None:
+            self.ctx.hub.unregister(self)
 
     def _nursery_cancel(self) -> None:
         if self._nursery is not None:
@@ -319,10 +345,19 @@ class Session:
         if self.outbox.closing is None or self.outbox.failed:
             scope.cancel()  # the socket died: nothing left to read or say
 
-    async def _linger(self) -> None:
-        """We closed: read (and ignore) until the peer's close or EOF, so that the
-        peer reads our close frame instead of a TCP reset."""
-        with trio.move_on_after(CLOSE_LINGER_S):
+    async def _linger(self, peer_done: bool) -> None:
+        """After the close: let the writer write the close frame (and what was
+        queued before it) for at most ``close_send_timeout_s``; then, unless the
+        peer has closed already, read (and ignore) until its close or EOF for at
+        most ``close_linger_s``, so that it reads our close frame instead of a
+        TCP reset. A peer that never reads, answers or sends FIN holds the
+        socket no longer than the two together."""
+        ctx = self.ctx
+        with trio.move_on_after(ctx.close_send_timeout_s):
+            await self.outbox.done.wait()
+        if peer_done or not self.outbox.done.is_set() or self.outbox.failed:
+            return  # nothing to wait for, or a peer that does not even read
+        with trio.move_on_after(ctx.close_linger_s):
             while True:
                 try:
                     data = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
@@ -775,6 +810,8 @@ class Session:
                 tags_remove=r.tags_remove,
                 note=r.note,
                 key=r.key,
+                if_state=r.if_state,
+                if_agent=r.if_agent,
                 **self._origin(r),
             )
         )
@@ -784,6 +821,9 @@ class Session:
 
     def _spawn_list(self, r: ListConversations) -> None:
         self._spawn(r, self._list)
+
+    def _spawn_list_agents(self, r: ListAgents) -> None:
+        self._spawn(r, self._list_agents)
 
     def _spawn_agent_status(self, r: SetAgentStatus) -> None:
         self._spawn(r, self._agent_status)
@@ -950,6 +990,29 @@ class Session:
         self._agent_changed(who, request.status)
         return Ok(id=request.id)
 
+    async def _list_agents(self, request: ListAgents) -> ServerFrameType:
+        who = self.identity
+        assert who is not None
+        shop = request.shop or who.shop
+        if shop in ("", "*"):
+            raise _Refuse(ErrorCode.BAD_FRAME, "name the shop")
+        if not policy.shop_access(ListAgents, who, shop):
+            raise _Refuse(ErrorCode.FORBIDDEN, f"you may not list the agents of {shop}")
+        records = await self.ctx.store.list_agents(shop)
+        records.sort(key=lambda r: r.agent)
+        agents = [
+            AgentInfo(
+                agent=r.agent,
+                status=r.status,
+                since=r.ts,
+                connected=self.ctx.hub.is_online(r.agent),
+            )
+            for r in records[:MAX_AGENT_LIST]
+        ]
+        return AgentList(
+            id=request.id, shop=shop, agents=agents, truncated=len(records) > MAX_AGENT_LIST
+        )
+
     def _agent_changed(self, who: policy.Identity, status: AgentStatusEnum) -> None:
         self.ctx.hub.broadcast_shop(
             who.shop, Topic.AGENTS, AgentEvent(shop=who.shop, agent=who.user, status=status)
@@ -973,13 +1036,28 @@ class Session:
         if self.ctx.hub.watched_count(self) + len(request.users) > MAX_WATCHED_USERS:
             raise _Refuse(ErrorCode.TOO_LARGE, f"more than {MAX_WATCHED_USERS} watched users")
         users = list(dict.fromkeys(request.users))
-        related = set() if who.all_shops else await self.ctx.store.shop_users(who.shop, users)
+        related = set() if who.all_shops else await self._shop_users(who.shop, users)
         strangers = [u for u in users if not policy.user_access(WatchPresence, who, u in related)]
         if strangers:
             raise _Refuse(
                 ErrorCode.FORBIDDEN, f"not users of your shop: {', '.join(strangers)[:200]}"
             )
         return PresenceList(id=request.id, presences=self.ctx.hub.watch(self, users))
+
+    async def _shop_users(self, shop: str, users: list[str]) -> set[str]:
+        """Those of ``users`` who belong to ``shop``: connected now as its staff
+        (their login's record may not be committed yet), or known to the store."""
+        online = {
+            user
+            for user in users
+            for peer in self.ctx.hub.by_user.get(user, {}).values()
+            if isinstance(peer, Session)
+            and peer.identity is not None
+            and peer.identity.is_staff
+            and peer.identity.shop == shop
+        }
+        rest = [user for user in users if user not in online]
+        return online | (await self.ctx.store.shop_users(shop, rest) if rest else set())
 
     async def _subscribe(self, request: Subscribe) -> ServerFrameType:
         who = self.identity
@@ -1072,7 +1150,7 @@ class Session:
                 raise _Refuse(ErrorCode.FORBIDDEN, "you may not notify this conversation")
             hub.publish(conv, members, frame, topic=None)
         elif request.user is not None:
-            related = who.all_shops or request.user in await store.shop_users(
+            related = who.all_shops or request.user in await self._shop_users(
                 who.shop, [request.user]
             )
             if not policy.user_access(Notify, who, related):
@@ -1134,6 +1212,7 @@ _REQUEST_HANDLERS: dict[type, Callable[[Session, Any], None]] = {
     History: Session._spawn_history,
     ListConversations: Session._spawn_list,
     SetAgentStatus: Session._spawn_agent_status,
+    ListAgents: Session._spawn_list_agents,
     WatchPresence: Session._spawn_watch,
     Subscribe: Session._spawn_subscribe,
     Unwatch: Session._unwatch,

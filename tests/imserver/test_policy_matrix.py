@@ -32,6 +32,7 @@ from protocol import (
     Error,
     GetConversation,
     History,
+    ListAgents,
     ListConversations,
     MessageEvent,
     Notify,
@@ -61,14 +62,15 @@ from protocol import (
 from tests.conftest import RunningServer
 
 REACHABLE: dict[Role, tuple[Relation, ...]] = {
-    Role.CUSTOMER: (Relation.OWN_CONVERSATION, Relation.OTHER_SHOP),
+    Role.CUSTOMER: (Relation.OWN_CONVERSATION, Relation.OWN_SHOP, Relation.OTHER_SHOP),
     Role.AGENT: (Relation.OWN_CONVERSATION, Relation.OWN_SHOP, Relation.OTHER_SHOP),
     Role.SUPERVISOR: (Relation.OWN_CONVERSATION, Relation.OWN_SHOP, Relation.OTHER_SHOP),
     Role.WORKER: tuple(Relation),
     Role.ADMIN: (Relation.ALL_SHOPS,),
 }
-"""Relations a token of each role can have to some target (customers belong to
-no shop; agents and supervisors never hold all shops, admins always do)."""
+"""Relations a token of each role can have to some target (agents and
+supervisors never hold all shops, admins always do; a customer's own shops
+are the shops it may deal with)."""
 
 HOME = {
     Role.CUSTOMER: Relation.OWN_CONVERSATION,
@@ -90,6 +92,8 @@ def reachable(kind: type, role: Role, relation: Relation) -> bool:
             else HOME[role]
         )
         return relation is home
+    if role is Role.CUSTOMER and relation is Relation.OWN_SHOP:
+        return target is Target.SHOP  # customers belong to no shop: only shops are own
     if target in (Target.SHOP, Target.USER):
         return relation is not Relation.OWN_CONVERSATION
     return True
@@ -173,7 +177,8 @@ def _connect(
 
 
 REQUESTERS = {  # name -> (role, shop), and the relations it is used for
-    "cu": (Role.CUSTOMER, ""),
+    "cu": (Role.CUSTOMER, ""),  # a platform buyer: every shop is its own
+    "vc": (Role.CUSTOMER, "shop1"),  # vouched for by shop1: shop2 is another shop
     "ag": (Role.AGENT, "shop1"),
     "su": (Role.SUPERVISOR, "shop1"),
     "wk": (Role.WORKER, "shop1"),
@@ -182,7 +187,9 @@ REQUESTERS = {  # name -> (role, shop), and the relations it is used for
 }
 
 
-def requester(role: Role, relation: Relation) -> str:
+def requester(role: Role, relation: Relation, kind: type) -> str:
+    if role is Role.CUSTOMER and relation is Relation.OTHER_SHOP and TARGETS[kind] is Target.SHOP:
+        return "vc"
     if role is Role.WORKER:
         return "wa" if relation is Relation.ALL_SHOPS else "wk"
     return next(n for n, (r, _) in REQUESTERS.items() if r is role)
@@ -298,7 +305,7 @@ async def _answer(client: Client, request: Any) -> bool:
 async def attempt(w: World, kind: type, role: Role, relation: Relation) -> bool:
     """Make a request of ``kind`` as ``role`` about a target in ``relation``
     (chosen so that the entry's condition, if any, holds); whether it was allowed."""
-    who = requester(role, relation)
+    who = requester(role, relation, kind)
     client = w.clients[who]
     direct, observer, group = targets(who, relation)
     conv = w.convs[group if kind is UpdateMembers else direct]
@@ -336,6 +343,8 @@ async def attempt(w: World, kind: type, role: Role, relation: Relation) -> bool:
                 client, UpdateConversation(id=0, conv=conv, state=ConvState.ASSIGNED, agent=who)
             )
         return await _answer(client, UpdateConversation(id=0, conv=conv, tags_add=["m"]))
+    if kind is ListAgents:
+        return await _answer(client, ListAgents(id=0, shop=shop_target(relation)))
     if kind is SetAgentStatus:
         return await _answer(client, SetAgentStatus(id=0, status=Status.ONLINE))
     if kind is WatchPresence:
