@@ -59,12 +59,16 @@ from typing import Annotated, Any, Final, TypeVar
 
 import jwt
 import msgspec
+import trio
 
 from protocol import Role
 
 from . import logs
 from .limits import (
+    JWKS_FETCH_TIMEOUT_S,
     JWKS_RECHECK_S,
+    JWKS_URL_COOLDOWN_S,
+    JWKS_URL_REFRESH_S,
     MAX_ID_CHARS,
     MAX_JWKS_BYTES,
     MAX_JWKS_KEYS,
@@ -138,9 +142,8 @@ def _unb64(segment: str) -> bytes:
     return raw
 
 
-_json: Final = json.JSONDecoder(
-    object_pairs_hook=_unique_keys
-)  # built once: json.loads(hook=) builds one a call
+# Built once: json.loads with a hook builds a new decoder on every call.
+_json: Final = json.JSONDecoder(object_pairs_hook=_unique_keys)
 
 
 def _segment(segment: str, what: str) -> Any:
@@ -160,6 +163,8 @@ def _typed(obj: Any, kind: type[_T], what: str) -> _T:
 
 def _claims_problem(role: Role, shop: str, plugin: str) -> str:
     """Why this role, shop and plugin do not fit together ("" if they do)."""
+    if plugin and role is not Role.WORKER:
+        return "only worker tokens name a plugin"
     if role is Role.CUSTOMER:
         return "customer tokens name one shop or none" if shop == "*" else ""
     if role in (Role.AGENT, Role.SUPERVISOR) and shop in ("", "*"):
@@ -168,8 +173,6 @@ def _claims_problem(role: Role, shop: str, plugin: str) -> str:
         return "worker tokens name their shop ('*' for all shops)"
     if role is Role.ADMIN and shop != "*":
         return "admin tokens are for all shops (shop '*')"
-    if plugin and role is not Role.WORKER:
-        return "only worker tokens name a plugin"
     return ""
 
 
@@ -262,23 +265,43 @@ class _KeySet:
 
 class ShopKeys:
     """The public keys each shop's backend signs its tokens with: one JWKS
-    file per shop, named explicitly (``files``: shop -> path) or found as
-    ``SHOP.json`` in ``directory``. Files and directory are checked again at
-    most every ``JWKS_RECHECK_S`` when a key is looked up, so adding a shop,
-    rotating (publish the new key beside the old, then drop the old) and
-    withdrawing a key need no restart. A file that turns unreadable or invalid
-    leaves its shop with no keys (fail closed) and is logged."""
+    per shop, from a file named explicitly (``files``: shop -> path), a file
+    ``SHOP.json`` in ``directory``, or a URL (``urls``: shop -> http(s) URL).
+
+    Files and directory are checked again at most every ``JWKS_RECHECK_S``
+    when a key is looked up, so adding a shop, rotating (publish the new key
+    beside the old, then drop the old) and withdrawing a key need no restart. A
+    file that turns unreadable or invalid leaves its shop with no keys (fail
+    closed) and is logged.
+
+    URLs are fetched by ``run`` (a task of the server), off the event loop with
+    PyJWT's ``PyJWKClient``: at start, every ``JWKS_URL_REFRESH_S``, and soon
+    after a token names a kid the shop's set does not hold (at most once per
+    ``JWKS_URL_COOLDOWN_S``); that token itself is refused, the client's retry
+    gets in. A failed fetch keeps the shop's last good keys."""
 
     def __init__(
         self,
         files: Mapping[str, Path] | None = None,
         directory: Path | None = None,
         *,
+        urls: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._explicit = dict(files or {})
-        for shop in self._explicit:
+        for shop in (*self._explicit, *(urls or {})):
             _check_key_shop(shop)
+            if shop in self._explicit and shop in (urls or {}):
+                raise ValueError(f"shop {shop}: a JWKS file or a URL, not both")
+        try:
+            self._clients = {
+                shop: jwt.PyJWKClient(url, cache_jwk_set=False, timeout=JWKS_FETCH_TIMEOUT_S)
+                for shop, url in (urls or {}).items()
+            }
+        except jwt.PyJWKClientError as exc:
+            raise ValueError(str(exc)) from None
+        self._fetched: dict[str, dict[str, jwt.PyJWK]] = {}
+        self._wake = trio.Event()
         self._directory = directory
         self._clock = clock
         self._sets: dict[str, _KeySet] = {}
@@ -294,9 +317,15 @@ class ShopKeys:
 
     @property
     def shops(self) -> list[str]:
-        return sorted(self._sets)
+        return sorted({*self._sets, *self._clients})
 
     def key(self, shop: str, kid: str) -> jwt.PyJWK:
+        if shop in self._clients:
+            key = self._fetched.get(shop, {}).get(kid)
+            if key is None:
+                self._wake.set()  # perhaps a key published since the last fetch
+                raise TokenError("unknown token key (kid) for this shop")
+            return key
         now = self._clock()
         if now - self._scanned_at >= JWKS_RECHECK_S:
             self._scan(now)
@@ -307,6 +336,33 @@ class ShopKeys:
         if key is None:
             raise TokenError("unknown token key (kid) for this shop")
         return key
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the URL key sets fresh; started once the first fetch is done."""
+        await self.refresh_urls()
+        task_status.started()
+        if not self._clients:
+            return
+        while True:
+            with trio.move_on_after(JWKS_URL_REFRESH_S):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            await self.refresh_urls()
+            await trio.sleep(JWKS_URL_COOLDOWN_S)
+
+    async def refresh_urls(self) -> None:
+        for shop, client in self._clients.items():
+            try:
+                data = await trio.to_thread.run_sync(client.fetch_data, abandon_on_cancel=True)
+                keys = load_jwks(json.dumps(data).encode(), source=client.uri)
+            except (jwt.PyJWKClientError, ValueError, TypeError) as exc:
+                logs.event(
+                    log, "jwks_fetch_failed", level=logging.ERROR, url=client.uri, why=str(exc)
+                )
+                continue
+            if keys.keys() != self._fetched.get(shop, {}).keys():
+                logs.event(log, "jwks_loaded", url=client.uri, kids=sorted(keys))
+            self._fetched[shop] = keys
 
     def _scan(self, now: float) -> None:
         self._scanned_at = now

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.metadata
 import os
 import signal
 import sys
@@ -44,11 +45,11 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _shop_file(text: str) -> tuple[str, Path]:
-    shop, eq, path = text.partition("=")
-    if not eq or not shop or not path:
-        raise argparse.ArgumentTypeError(f"{text!r}: want SHOP=PATH")
-    return shop, Path(path)
+def _shop_file(text: str) -> tuple[str, str]:
+    shop, eq, where = text.partition("=")
+    if not eq or not shop or not where:
+        raise argparse.ArgumentTypeError(f"{text!r}: want SHOP=PATH or SHOP=URL")
+    return shop, where
 
 
 def _secret(args: argparse.Namespace) -> bytes:
@@ -57,8 +58,16 @@ def _secret(args: argparse.Namespace) -> bytes:
     return load_or_create_secret(args.data)
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("imserver")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that is not installed
+        return "0+unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imserver", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the server (embedded: one process, SQLite)")
@@ -131,9 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         type=_shop_file,
         default=[_shop_file(item) for item in (_env("IMSERVER_JWKS") or "").split(",") if item],
-        metavar="SHOP=PATH",
-        help="the JWKS file with the public keys shop SHOP's backend signs its tokens with; "
-        "repeatable (env IMSERVER_JWKS, comma-separated). DATA/jwks/SHOP.json is read too",
+        metavar="SHOP=PATH|URL",
+        help="the JWKS (file, or http(s) URL) with the public keys shop SHOP's backend signs "
+        "its tokens with; repeatable (env IMSERVER_JWKS, comma-separated). "
+        "DATA/jwks/SHOP.json is read too",
     )
 
     worker = sub.add_parser("worker", help="run one worker plugin (asyncio + uvloop)")
@@ -164,7 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(token)
     token.add_argument("user", help="user id")
     token.add_argument("--role", choices=[r.value for r in Role], default="customer")
-    token.add_argument("--shop", default="", help="the staff member's or worker's shop")
+    token.add_argument(
+        "--shop",
+        default="",
+        help="the shop: staff's and workers' own; a customer's binds them to it (default none)",
+    )
     token.add_argument(
         "--all-shops",
         action="store_true",

@@ -186,6 +186,17 @@ MAX_JWKS_BYTES: Final = 65_536
 MAX_JWKS_KEYS: Final = 16
 """Most keys in one shop's JWKS (rotation needs two or three)."""
 
+JWKS_URL_REFRESH_S: Final = 300.0
+"""How often a shop's JWKS URL is fetched again (sooner when a token names a
+kid it does not hold yet)."""
+
+JWKS_URL_COOLDOWN_S: Final = 10.0
+"""Least time between two fetches of the JWKS URLs: tokens with unknown kids
+cannot make us hammer a shop's endpoint."""
+
+JWKS_FETCH_TIMEOUT_S: Final = 10.0
+"""One JWKS URL fetch gives up after this long (the shop keeps its last keys)."""
+
 GC_THRESHOLDS: Final = (50_000, 20, 1000)
 """Python's cyclic collector thresholds (gen0 allocations, gen1, gen2 counts) for
 the server process. A full (gen-2) collection stops the server for 100-330 ms
@@ -249,6 +260,14 @@ WORKER_EVENT_RETENTION_MS: Final = 3 * 86_400_000
 
 STORE_MAX_BATCH_OPS: Final = 4096
 """Most write operations in one SQLite transaction (group commit)."""
+
+STORE_COMMIT_WINDOW_S: Final = 0.002
+"""Group commit by time: a store transaction starts once its oldest write has
+waited this long (at once when a full batch waits, or under load, when the
+previous commit took longer). A durable commit costs about the same CPU for one
+message as for fifty (an fsync, a round trip to the writer process); at low
+load this makes each commit carry a few milliseconds of messages instead of
+one, for at most this much added latency."""
 
 STORE_MAX_PENDING_OPS: Final = 65_536
 """Write operations waiting for the committer; writers wait beyond it (backpressure)."""

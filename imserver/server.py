@@ -67,6 +67,10 @@ SECRET_FILE = "secret"
 JWKS_DIR = "jwks"  # SHOP.json: the public keys shop SHOP's backend signs tokens with
 
 
+def _is_url(where: str) -> bool:
+    return where.startswith(("http://", "https://"))
+
+
 def load_or_create_secret(data_dir: Path) -> bytes:
     """The token secret kept beside the database (created 0600 on first use)."""
     path = data_dir / SECRET_FILE
@@ -98,9 +102,8 @@ class ServerConfig:
     shops: tuple[str, ...] = ()
     """Shops registered at start (more with ``imserver shop add``)."""
     extra: dict[str, str] = field(default_factory=dict)
-    jwks: dict[str, Path] = field(
-        default_factory=dict
-    )  # shop -> its JWKS file (besides DATA/jwks/)
+    jwks: dict[str, str] = field(default_factory=dict)
+    """shop -> its JWKS: a file path or an http(s) URL (besides DATA/jwks/SHOP.json)."""
 
 
 class Server:
@@ -113,7 +116,11 @@ class Server:
         if config.cert and config.key:
             self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self._ssl.load_cert_chain(config.cert, config.key)
-        self._shop_keys = ShopKeys(config.jwks, config.data_dir / JWKS_DIR)
+        self._shop_keys = ShopKeys(
+            {shop: Path(where) for shop, where in config.jwks.items() if not _is_url(where)},
+            config.data_dir / JWKS_DIR,
+            urls={shop: where for shop, where in config.jwks.items() if _is_url(where)},
+        )
         self.ctx: GatewayContext | None = None
         self.shards: LocalShards | None = None
         self.store: SqliteStore | None = None
@@ -155,6 +162,7 @@ class Server:
             self.ctx = ctx
             await ctx.register_shops(list(config.shops))
             root.start_soon(read_mux.run)
+            root.start_soon(self._shop_keys.run)  # shops' JWKS URLs, if any
             # Single-use tokens used before a restart stay refused.
             for jti, exp in reversed(await store.used_tokens(int(time.time()), TOKEN_REPLAY_CACHE)):
                 ctx.verifier.remember_used(jti, exp)

@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -152,6 +152,8 @@ def test_all_shops_is_explicit_and_plugin_is_carried() -> None:
         mint_token(SECRET, user="root", role="admin", shop="s1")
     with pytest.raises(ValueError, match="customer"):
         mint_token(SECRET, user="c", role="customer", shop="*")
+    with pytest.raises(ValueError, match="plugin"):
+        mint_token(SECRET, user="c", role="customer", plugin="crm")
 
 
 def _cli_token(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
@@ -207,8 +209,9 @@ def test_platform_token_checks() -> None:
     for role, shop in [("agent", ""), ("supervisor", "*"), ("worker", ""), ("admin", "s1")]:
         with pytest.raises(TokenError, match="shop"):
             verifier.verify(_platform_token(role=role, shop=shop), now=NOW)
-    with pytest.raises(TokenError, match="plugin"):
-        verifier.verify(_platform_token(role="agent", shop="s1", plugin="crm"), now=NOW)
+    for role, shop in [("agent", "s1"), ("customer", ""), ("admin", "*")]:
+        with pytest.raises(TokenError, match="plugin"):
+            verifier.verify(_platform_token(role=role, shop=shop, plugin="crm"), now=NOW)
 
 
 def test_single_use_tokens_are_refused_when_replayed() -> None:
@@ -445,6 +448,11 @@ def test_algorithm_confusion_and_forgery_with_shop_keys(
         verifier.verify(_shop_token(keys["ed2"], "e1", "EdDSA"), now=NOW)
     with pytest.raises(TokenError, match="unknown token key"):
         verifier.verify(_shop_token(keys["rsa"], "r2", "RS256"), now=NOW)
+    # a key of the attacker's own, offered in the header (jwk, jku): never used
+    mallory = ed25519.Ed25519PrivateKey.generate()
+    offered = {"kid": "e1", "jwk": _jwk(mallory, "e1"), "jku": "http://127.0.0.1:9/jwks"}
+    with pytest.raises(TokenError, match="signature"):
+        verifier.verify(jwt.encode(_claims(), mallory, algorithm="EdDSA", headers=offered), now=NOW)
     with pytest.raises(TokenError, match="no shop keys"):
         TokenVerifier(SECRET).verify(_shop_token(keys["rsa"], "r1", "RS256"), now=NOW)
 
@@ -540,6 +548,77 @@ def test_jwks_files_are_strict(
         load_jwks(json.dumps(jwks(key, rsa_key)).encode())
 
 
+class JwksEndpoint:
+    """A shop's JWKS over HTTP on 127.0.0.1 (a real socket, served by a thread)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        endpoint = self
+        self.body = b"{}"
+        self.status = 200
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(endpoint.status)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(endpoint.body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/.well-known/jwks.json"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def publish(self, *keys: dict[str, Any]) -> None:
+        self.body = json.dumps({"keys": list(keys)}).encode()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+@pytest.fixture
+def endpoint() -> Iterator[JwksEndpoint]:
+    served = JwksEndpoint()
+    yield served
+    served.close()
+
+
+async def test_jwks_url_is_fetched_refreshed_and_kept_on_failure(endpoint: JwksEndpoint) -> None:
+    old, new = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+    endpoint.publish(_jwk(old, "old"))
+    keys = ShopKeys(urls={"shop1": endpoint.url})
+    verifier = TokenVerifier(SECRET, shop_keys=keys)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(keys.run)  # returns after the first fetch
+        assert verifier.verify(_shop_token(old, "old", "EdDSA"), now=NOW).shop == "shop1"
+        endpoint.publish(_jwk(old, "old"), _jwk(new, "new"))
+        with pytest.raises(TokenError, match="unknown"):  # not fetched yet
+            verifier.verify(_shop_token(new, "new", "EdDSA"), now=NOW)
+        await keys.refresh_urls()
+        verifier.verify(_shop_token(new, "new", "EdDSA", jti="j-2"), now=NOW)
+        endpoint.status = 500  # the endpoint fails: the last good keys stay
+        await keys.refresh_urls()
+        verifier.verify(_shop_token(new, "new", "EdDSA", jti="j-3"), now=NOW)
+        endpoint.status = 200
+        endpoint.publish(_jwk(new, "new"))  # the old key withdrawn
+        await keys.refresh_urls()
+        with pytest.raises(TokenError, match="unknown"):
+            verifier.verify(_shop_token(old, "old", "EdDSA", jti="j-4"), now=NOW)
+        nursery.cancel_scope.cancel()
+
+
+def test_jwks_urls_are_http_only() -> None:
+    with pytest.raises(ValueError, match="scheme"):
+        ShopKeys(urls={"shop1": "file:///etc/passwd"})
+
+
 def test_jwks_accepts_es256(tmp_path: Path) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     path = _write_jwks(tmp_path / "s.json", _jwk(key, "p256"))
@@ -593,7 +672,11 @@ async def test_a_shop_signed_buyer_connects_and_a_foreign_one_is_refused(tmp_pat
     path = _write_jwks(tmp_path / "shop1.json", _jwk(key, "k1"))
     server = Server(
         ServerConfig(
-            data_dir=tmp_path / "data", secret=SECRET, port=0, shops=SHOPS, jwks={"shop1": path}
+            data_dir=tmp_path / "data",
+            secret=SECRET,
+            port=0,
+            shops=SHOPS,
+            jwks={"shop1": str(path)},
         )
     )
     t = int(time.time())  # the server verifies against its own clock
