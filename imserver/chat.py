@@ -1,8 +1,9 @@
 """``imserver chat``: a line-based terminal chat for live demos.
 
 A customer opens (or reopens) their conversation with the shop; an agent
-claims a conversation (``--conv``) or, without it, watches the shop's queue
-and claims with ``/claim CONV``. Lines typed are sent; events are printed.
+goes online (so routing assigns them chats), claims a conversation
+(``--conv``) or, without it, watches the shop's queue and claims with
+``/claim CONV``. Lines typed are sent; events are printed.
 Commands: ``/history``, ``/close``, ``/quit``.
 """
 
@@ -16,6 +17,7 @@ import time
 import trio
 
 from protocol import (
+    AgentStatus,
     ConversationEvent,
     ConversationInfo,
     ConvState,
@@ -25,6 +27,7 @@ from protocol import (
     MessageEvent,
     OpenConversation,
     ReceiptEvent,
+    SetAgentStatus,
     Subscribe,
     SystemBody,
     TextBody,
@@ -55,8 +58,11 @@ async def _printer(client: Client) -> None:
             print(_line(frame.message), flush=True)
         elif isinstance(frame, ConversationEvent):
             conv = frame.conversation
-            print(f"-- {conv.id} {frame.change} state={conv.state} agent={conv.agent or '-'}"
-                  + (f" note={frame.note!r}" if frame.note else ""), flush=True)
+            print(
+                f"-- {conv.id} {frame.change} state={conv.state} agent={conv.agent or '-'}"
+                + (f" note={frame.note!r}" if frame.note else ""),
+                flush=True,
+            )
         elif isinstance(frame, TypingEvent):
             print(f"   ({frame.user} is typing)", flush=True)
         elif isinstance(frame, ReceiptEvent):
@@ -73,11 +79,18 @@ async def _chat(args: argparse.Namespace, secret: bytes) -> None:
             conv = info.conversation.id
         else:
             await client.request(Subscribe(id=0, topics=[Topic.CONVERSATIONS]))
+            if args.role == "agent":
+                # Online: routing assigns this agent chats (closing the chat tool, the
+                # last connection, sets offline; routing requeues after its grace period).
+                await client.request(SetAgentStatus(id=0, status=AgentStatus.ONLINE))
             if conv:
-                await client.request(UpdateConversation(id=0, conv=conv, state=ConvState.ASSIGNED,
-                                                        agent=args.user))
-        print(f"connected as {args.user} ({args.role}); conversation: {conv or '-'}; /quit to leave",
-              flush=True)
+                await client.request(
+                    UpdateConversation(id=0, conv=conv, state=ConvState.ASSIGNED, agent=args.user)
+                )
+        print(
+            f"connected as {args.user} ({args.role}); conversation: {conv or '-'}; /quit to leave",
+            flush=True,
+        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_printer, client)
             stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
@@ -98,13 +111,19 @@ async def _chat(args: argparse.Namespace, secret: bytes) -> None:
                             return
                         if line.startswith("/claim "):
                             conv = line.split(None, 1)[1]
-                            await client.request(UpdateConversation(
-                                id=0, conv=conv, state=ConvState.ASSIGNED, agent=args.user))
+                            await client.request(
+                                UpdateConversation(
+                                    id=0, conv=conv, state=ConvState.ASSIGNED, agent=args.user
+                                )
+                            )
                         elif line == "/close" and conv:
-                            await client.request(UpdateConversation(id=0, conv=conv,
-                                                                    state=ConvState.CLOSED))
+                            await client.request(
+                                UpdateConversation(id=0, conv=conv, state=ConvState.CLOSED)
+                            )
                         elif line == "/history" and conv:
-                            page: HistoryPage = await client.request(History(id=0, conv=conv, limit=20))
+                            page: HistoryPage = await client.request(
+                                History(id=0, conv=conv, limit=20)
+                            )
                             for message in page.messages:
                                 print(_line(message), flush=True)
                         elif conv:

@@ -111,6 +111,9 @@ DRAIN_TIMEOUT_S: Final = 10.0
 MAX_WATCHED_USERS: Final = 1000
 """Presence subscriptions one connection may hold."""
 
+MAX_AGENT_LIST: Final = 5000
+"""Most agents one ``ListAgents`` reply names (by id; ``truncated`` says there were more)."""
+
 MAX_DEVICES_PER_USER: Final = 20
 """Concurrent connections of one user (all devices); the oldest is closed with 4010."""
 
@@ -150,6 +153,35 @@ TOKEN_REPLAY_CACHE: Final = 200_000
 
 MAX_TOKEN_TTL_S: Final = 30 * 24 * 3600
 """Tokens claiming a longer life are refused."""
+
+TOKEN_CLOCK_SKEW_S: Final = 300
+"""How far in the future a token's ``iat`` (or ``nbf``) may lie: the issuer's
+clock may run a little ahead of ours. Further is refused."""
+
+MIN_SECRET_BYTES: Final = 32
+"""Shortest server signing secret: HS256 wants a key of at least 256 bits
+(RFC 7518, section 3.2)."""
+
+JWKS_RECHECK_S: Final = 1.0
+"""How often the shops' JWKS files (and the directory holding them) are checked
+for changes: an added, rotated or withdrawn shop key takes effect within it."""
+
+MAX_JWKS_BYTES: Final = 65_536
+"""Largest JWKS file read; a larger one is refused (its shop then has no keys)."""
+
+MAX_JWKS_KEYS: Final = 16
+"""Most keys in one shop's JWKS (rotation needs two or three)."""
+
+JWKS_URL_REFRESH_S: Final = 300.0
+"""How often a shop's JWKS URL is fetched again (sooner when a token names a
+kid it does not hold yet)."""
+
+JWKS_URL_COOLDOWN_S: Final = 10.0
+"""Least time between two fetches of the JWKS URLs: tokens with unknown kids
+cannot make us hammer a shop's endpoint."""
+
+JWKS_FETCH_TIMEOUT_S: Final = 10.0
+"""One JWKS URL fetch gives up after this long (the shop keeps its last keys)."""
 
 GC_THRESHOLDS: Final = (50_000, 20, 1000)
 """Python's cyclic collector thresholds (gen0 allocations, gen1, gen2 counts) for
@@ -214,6 +246,14 @@ WORKER_EVENT_RETENTION_MS: Final = 3 * 86_400_000
 
 STORE_MAX_BATCH_OPS: Final = 4096
 """Most write operations in one SQLite transaction (group commit)."""
+
+STORE_COMMIT_WINDOW_S: Final = 0.002
+"""Group commit by time: a store transaction starts once its oldest write has
+waited this long (at once when a full batch waits, or under load, when the
+previous commit took longer). A durable commit costs about the same CPU for one
+message as for fifty (an fsync, a round trip to the writer process); at low
+load this makes each commit carry a few milliseconds of messages instead of
+one, for at most this much added latency."""
 
 STORE_MAX_PENDING_OPS: Final = 65_536
 """Write operations waiting for the committer; writers wait beyond it (backpressure)."""

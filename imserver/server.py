@@ -38,7 +38,7 @@ import trio
 
 from protocol import CloseCode
 
-from .auth import TokenVerifier
+from .auth import ShopKeys, TokenVerifier
 from .dispatch import WorkerDispatcher
 from .fanout import Hub
 from .gateway._readmux import ReadMux
@@ -89,6 +89,13 @@ class StartupError(Exception):
 def prepare_data_dir(data_dir: Path) -> None:
     """Create the data dir (mode 0700: the server's user only) if missing."""
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+JWKS_DIR = "jwks"  # SHOP.json: the public keys shop SHOP's backend signs tokens with
+
+
+def _is_url(where: str) -> bool:
+    return where.startswith(("http://", "https://"))
 
 
 def load_or_create_secret(data_dir: Path) -> bytes:
@@ -153,6 +160,8 @@ class ServerConfig:
     close_send_timeout_s: float = CLOSE_SEND_TIMEOUT_S
     close_linger_s: float = CLOSE_LINGER_S
     extra: dict[str, str] = field(default_factory=dict)
+    jwks: dict[str, str] = field(default_factory=dict)
+    """shop -> its JWKS: a file path or an http(s) URL (besides DATA/jwks/SHOP.json)."""
 
 
 class Server:
@@ -171,6 +180,11 @@ class Server:
                 raise StartupError(
                     f"cannot load TLS certificate {config.cert} and key {config.key}: {detail}"
                 ) from None
+        self._shop_keys = ShopKeys(
+            {shop: Path(where) for shop, where in config.jwks.items() if not _is_url(where)},
+            config.data_dir / JWKS_DIR,
+            urls={shop: where for shop, where in config.jwks.items() if _is_url(where)},
+        )
         self.ctx: GatewayContext | None = None
         self.shards: LocalShards | None = None
         self.store: WatchedSqliteStore | None = None
@@ -242,7 +256,7 @@ class Server:
                 shards=shards,
                 hub=hub,
                 dispatcher=dispatcher,
-                verifier=TokenVerifier(config.secret),
+                verifier=TokenVerifier(config.secret, shop_keys=self._shop_keys),
                 idle_timeout_ms=config.idle_timeout_ms,
                 handshake_timeout_s=config.handshake_timeout_s,
                 outbound_buffer_bytes=config.outbound_buffer_bytes,
@@ -252,6 +266,7 @@ class Server:
             )
             self.ctx = ctx
             root.start_soon(read_mux.run)
+            root.start_soon(self._shop_keys.run)  # shops' JWKS URLs, if any
             # Single-use tokens used before a restart stay refused.
             for jti, exp in reversed(await store.used_tokens(int(time.time()), TOKEN_REPLAY_CACHE)):
                 ctx.verifier.remember_used(jti, exp)

@@ -286,6 +286,18 @@ class Presence(Struct, kw_only=True, omit_defaults=True, gc=False):
     last_seen: Millis = 0
 
 
+class AgentInfo(Struct, kw_only=True, omit_defaults=True, gc=False):
+    """One agent as the server last heard of them (``ListAgents``)."""
+
+    agent: UserId
+    status: AgentStatus
+    """The last status the agent set (``offline`` after their last connection closed)."""
+    since: Millis
+    """When that status was set."""
+    connected: bool = False
+    """At least one of the agent's devices is connected now."""
+
+
 class Limits(Struct, kw_only=True, gc=False):
     """The limits this server enforces, announced in Welcome."""
 
@@ -413,10 +425,23 @@ class UpdateConversation(Request, tag="update"):
     note: Text = ""
     """Shown to the receiving agent on transfer (stored as a system message)."""
     key: ShortText = ""
+    if_state: ConvState | None = None
+    """Conditional update: refused with ``conflict`` unless the conversation is in
+    this state (routing assigns only what is still queued)."""
+    if_agent: UserId | None = None
+    """Conditional update: refused with ``conflict`` unless the conversation is
+    assigned to this agent (routing takes a chat back only from its holder)."""
 
 
 class SetAgentStatus(Request, tag="agent_status"):
     status: AgentStatus
+
+
+class ListAgents(Request, tag="agents"):
+    """Supervisors, workers, admins: the agents of ``shop`` (default: the user's
+    own) with the last status each set and whether they are connected now."""
+
+    shop: Id | None = None
 
 
 class WatchPresence(Request, tag="watch"):
@@ -496,6 +521,7 @@ ClientFrameType = (
     | GetConversation
     | UpdateConversation
     | SetAgentStatus
+    | ListAgents
     | WatchPresence
     | Subscribe
     | Unwatch
@@ -579,6 +605,13 @@ class ConversationPage(Reply, tag="conversation_page"):
 
 class PresenceList(Reply, tag="presence_list"):
     presences: list[Presence]
+
+
+class AgentList(Reply, tag="agent_list"):
+    shop: Id
+    agents: list[AgentInfo]
+    """By agent id; at most ``MAX_AGENT_LIST`` (``truncated`` says there were more)."""
+    truncated: bool = False
 
 
 class WorkerJoined(Reply, tag="worker_joined"):
@@ -677,6 +710,7 @@ ServerFrameType = (
     | HistoryPage
     | ConversationPage
     | PresenceList
+    | AgentList
     | WorkerJoined
     | WorkerAssignment
     | WorkerEvent
@@ -710,6 +744,8 @@ __all__ = [
     "REQUEST_TYPES",
     "USER_BODY_TYPES",
     "AgentEvent",
+    "AgentInfo",
+    "AgentList",
     "AgentStatus",
     "AnyBody",
     "Attrs",
@@ -736,6 +772,7 @@ __all__ = [
     "Id",
     "ImageBody",
     "Limits",
+    "ListAgents",
     "ListConversations",
     "MemberRole",
     "Message",

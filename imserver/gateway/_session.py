@@ -48,6 +48,8 @@ from websockets.server import ServerProtocol
 from protocol import (
     PROTOCOL_VERSION,
     AgentEvent,
+    AgentInfo,
+    AgentList,
     ClientFrameType,
     CloseCode,
     ConversationPage,
@@ -61,6 +63,7 @@ from protocol import (
     History,
     HistoryPage,
     Limits,
+    ListAgents,
     ListConversations,
     Message,
     MessageEvent,
@@ -116,6 +119,7 @@ from ..limits import (
     HANDSHAKE_TIMEOUT_S,
     HEARTBEAT_INTERVAL_MS,
     IDLE_TIMEOUT_MS,
+    MAX_AGENT_LIST,
     MAX_DEVICES_PER_USER,
     MAX_FRAME_BYTES,
     MAX_HISTORY_PAGE,
@@ -761,6 +765,8 @@ class Session:
                 tags_remove=r.tags_remove,
                 note=r.note,
                 key=r.key,
+                if_state=r.if_state,
+                if_agent=r.if_agent,
                 **self._origin(r),
             )
         )
@@ -770,6 +776,9 @@ class Session:
 
     def _spawn_list(self, r: ListConversations) -> None:
         self._spawn(r, self._list)
+
+    def _spawn_list_agents(self, r: ListAgents) -> None:
+        self._spawn(r, self._list_agents)
 
     def _spawn_agent_status(self, r: SetAgentStatus) -> None:
         self._spawn(r, self._agent_status)
@@ -883,6 +892,30 @@ class Session:
         )
         self._agent_changed(who, request.status)
         return Ok(id=request.id)
+
+    async def _list_agents(self, request: ListAgents) -> ServerFrameType:
+        who = self.identity
+        assert who is not None
+        shop = request.shop or who.shop
+        if shop in ("", "*"):
+            raise _Refuse(ErrorCode.BAD_FRAME, "name the shop")
+        # Agent statuses are what the shop's ``agents`` topic shows: the same rule.
+        if not policy.can_subscribe(who, Topic.AGENTS, shop):
+            raise _Refuse(ErrorCode.FORBIDDEN, f"you may not list the agents of {shop}")
+        records = await self.ctx.store.list_agents(shop)
+        records.sort(key=lambda r: r.agent)
+        agents = [
+            AgentInfo(
+                agent=r.agent,
+                status=r.status,
+                since=r.ts,
+                connected=self.ctx.hub.is_online(r.agent),
+            )
+            for r in records[:MAX_AGENT_LIST]
+        ]
+        return AgentList(
+            id=request.id, shop=shop, agents=agents, truncated=len(records) > MAX_AGENT_LIST
+        )
 
     def _agent_changed(self, who: policy.Identity, status: AgentStatusEnum) -> None:
         self.ctx.hub.broadcast_shop(
@@ -1065,6 +1098,7 @@ _REQUEST_HANDLERS: dict[type, Callable[[Session, Any], None]] = {
     History: Session._spawn_history,
     ListConversations: Session._spawn_list,
     SetAgentStatus: Session._spawn_agent_status,
+    ListAgents: Session._spawn_list_agents,
     WatchPresence: Session._watch,
     Subscribe: Session._subscribe,
     Unwatch: Session._unwatch,

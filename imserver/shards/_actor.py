@@ -706,6 +706,14 @@ class ConversationActor:
         if cmd.key and cmd.key in self.applied_keys:
             effects.append(_bind(self._reply, cmd, ok))
             return
+        if (cmd.if_state is not None and conv.state is not cmd.if_state) or (
+            cmd.if_agent is not None and conv.agent != cmd.if_agent
+        ):
+            # A conditional update (routing): the conversation moved on meanwhile.
+            raise Refusal(
+                ErrorCode.CONFLICT,
+                f"conversation is {conv.state}" + (f" with {conv.agent}" if conv.agent else ""),
+            )
         state = cmd.state
         if cmd.agent is not None and state is None:
             state = ConvState.ASSIGNED

@@ -75,6 +75,8 @@ class UpdateCmd(Command, tag="update"):
     tags_remove: list[str] = []
     note: str = ""
     key: str = ""
+    if_state: ConvState | None = None
+    if_agent: str | None = None
 
 
 AnyCommand = (

@@ -28,6 +28,8 @@ from msgspec import inspect as mi
 import protocol
 from protocol import (
     AgentEvent,
+    AgentInfo,
+    AgentList,
     AgentStatus,
     Channel,
     ClientFrameType,
@@ -49,6 +51,7 @@ from protocol import (
     HistoryPage,
     ImageBody,
     Limits,
+    ListAgents,
     ListConversations,
     MemberRole,
     Message,
@@ -116,39 +119,85 @@ BODY_TYPES: tuple[type[Any], ...] = typing.get_args(protocol.AnyBody)
 
 BODIES: list[Any] = [
     TextBody(text="你好, is this in stock?"),
-    ImageBody(url="https://cdn.example/i/1.jpg", hash="sha256:ab", size=52_311, mime="image/jpeg",
-              width=800, height=600),
-    VoiceBody(url="https://cdn.example/v/1.amr", hash="sha256:cd", size=9_000, mime="audio/amr",
-              duration_ms=4_200),
-    FileBody(url="https://cdn.example/f/1.pdf", hash="sha256:ef", size=120_000,
-             mime="application/pdf", name="invoice.pdf"),
-    ProductCardBody(product_id="p-1", title="Tea cup", price_cents=1999, currency="USD",
-                    url="https://shop.example/p/1", image="https://cdn.example/p/1.jpg"),
-    OrderCardBody(order_id="o-9", status="shipped", amount_cents=5998, items=["Tea cup x2"],
-                  url="https://shop.example/o/9"),
+    ImageBody(
+        url="https://cdn.example/i/1.jpg",
+        hash="sha256:ab",
+        size=52_311,
+        mime="image/jpeg",
+        width=800,
+        height=600,
+    ),
+    VoiceBody(
+        url="https://cdn.example/v/1.amr",
+        hash="sha256:cd",
+        size=9_000,
+        mime="audio/amr",
+        duration_ms=4_200,
+    ),
+    FileBody(
+        url="https://cdn.example/f/1.pdf",
+        hash="sha256:ef",
+        size=120_000,
+        mime="application/pdf",
+        name="invoice.pdf",
+    ),
+    ProductCardBody(
+        product_id="p-1",
+        title="Tea cup",
+        price_cents=1999,
+        currency="USD",
+        url="https://shop.example/p/1",
+        image="https://cdn.example/p/1.jpg",
+    ),
+    OrderCardBody(
+        order_id="o-9",
+        status="shipped",
+        amount_cents=5998,
+        items=["Tea cup x2"],
+        url="https://shop.example/o/9",
+    ),
     QuickRepliesBody(text="How can we help?", options=["Where is my order?", "Refund"]),
     SystemBody(event="assigned", data={"agent": "agent-7"}),
     RecallBody(seq=3),
 ]
 
 CONVERSATION = Conversation(
-    id="c-1", kind=ConvKind.DIRECT, shop="shop-1", state=ConvState.ASSIGNED,
-    channel=Channel.TMALL, customer="cust-1", agent="agent-7", priority=3, tags=["vip"],
-    title="Order 9", last_seq=12, created_at=1_700_000_000_000, updated_at=1_700_000_060_000,
-    read_seq=10, unread=2,
+    id="c-1",
+    kind=ConvKind.DIRECT,
+    shop="shop-1",
+    state=ConvState.ASSIGNED,
+    channel=Channel.TMALL,
+    customer="cust-1",
+    agent="agent-7",
+    priority=3,
+    tags=["vip"],
+    title="Order 9",
+    last_seq=12,
+    created_at=1_700_000_000_000,
+    updated_at=1_700_000_060_000,
+    read_seq=10,
+    unread=2,
 )
-GROUP = Conversation(id="g-1", kind=ConvKind.GROUP, shop="shop-1", state=ConvState.BOT,
-                     title="Fans")
+GROUP = Conversation(
+    id="g-1", kind=ConvKind.GROUP, shop="shop-1", state=ConvState.BOT, title="Fans"
+)
 
 
 def message(seq: int, body: Any, recalled: bool = False) -> Message:
-    return Message(conv="c-1", seq=seq, sender="cust-1", sender_role=Role.CUSTOMER,
-                   cmid=f"m-{seq}", ts=1_700_000_000_000 + seq, body=body, recalled=recalled)
+    return Message(
+        conv="c-1",
+        seq=seq,
+        sender="cust-1",
+        sender_role=Role.CUSTOMER,
+        cmid=f"m-{seq}",
+        ts=1_700_000_000_000 + seq,
+        body=body,
+        recalled=recalled,
+    )
 
 
 CLIENT_SAMPLES: list[Any] = [
-    Hello(v=1, token="abc.def", device="iphone-1", resume={"c-1": 10, "g-1": 0},
-          agent="demo/1.0"),
+    Hello(v=1, token="abc.def", device="iphone-1", resume={"c-1": 10, "g-1": 0}, agent="demo/1.0"),
     Hello(v=1, token="t", device="d"),
     Ping(id=0),
     OpenConversation(id=1, shop="shop-1", channel=Channel.ALIBABA_1688),
@@ -162,18 +211,41 @@ CLIENT_SAMPLES: list[Any] = [
     ListConversations(id=8, state=ConvState.QUEUED, updated_before=1_700_000_000_000, limit=1),
     ListConversations(id=8),
     GetConversation(id=9, conv="c-1"),
-    UpdateConversation(id=10, conv="c-1", state=ConvState.ASSIGNED, agent="agent-7", priority=9,
-                       tags_add=["vip"], tags_remove=["new"], note="VIP, be nice", key="k-1"),
+    UpdateConversation(
+        id=10,
+        conv="c-1",
+        state=ConvState.ASSIGNED,
+        agent="agent-7",
+        priority=9,
+        tags_add=["vip"],
+        tags_remove=["new"],
+        note="VIP, be nice",
+        key="k-1",
+    ),
     UpdateConversation(id=10, conv="c-1"),
     SetAgentStatus(id=11, status=AgentStatus.BUSY),
+    UpdateConversation(
+        id=10,
+        conv="c-1",
+        state=ConvState.ASSIGNED,
+        agent="agent-7",
+        if_state=ConvState.QUEUED,
+        if_agent="agent-1",
+    ),
+    ListAgents(id=11, shop="shop-1"),
+    ListAgents(id=11),
     WatchPresence(id=12, users=["agent-7", "cust-1"]),
     Subscribe(id=13, topics=[Topic.CONVERSATIONS, Topic.MESSAGES, Topic.AGENTS], shop="shop-1"),
     Subscribe(id=13, topics=[]),
     Unsubscribe(id=13, topics=[Topic.DASHBOARD], shop="shop-1"),
     Unwatch(id=12, users=["agent-1"]),
     WorkerJoin(id=14, plugin="crm", kinds=[WorkerEventKind.MESSAGE, WorkerEventKind.AGENT]),
-    Notify(id=15, kind="queue_position", conv="c-1",
-           data={"position": 3, "eta_s": 40.5, "vip": True, "tags": ["a", None, {"x": -1}]}),
+    Notify(
+        id=15,
+        kind="queue_position",
+        conv="c-1",
+        data={"position": 3, "eta_s": 40.5, "vip": True, "tags": ["a", None, {"x": -1}]},
+    ),
     Notify(id=15, kind="figures", shop="shop-1"),
     WorkerAck(ids=[0, 1, 2**53]),
     Typing(conv="c-1"),
@@ -182,10 +254,23 @@ CLIENT_SAMPLES: list[Any] = [
 ]
 
 WELCOME_SAMPLE = Welcome(
-    v=1, session="s-1", user="cust-1", role=Role.CUSTOMER, shop="",
-    server_time=1_700_000_000_000, heartbeat_ms=20_000, idle_timeout_ms=60_000,
-    limits=Limits(max_frame_bytes=65536, max_text_chars=5000, frames_per_second=50,
-                  frames_burst=200, max_inflight=256, history_page=200, recall_window_ms=120_000),
+    v=1,
+    session="s-1",
+    user="cust-1",
+    role=Role.CUSTOMER,
+    shop="",
+    server_time=1_700_000_000_000,
+    heartbeat_ms=20_000,
+    idle_timeout_ms=60_000,
+    limits=Limits(
+        max_frame_bytes=65536,
+        max_text_chars=5000,
+        frames_per_second=50,
+        frames_burst=200,
+        max_inflight=256,
+        history_page=200,
+        recall_window_ms=120_000,
+    ),
 )
 
 SERVER_SAMPLES: list[Any] = [
@@ -199,13 +284,21 @@ SERVER_SAMPLES: list[Any] = [
     Sent(id=3, conv="c-1", cmid="cm-1", seq=13, ts=1_700_000_000_013),
     ConversationInfo(id=4, conversation=CONVERSATION),
     ConversationInfo(id=4, conversation=GROUP),
-    HistoryPage(id=5, conv="c-1", has_more=True,
-                messages=[message(i + 1, b) for i, b in enumerate(BODIES)]
-                + [message(99, TextBody(text=""), recalled=True)]),
+    HistoryPage(
+        id=5,
+        conv="c-1",
+        has_more=True,
+        messages=[message(i + 1, b) for i, b in enumerate(BODIES)]
+        + [message(99, TextBody(text=""), recalled=True)],
+    ),
     ConversationPage(id=6, conversations=[CONVERSATION, GROUP], has_more=False),
-    PresenceList(id=7, presences=[Presence(user="agent-7", online=True, devices=2,
-                                           last_seen=1_700_000_000_000),
-                                  Presence(user="cust-1", online=False)]),
+    PresenceList(
+        id=7,
+        presences=[
+            Presence(user="agent-7", online=True, devices=2, last_seen=1_700_000_000_000),
+            Presence(user="cust-1", online=False),
+        ],
+    ),
     *[MessageEvent(message=message(i + 1, body)) for i, body in enumerate(BODIES)],
     ReceiptEvent(conv="c-1", user="agent-7", kind=ReceiptKind.READ, seq=12),
     ReceiptEvent(conv="c-1", user="agent-7", kind=ReceiptKind.DELIVERED, seq=12),
@@ -215,14 +308,43 @@ SERVER_SAMPLES: list[Any] = [
     AgentEvent(shop="shop-1", agent="agent-7", status=AgentStatus.AWAY),
     Synced(last_seq={"c-1": 12, "g-1": 0}),
     WorkerJoined(id=14, instance="i-1", shards=[0, 3, 15], shard_count=16),
+    AgentList(
+        id=15,
+        shop="shop-1",
+        truncated=True,
+        agents=[
+            AgentInfo(
+                agent="agent-7", status=AgentStatus.ONLINE, since=1_700_000_000_000, connected=True
+            ),
+            AgentInfo(agent="agent-8", status=AgentStatus.OFFLINE, since=1),
+        ],
+    ),
     WorkerAssignment(shards=[], shard_count=16),
-    WorkerEvent(event_id=9, shard=3, kind=WorkerEventKind.MESSAGE, ts=1_700_000_000_001,
-                conversation=CONVERSATION, message=message(1, BODIES[0]), shop="shop-1",
-                attempt=2),
-    WorkerEvent(event_id=10, shard=3, kind=WorkerEventKind.AGENT, ts=1, agent="agent-7",
-                agent_status=AgentStatus.AWAY, change="status"),
-    PluginEvent(plugin="crm", kind="sidebar", conv="c-1",
-                data={"vip": True, "orders": [1, 2], "name": "张三", "score": 0.5}),
+    WorkerEvent(
+        event_id=9,
+        shard=3,
+        kind=WorkerEventKind.MESSAGE,
+        ts=1_700_000_000_001,
+        conversation=CONVERSATION,
+        message=message(1, BODIES[0]),
+        shop="shop-1",
+        attempt=2,
+    ),
+    WorkerEvent(
+        event_id=10,
+        shard=3,
+        kind=WorkerEventKind.AGENT,
+        ts=1,
+        agent="agent-7",
+        agent_status=AgentStatus.AWAY,
+        change="status",
+    ),
+    PluginEvent(
+        plugin="crm",
+        kind="sidebar",
+        conv="c-1",
+        data={"vip": True, "orders": [1, 2], "name": "张三", "score": 0.5},
+    ),
     PluginEvent(plugin="crm", kind="ping"),
     Synced(last_seq={}),
 ]
@@ -247,15 +369,19 @@ def test_every_public_frame_name_is_exported() -> None:
     from protocol import _frames
 
     defined = {
-        name for name, value in vars(_frames).items()
+        name
+        for name, value in vars(_frames).items()
         if not name.startswith("_")
-        and (getattr(value, "__module__", None) == _frames.__name__
-             or isinstance(value, types.UnionType))
+        and (
+            getattr(value, "__module__", None) == _frames.__name__
+            or isinstance(value, types.UnionType)
+        )
     }
     assert defined <= set(_frames.__all__)
     assert set(_frames.__all__) <= set(protocol.__all__)
     assert {"enum", "annotations", "Struct", "Meta", "Final", "msgspec"}.isdisjoint(
-        protocol.__all__)
+        protocol.__all__
+    )
     for name in protocol.__all__:
         assert hasattr(protocol, name), name
 
@@ -296,22 +422,36 @@ def test_client_frames_are_not_server_frames(frame: Any) -> None:
 def test_wire_shape_tag_key_and_omitted_defaults() -> None:
     assert msgspec.msgpack.decode(encode(Ping(id=1))) == {"t": "ping", "id": 1}
     assert msgspec.msgpack.decode(encode(OpenConversation(id=1, shop="s"))) == {
-        "t": "open", "id": 1, "shop": "s",
+        "t": "open",
+        "id": 1,
+        "shop": "s",
     }
     raw = msgspec.msgpack.decode(encode(Send(id=1, conv="c", cmid="m", body=TextBody(text="hi"))))
-    assert raw == {"t": "send", "id": 1, "conv": "c", "cmid": "m",
-                   "body": {"k": "text", "text": "hi"}}
+    assert raw == {
+        "t": "send",
+        "id": 1,
+        "conv": "c",
+        "cmid": "m",
+        "body": {"k": "text", "text": "hi"},
+    }
     assert encode(Ping(id=1))[:3] == b"\x82\xa1t"  # a map whose first key is "t"
     # Defaults are omitted even when given explicitly.
     assert encode(Sent(id=1, conv="c", cmid="m", seq=1, ts=2, duplicate=False)) == encode(
-        Sent(id=1, conv="c", cmid="m", seq=1, ts=2))
+        Sent(id=1, conv="c", cmid="m", seq=1, ts=2)
+    )
 
 
 def test_unknown_keys_are_ignored_everywhere() -> None:
-    data = msgspec.msgpack.encode({
-        "t": "send", "id": 1, "conv": "c", "cmid": "m", "future": [1, {"x": None}],
-        "body": {"k": "text", "text": "hi", "also_future": True},
-    })
+    data = msgspec.msgpack.encode(
+        {
+            "t": "send",
+            "id": 1,
+            "conv": "c",
+            "cmid": "m",
+            "future": [1, {"x": None}],
+            "body": {"k": "text", "text": "hi", "also_future": True},
+        }
+    )
     assert decode_client_frame(data) == Send(id=1, conv="c", cmid="m", body=TextBody(text="hi"))
     data = msgspec.msgpack.encode({"t": "ok", "id": 3, "new_field": "x"})
     assert decode_server_frame(data) == Ok(id=3)
@@ -334,8 +474,9 @@ def _frame_error(data: bytes) -> FrameError:
 def test_too_long_text_is_too_large_and_keeps_the_request_id() -> None:
     ok = Send(id=9, conv="c", cmid="m", body=TextBody(text="字" * MAX_TEXT_CHARS))
     assert decode_client_frame(encode(ok)) == ok
-    err = _frame_error(encode(Send(id=9, conv="c", cmid="m",
-                                   body=TextBody(text="字" * (MAX_TEXT_CHARS + 1)))))
+    err = _frame_error(
+        encode(Send(id=9, conv="c", cmid="m", body=TextBody(text="字" * (MAX_TEXT_CHARS + 1))))
+    )
     assert err.code is ErrorCode.TOO_LARGE
     assert err.request_id == 9
     assert "$.body.text" in err.message
@@ -359,18 +500,31 @@ def test_text_limit_counts_characters_not_bytes() -> None:
         ({"t": "read", "id": 1, "conv": "c"}, ErrorCode.BAD_FRAME),
         ({"t": "open", "id": 1, "shop": "s", "channel": "myspace"}, ErrorCode.BAD_FRAME),
         ({"t": "send", "id": 1, "conv": "c", "cmid": "m", "body": "hi"}, ErrorCode.BAD_FRAME),
-        ({"t": "send", "id": 1, "conv": "c", "cmid": "m", "body": {"text": "hi"}},
-         ErrorCode.BAD_FRAME),
-        ({"t": "send", "id": 1, "conv": "c", "cmid": "m", "body": {"k": "gif", "url": "x"}},
-         ErrorCode.BAD_FRAME),
+        (
+            {"t": "send", "id": 1, "conv": "c", "cmid": "m", "body": {"text": "hi"}},
+            ErrorCode.BAD_FRAME,
+        ),
+        (
+            {"t": "send", "id": 1, "conv": "c", "cmid": "m", "body": {"k": "gif", "url": "x"}},
+            ErrorCode.BAD_FRAME,
+        ),
         ({"t": "watch", "id": 1, "users": "u1"}, ErrorCode.BAD_FRAME),
-        ({"t": "hello", "v": 1, "token": "t", "device": "d", "resume": ["c"]},
-         ErrorCode.BAD_FRAME),
+        ({"t": "hello", "v": 1, "token": "t", "device": "d", "resume": ["c"]}, ErrorCode.BAD_FRAME),
         ({"t": "hello", "v": 1, "token": "", "device": "d"}, ErrorCode.BAD_FRAME),
-        ({"t": "hello", "v": 1, "token": "t" * (MAX_TOKEN_CHARS + 1), "device": "d"},
-         ErrorCode.TOO_LARGE),
-        ({"t": "hello", "v": 1, "token": "t", "device": "d",
-          "resume": {f"c{i}": 1 for i in range(MAX_RESUME_POINTS + 1)}}, ErrorCode.TOO_LARGE),
+        (
+            {"t": "hello", "v": 1, "token": "t" * (MAX_TOKEN_CHARS + 1), "device": "d"},
+            ErrorCode.TOO_LARGE,
+        ),
+        (
+            {
+                "t": "hello",
+                "v": 1,
+                "token": "t",
+                "device": "d",
+                "resume": {f"c{i}": 1 for i in range(MAX_RESUME_POINTS + 1)},
+            },
+            ErrorCode.TOO_LARGE,
+        ),
         ({"t": "get", "id": 1, "conv": "c" * (MAX_ID_CHARS + 1)}, ErrorCode.TOO_LARGE),
         ({"t": "get", "id": 1, "conv": "line\nbreak"}, ErrorCode.BAD_FRAME),
         ({"t": "history", "id": 1, "conv": "c", "limit": 0}, ErrorCode.BAD_FRAME),
@@ -445,8 +599,12 @@ def test_deeply_nested_msgpack_is_bad_frame_not_recursion_error() -> None:
         decode_server_frame(nested)
     # The same depth inside a typed field, with a recoverable id.
     body = b"\x81\xa1x" * 20_000 + b"\xc0"
-    typed = (b"\x85" + msgspec.msgpack.encode({"t": "send", "id": 6, "conv": "c", "cmid": "m"})[1:]
-             + msgspec.msgpack.encode("body") + body)
+    typed = (
+        b"\x85"
+        + msgspec.msgpack.encode({"t": "send", "id": 6, "conv": "c", "cmid": "m"})[1:]
+        + msgspec.msgpack.encode("body")
+        + body
+    )
     assert _frame_error(typed).code is ErrorCode.BAD_FRAME
 
 
@@ -454,8 +612,9 @@ def test_moderate_nesting_in_unknown_keys_is_fine() -> None:
     nested: Any = None
     for _ in range(50):
         nested = [nested]
-    assert decode_client_frame(msgspec.msgpack.encode({"t": "ping", "id": 5, "x": nested})) == \
-        Ping(id=5)
+    assert decode_client_frame(msgspec.msgpack.encode({"t": "ping", "id": 5, "x": nested})) == Ping(
+        id=5
+    )
 
 
 def test_frame_error_attributes() -> None:
@@ -571,18 +730,20 @@ def _breakages(t: mi.Type, value: Any, path: tuple[str | int, ...]) -> Iterator[
         yield Breakage(path, "map instead", {"a": 1}, bad)
         item = value[0]
         if t.max_length is not None:
-            yield Breakage(path, f"{t.max_length + 1} items", [item] * (t.max_length + 1),
-                           too_large)
+            yield Breakage(
+                path, f"{t.max_length + 1} items", [item] * (t.max_length + 1), too_large
+            )
         if t.min_length:
             yield Breakage(path, f"{t.min_length - 1} items", [item] * (t.min_length - 1), bad)
         yield from _breakages(t.item_type, item, (*path, 0))
     elif isinstance(t, mi.DictType):
         yield Breakage(path, "array instead", [1], bad)
-        (key, item), = value.items()
+        ((key, item),) = value.items()
         if t.max_length is not None:
             keys = _distinct_keys(t.key_type, t.max_length + 1)
-            yield Breakage(path, f"{t.max_length + 1} entries", dict.fromkeys(keys, item),
-                           too_large)
+            yield Breakage(
+                path, f"{t.max_length + 1} entries", dict.fromkeys(keys, item), too_large
+            )
         for broken in _breakages(t.key_type, key, ()):
             yield Breakage(path, f"key {broken.what}", {broken.value: item}, broken.code)
         yield from _breakages(t.value_type, item, (*path, key))
@@ -592,8 +753,9 @@ def _breakages(t: mi.Type, value: Any, path: tuple[str | int, ...]) -> Iterator[
             yield from _breakages(members[0], value, path)
         else:
             assert all(isinstance(m, mi.StructType) and m.tag for m in members)
-            (member,) = [m for m in members
-                         if isinstance(m, mi.StructType) and m.tag == value[m.tag_field]]
+            (member,) = [
+                m for m in members if isinstance(m, mi.StructType) and m.tag == value[m.tag_field]
+            ]
             yield from _breakages(member, value, path)
     elif isinstance(t, mi.StructType):
         yield Breakage(path, "array instead", [], bad)
@@ -631,10 +793,12 @@ def _broken_frames(types: tuple[type[Any], ...]) -> list[Any]:
         for n, base in enumerate(valid_variants(info)):
             for b in _breakages(info, base, ()):
                 label = f"{info.tag}#{n}:{'.'.join(map(str, b.path)) or '$'}:{b.what}"
-                expected_id = 7 if issubclass(cls, Request) and b.path[:1] not in ((), ("id",)) \
-                    else None
-                cases.append(pytest.param(base, _apply(base, b.path, b.value), b.code,
-                                          expected_id, id=label))
+                expected_id = (
+                    7 if issubclass(cls, Request) and b.path[:1] not in ((), ("id",)) else None
+                )
+                cases.append(
+                    pytest.param(base, _apply(base, b.path, b.value), b.code, expected_id, id=label)
+                )
     return cases
 
 
@@ -727,22 +891,31 @@ def strategy_for(t: mi.Type, cap: int = 40, items: int = 3) -> st.SearchStrategy
         return st.none()
     if isinstance(t, mi.AnyType):  # free-form data: what msgpack round-trips unchanged
         return st.recursive(
-            st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
-            | st.floats(allow_nan=False) | st.text(max_size=cap),
-            lambda inner: st.lists(inner, max_size=items)
-            | st.dictionaries(st.text(max_size=cap), inner, max_size=items),
+            st.none()
+            | st.booleans()
+            | st.integers(-(2**63), 2**64 - 1)
+            | st.floats(allow_nan=False)
+            | st.text(max_size=cap),
+            lambda inner: (
+                st.lists(inner, max_size=items)
+                | st.dictionaries(st.text(max_size=cap), inner, max_size=items)
+            ),
             max_leaves=8,
         )
     if isinstance(t, mi.EnumType):
         return st.sampled_from(list(t.cls))
     if isinstance(t, mi.ListType):
         high = min(items, t.max_length if t.max_length is not None else items)
-        return st.lists(strategy_for(t.item_type, cap, items), min_size=t.min_length or 0,
-                        max_size=high)
+        return st.lists(
+            strategy_for(t.item_type, cap, items), min_size=t.min_length or 0, max_size=high
+        )
     if isinstance(t, mi.DictType):
         high = min(items, t.max_length if t.max_length is not None else items)
-        return st.dictionaries(strategy_for(t.key_type, cap, items),
-                               strategy_for(t.value_type, cap, items), max_size=high)
+        return st.dictionaries(
+            strategy_for(t.key_type, cap, items),
+            strategy_for(t.value_type, cap, items),
+            max_size=high,
+        )
     if isinstance(t, mi.UnionType):
         return st.one_of([strategy_for(m, cap, items) for m in t.types])
     if isinstance(t, mi.StructType):

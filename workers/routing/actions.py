@@ -30,8 +30,9 @@ class AssignReason(enum.StrEnum):
 
 class RejectReason(enum.StrEnum):
     QUEUE_FULL = "queue_full"
-    """The shop's queue is at ``max_queue_per_shop`` and no agent is free: the bot
-    keeps the conversation (and should tell the customer to leave a message)."""
+    """The shop's queue is at its hard bound ``max_queue_per_shop`` and no agent is
+    free: the engine does not track it. Routing leaves it queued in the store, tells
+    the customer the shop is busy and offers it again when it reconciles."""
     TOO_MANY_SHOPS = "too_many_shops"
     """This router already tracks ``max_shops`` shops."""
     NOT_ASSIGNED = "not_assigned"
@@ -64,6 +65,9 @@ class Assign(Action, frozen=True, tag="assign"):
     fallback: bool = False
     """True when ``agent`` lacks the skill or language: no qualified agent was
     available (see ``RouterConfig.fallback_after_seconds``)."""
+    expect_agent: str | None = None
+    """Where the conversation is as far as the engine has said: ``None`` queued, else
+    assigned to this agent (a direct move from them). The update is conditional on it."""
 
 
 class Queued(Action, frozen=True, tag="queued"):
@@ -73,6 +77,9 @@ class Queued(Action, frozen=True, tag="queued"):
     eta_seconds: int | None
     """Estimated wait; ``None`` when no qualified agent is online to estimate from."""
     priority: int
+    overflow: bool = False
+    """The shop's queue was at its ``queue_limit``: the customer is told the shop is
+    busy and the bot keeps answering until an agent takes the chat."""
 
 
 class QueuePosition(Action, frozen=True, tag="queue_position"):

@@ -33,10 +33,14 @@ app -> ``None`` (no language requirement).
 Priority
 --------
 ``BASE_PRIORITY`` plus ``COMPLAINT_WEIGHT`` (complaint), ``REFUND_WEIGHT``
-(refund signal in the intent, handoff reason or text), ``NEGATIVE_WEIGHT``
+(refund signal in the intent, handoff reason or text) and ``NEGATIVE_WEIGHT``
 (sentiment below ``NEGATIVE_SENTIMENT_THRESHOLD``, or handoff reason
-``angry``/``negative_sentiment``) and ``VIP_WEIGHT``, capped at ``MAX_PRIORITY``.
-``requested_skill`` changes the skill only, never the priority.
+``negative``/``angry``/``negative_sentiment``), raised to at least the
+handoff reason's priority in the vocabulary shared with the bot
+(``workers.handoff.HANDOFF_PRIORITY``: ``handoff:negative`` is 8) and to the
+``floor`` the caller passes (the priority the bot set on the conversation);
+then ``VIP_WEIGHT``, capped at ``MAX_PRIORITY``. ``requested_skill`` changes the
+skill only, never the priority.
 
 Keyword matching is deliberately simple (substrings for CJK, whole words for
 Latin script, no negation handling): the bot's intent is the primary signal and
@@ -52,6 +56,8 @@ from typing import Final
 from msgspec import Struct
 
 from protocol import Channel
+
+from ..handoff import HandoffReason, handoff_priority
 
 # -- skill groups --------------------------------------------------------------
 
@@ -141,7 +147,9 @@ COMPLAINT_INTENTS: Final = frozenset({"complaint", "complain"})
 REFUND_INTENTS: Final = frozenset(
     name for name, skill in INTENT_SKILLS.items() if skill == SKILL_REFUNDS
 )
-NEGATIVE_HANDOFF_REASONS: Final = frozenset({"angry", "negative_sentiment", "abusive"})
+NEGATIVE_HANDOFF_REASONS: Final = frozenset(
+    {HandoffReason.NEGATIVE.value, "angry", "negative_sentiment", "abusive"}
+)
 
 
 class _Words:
@@ -216,8 +224,12 @@ def detect_language(text: str, channel: str) -> str | None:
             counts[LANG_JA] += 1
         elif 0xAC00 <= o <= 0xD7AF or 0x1100 <= o <= 0x11FF or 0x3130 <= o <= 0x318F:
             counts[LANG_KO] += 1
-        elif (0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF or 0xF900 <= o <= 0xFAFF
-              or 0x20000 <= o <= 0x2FA1F):
+        elif (
+            0x4E00 <= o <= 0x9FFF
+            or 0x3400 <= o <= 0x4DBF
+            or 0xF900 <= o <= 0xFAFF
+            or 0x20000 <= o <= 0x2FA1F
+        ):
             counts[LANG_ZH] += 1
         elif 0x0400 <= o <= 0x04FF:
             counts[LANG_RU] += 1
@@ -245,6 +257,7 @@ def classify(
     sentiment: float | None,
     handoff_reason: str | None,
     requested_skill: str | None,
+    floor: int = 0,
 ) -> Classification:
     """Skill group, priority and language for a conversation the bot hands off.
 
@@ -288,11 +301,14 @@ def classify(
         (complaint, COMPLAINT_WEIGHT, "complaint"),
         (refund, REFUND_WEIGHT, "refund"),
         (negative, NEGATIVE_WEIGHT, "negative"),
-        (vip, VIP_WEIGHT, "vip"),
     ):
         if present:
             priority += weight
             signals.append(name)
+    priority = max(priority, handoff_priority(reason_n), floor)
+    if vip:
+        priority += VIP_WEIGHT
+        signals.append("vip")
     priority = max(MIN_PRIORITY, min(MAX_PRIORITY, priority))
 
     return Classification(

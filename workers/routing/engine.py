@@ -58,8 +58,23 @@ customer is told it with ``Queued``/``Requeue`` and then with ``QueuePosition``
 each time it changes (it can grow when a more urgent conversation arrives).
 The queue is bounded by ``max_queue_per_shop`` for new requests: a request
 finding it full is assigned if an agent is free, else ``Rejected``
-(``queue_full``) and left with the bot. Conversations taken back from agents
-are never refused; they are bounded by the agents' total ``max_chats``.
+(``queue_full``): the caller keeps it (routing leaves it queued in the store
+and offers it again later). Conversations taken back from agents are never
+refused; they are bounded by the agents' total ``max_chats``. Below that hard
+bound, ``queue_limit`` (``None``: none) is the shop's *overflow* mark: a new
+request that finds at least that many conversations queued is queued all the
+same, in its place, and its ``Queued`` says ``overflow=True`` (routing tells
+the customer the shop is busy and lets the bot keep answering meanwhile).
+
+Restore. The engine's state is a cache of durable facts, so a new routing
+process can rebuild it: ``restore`` puts a conversation where the store says it
+is -- queued since a time (at the head if it had been taken back from an agent)
+or assigned to an agent since a time -- with its SLA clock from the durable
+timestamps, announcing nothing; ``settle`` then dispatches and tells every
+queued customer their position. Restoring onto an agent who has no room is
+allowed (a person claimed the chat, or settings changed meanwhile): the chat is
+*forced*, counts toward the load, and the agent gets nothing new until the load
+drops. ``forget_shop`` drops a shop (another routing instance owns it now).
 
 Dispatch. Every operation that can free capacity or make a queued conversation
 eligible (close, agent online, transfer, SLA breach, settings change, time
@@ -152,7 +167,7 @@ DEFAULT_EXCLUSION_SECONDS: Final = 300.0
 DEFAULT_HANDLE_SECONDS: Final = 300.0
 """Assumed handle time before a shop's first close."""
 DEFAULT_HANDLE_TIME_WINDOW: Final = 50
-DEFAULT_MAX_QUEUE_PER_SHOP: Final = 1000
+DEFAULT_MAX_QUEUE_PER_SHOP: Final = 20_000
 DEFAULT_MAX_AGENTS_PER_SHOP: Final = 2000
 DEFAULT_MAX_SHOPS: Final = 10_000
 
@@ -190,6 +205,10 @@ class RouterConfig(Struct, frozen=True, kw_only=True):
     default_handle_seconds: float = DEFAULT_HANDLE_SECONDS
     handle_time_window: int = DEFAULT_HANDLE_TIME_WINDOW
     max_queue_per_shop: int = DEFAULT_MAX_QUEUE_PER_SHOP
+    """Hard bound on a shop's queue (memory): beyond it new requests are ``Rejected``."""
+    queue_limit: int | None = None
+    """Overflow mark: a new request finding this many queued is queued with
+    ``Queued.overflow``. ``None``: no overflow."""
     max_agents_per_shop: int = DEFAULT_MAX_AGENTS_PER_SHOP
     max_shops: int = DEFAULT_MAX_SHOPS
     default_language: str | None = LANG_ZH
@@ -206,13 +225,17 @@ class RouterConfig(Struct, frozen=True, kw_only=True):
             raise RoutingError("exclusion_seconds must be finite and > 0")
         if not (math.isfinite(self.default_handle_seconds) and self.default_handle_seconds > 0):
             raise RoutingError("default_handle_seconds must be finite and > 0")
-        for name in ("handle_time_window", "max_queue_per_shop", "max_agents_per_shop",
-                     "max_shops"):
+        for name in (
+            "handle_time_window",
+            "max_queue_per_shop",
+            "max_agents_per_shop",
+            "max_shops",
+        ):
             if getattr(self, name) < 1:
                 raise RoutingError(f"{name} must be >= 1")
-        if self.default_language is not None and not self.default_language.startswith(
-            LANG_PREFIX
-        ):
+        if self.queue_limit is not None and self.queue_limit < 0:
+            raise RoutingError("queue_limit must be None or >= 0")
+        if self.default_language is not None and not self.default_language.startswith(LANG_PREFIX):
             raise RoutingError(f"default_language must start with {LANG_PREFIX!r}")
 
 
@@ -313,6 +336,8 @@ class _AgentState:
     status: AgentStatus = AgentStatus.OFFLINE
     chats: dict[str, None] = field(default_factory=dict)
     last_assigned_at: float | None = None
+    forced: set[str] = field(default_factory=set)
+    """Chats restored onto this agent when it had no room (a subset of ``chats``)."""
 
     def has_room(self) -> bool:
         return len(self.chats) < self.max_chats
@@ -327,9 +352,15 @@ class _AgentState:
         )
 
     def snapshot(self) -> Agent:
-        return Agent(id=self.id, shop=self.shop, skills=self.skills, status=self.status,
-                     max_chats=self.max_chats, chats=tuple(self.chats),
-                     last_assigned_at=self.last_assigned_at)
+        return Agent(
+            id=self.id,
+            shop=self.shop,
+            skills=self.skills,
+            status=self.status,
+            max_chats=self.max_chats,
+            chats=tuple(self.chats),
+            last_assigned_at=self.last_assigned_at,
+        )
 
 
 @dataclass(slots=True)
@@ -355,6 +386,12 @@ class _Conv:
     """Reason of the Assign if it is assigned within the current call."""
     announce: bool = False
     """Entered the queue in the current call; Queued/Requeue not yet emitted."""
+    overflow: bool = False
+    """Entered the queue past ``queue_limit`` (told with the next ``Queued``)."""
+    told_agent: str | None = None
+    """Where the outside world last put it: the agent of the last ``Assign`` (or
+    restore), ``None`` once ``Queued``/``Requeue`` said it is queued. An ``Assign``
+    carries it as ``expect_agent`` so that its update can be conditional."""
     position: int | None = None
     """Last position told to the customer."""
     _route: _Route = ("", None)
@@ -399,8 +436,11 @@ def _check_id(kind: str, value: str) -> str:
 
 
 def _check_skill(skill: str) -> str:
-    if not isinstance(skill, str) or not 1 <= len(skill) <= MAX_SKILL_CHARS \
-            or not skill.isprintable():
+    if (
+        not isinstance(skill, str)
+        or not 1 <= len(skill) <= MAX_SKILL_CHARS
+        or not skill.isprintable()
+    ):
         raise RoutingError(f"bad skill {skill!r}: 1..{MAX_SKILL_CHARS} printable characters")
     return skill
 
@@ -421,8 +461,9 @@ class Router:
 
     # -- agents ----------------------------------------------------------------
 
-    def upsert_agent(self, agent_id: str, shop: str, skills: Iterable[str], max_chats: int,
-                     *, now: float) -> list[Action]:
+    def upsert_agent(
+        self, agent_id: str, shop: str, skills: Iterable[str], max_chats: int, *, now: float
+    ) -> list[Action]:
         """Register an agent (status offline) or update its skills and ``max_chats``.
 
         Lowering ``max_chats`` below the current load re-routes the most recently
@@ -436,8 +477,11 @@ class Router:
         skill_set = frozenset(_check_skill(s) for s in skills)
         if len(skill_set) > MAX_SKILLS_PER_AGENT:
             raise RoutingError(f"at most {MAX_SKILLS_PER_AGENT} skills per agent")
-        if isinstance(max_chats, bool) or not isinstance(max_chats, int) \
-                or not 0 <= max_chats <= MAX_CHATS_PER_AGENT:
+        if (
+            isinstance(max_chats, bool)
+            or not isinstance(max_chats, int)
+            or not 0 <= max_chats <= MAX_CHATS_PER_AGENT
+        ):
             raise RoutingError(f"max_chats must be an int in 0..{MAX_CHATS_PER_AGENT}")
         speaks = frozenset(s for s in skill_set if s.startswith(LANG_PREFIX))
         if not speaks and self.config.default_language is not None:
@@ -453,8 +497,9 @@ class Router:
         if agent is None:
             if len(state.agents) >= self.config.max_agents_per_shop:
                 raise RoutingError(f"shop {shop!r} has max_agents_per_shop agents")
-            agent = _AgentState(id=agent_id, shop=shop, skills=skill_set, speaks=speaks,
-                                max_chats=max_chats)
+            agent = _AgentState(
+                id=agent_id, shop=shop, skills=skill_set, speaks=speaks, max_chats=max_chats
+            )
             state.agents[agent_id] = agent
             self._agents[agent_id] = agent
         else:
@@ -503,8 +548,15 @@ class Router:
 
     # -- conversations -----------------------------------------------------------
 
-    def request(self, conv: str, shop: str, classification: Classification, now: float,
-                *, customer: str | None = None) -> list[Action]:
+    def request(
+        self,
+        conv: str,
+        shop: str,
+        classification: Classification,
+        now: float,
+        *,
+        customer: str | None = None,
+    ) -> list[Action]:
         """The bot hands ``conv`` off: assign it now or queue it.
 
         Returns ``[Assign(reason=new)]``, ``[Queued, QueuePosition...]`` or
@@ -523,13 +575,21 @@ class Router:
         state = self._shop(shop)
         if state is None:
             return [Rejected(conv=conv, shop=shop, reason=RejectReason.TOO_MANY_SHOPS)]
-        c = _Conv(id=conv, shop=shop, customer=customer, skill=classification.skill,
-                  language=classification.language, priority=classification.priority,
-                  unanswered_since=now, route_reason=AssignReason.NEW)
+        c = _Conv(
+            id=conv,
+            shop=shop,
+            customer=customer,
+            skill=classification.skill,
+            language=classification.language,
+            priority=classification.priority,
+            unanswered_since=now,
+            route_reason=AssignReason.NEW,
+        )
         out: list[Action] = []
         if len(state.queue) >= self.config.max_queue_per_shop:
-            free = [a for a in state.agents.values()
-                    if a.status is AgentStatus.ONLINE and a.has_room()]
+            free = [
+                a for a in state.agents.values() if a.status is AgentStatus.ONLINE and a.has_room()
+            ]
             choice = self._choose(state, c, free, now, waited=0.0)
             if choice is None:
                 return [Rejected(conv=conv, shop=shop, reason=RejectReason.QUEUE_FULL)]
@@ -537,9 +597,103 @@ class Router:
             self._assign(c, choice[0], now, out, fallback=choice[1])
         else:
             self._convs[conv] = c
+            limit = self.config.queue_limit
+            c.overflow = limit is not None and len(state.queue) >= limit
             self._enqueue(state, c, now, head=False, reason=AssignReason.NEW)
         self._settle(state, now, out)
         return out
+
+    def restore(
+        self,
+        conv: str,
+        shop: str,
+        classification: Classification,
+        *,
+        since: float,
+        agent: str | None = None,
+        customer: str | None = None,
+        unanswered_since: float | None = None,
+        head: bool = False,
+        previous_agent: str | None = None,
+    ) -> None:
+        """Track ``conv`` where the durable record says it is: queued since ``since``
+        (in the head band if ``head``), or assigned to ``agent`` since ``since``.
+        Moves it if it is tracked elsewhere; announces nothing (call ``settle``).
+        ``agent`` must be registered in ``shop`` (``RoutingError``)."""
+        since = _check_now(since)
+        _check_id("conv", conv)
+        _check_skill(classification.skill)
+        if not 0 <= classification.priority <= MAX_PRIORITY:
+            raise RoutingError(f"priority must be in 0..{MAX_PRIORITY}")
+        target = None
+        if agent is not None:
+            target = self._agents.get(agent)
+            if target is None or target.shop != shop:
+                raise RoutingError(f"unknown agent {agent!r} in shop {shop!r}")
+        c = self._convs.get(conv)
+        if c is not None:
+            if c.shop != shop:
+                raise RoutingError(f"conversation {conv!r} belongs to shop {c.shop!r}")
+            if c.agent == agent and (agent is not None or c.queue_key is not None):
+                return  # already there
+            state = self._shops[c.shop]
+            if c.agent is not None:
+                self._unassign(c)
+            else:
+                self._dequeue(state, c)
+        else:
+            created = self._shop(shop)
+            if created is None:
+                raise RoutingError(f"too many shops (max_shops={self.config.max_shops})")
+            state = created
+            c = _Conv(
+                id=conv,
+                shop=shop,
+                customer=customer,
+                skill=classification.skill,
+                language=classification.language,
+                priority=classification.priority,
+            )
+            self._convs[conv] = c
+        c.unanswered_since = unanswered_since
+        c.previous_agent = previous_agent
+        c.told_agent = agent
+        if target is not None:
+            c.agent = target.id
+            c.assigned_at = since
+            if not target.has_room():
+                target.forced.add(c.id)
+            target.chats[c.id] = None
+            if unanswered_since is not None:
+                self._arm_sla(c, max(unanswered_since, since) + self.config.sla_seconds)
+        else:
+            self._enqueue(state, c, since, head=head, reason=AssignReason.QUEUE)
+            c.announce = False  # it was told when it entered; settle tells its position
+
+    def settle(self, shop: str, now: float) -> list[Action]:
+        """Dispatch ``shop``'s queue and tell queued customers their positions
+        (after ``restore``)."""
+        now = _check_now(now)
+        state = self._shops.get(shop)
+        out: list[Action] = []
+        if state is not None:
+            state.queue_changed = True
+            self._settle(state, now, out)
+        return out
+
+    def forget_shop(self, shop: str) -> None:
+        """Drop everything about ``shop`` (another routing instance owns it now)."""
+        state = self._shops.pop(shop, None)
+        if state is None:
+            return
+        for agent_id in state.agents:
+            self._agents.pop(agent_id, None)
+        for conv in [k for k, c in self._convs.items() if c.shop == shop]:
+            del self._convs[conv]
+
+    def shops(self) -> list[str]:
+        """Shops the engine tracks."""
+        return sorted(self._shops)
 
     def on_customer_message(self, conv: str, now: float) -> list[Action]:
         """The customer wrote: start the SLA clock unless it is already running
@@ -572,10 +726,13 @@ class Router:
         state = self._shops[c.shop]
         if c.agent is not None:
             if c.assigned_at is not None:
-                sample = min(max(now - c.assigned_at, MIN_HANDLE_SAMPLE_SECONDS),
-                             MAX_HANDLE_SAMPLE_SECONDS)
+                sample = min(
+                    max(now - c.assigned_at, MIN_HANDLE_SAMPLE_SECONDS), MAX_HANDLE_SAMPLE_SECONDS
+                )
                 state.handle_times.append(sample)
-            del self._agents[c.agent].chats[c.id]
+            holder = self._agents[c.agent]
+            del holder.chats[c.id]
+            holder.forced.discard(c.id)
             c.agent = None
         else:
             self._dequeue(state, c)
@@ -583,8 +740,15 @@ class Router:
         self._settle(state, now, out)
         return out
 
-    def transfer(self, conv: str, from_agent: str, to_agent: str | None, to_skill: str | None,
-                 note: str, now: float) -> list[Action]:
+    def transfer(
+        self,
+        conv: str,
+        from_agent: str,
+        to_agent: str | None,
+        to_skill: str | None,
+        note: str,
+        now: float,
+    ) -> list[Action]:
         """Hand ``conv`` from ``from_agent`` to a colleague or to a skill group.
 
         Exactly one of ``to_agent`` / ``to_skill`` must be given (else
@@ -613,8 +777,7 @@ class Router:
             if target is None or target.shop != c.shop:
                 return [Rejected(conv=conv, shop=c.shop, reason=RejectReason.UNKNOWN_AGENT)]
             if target.status not in (AgentStatus.ONLINE, AgentStatus.BUSY):
-                return [Rejected(conv=conv, shop=c.shop,
-                                 reason=RejectReason.AGENT_UNAVAILABLE)]
+                return [Rejected(conv=conv, shop=c.shop, reason=RejectReason.AGENT_UNAVAILABLE)]
             if not target.has_room():
                 return [Rejected(conv=conv, shop=c.shop, reason=RejectReason.AGENT_FULL)]
             self._unassign(c)
@@ -645,8 +808,9 @@ class Router:
             touched[state.id] = state
             agent = c.agent
             waiting = now - c.unanswered_since if c.unanswered_since is not None else 0.0
-            out.append(SlaBreach(conv=c.id, shop=c.shop, agent=agent,
-                                 waiting_seconds=max(0.0, waiting)))
+            out.append(
+                SlaBreach(conv=c.id, shop=c.shop, agent=agent, waiting_seconds=max(0.0, waiting))
+            )
             state.sla_breaches += 1
             self._unassign(c)
             self._exclude(c, agent, now)
@@ -688,14 +852,21 @@ class Router:
         if c.queue_key is not None:
             state = self._shops[c.shop]
             position = 1 + sum(
-                1 for key in state.queue[: bisect_left(state.queue, c.queue_key)]
+                1
+                for key in state.queue[: bisect_left(state.queue, c.queue_key)]
                 if self._convs[key[-1]].route == c.route
             )
         return Placement(
-            conv=c.id, shop=c.shop,
+            conv=c.id,
+            shop=c.shop,
             state=ConvState.ASSIGNED if c.agent is not None else ConvState.QUEUED,
-            agent=c.agent, position=position, skill=c.skill, language=c.language,
-            priority=c.priority, customer=c.customer, unanswered_since=c.unanswered_since,
+            agent=c.agent,
+            position=position,
+            skill=c.skill,
+            language=c.language,
+            priority=c.priority,
+            customer=c.customer,
+            unanswered_since=c.unanswered_since,
             sla_due=c.sla_due,
         )
 
@@ -704,11 +875,21 @@ class Router:
         now = _check_now(now)
         state = self._shops.get(shop)
         if state is None:
-            return Dashboard(shop=shop, at=now, queued=0, longest_wait_seconds=0.0,
-                             average_wait_seconds=0.0, queues={}, agents=[], online_agents=0,
-                             available_agents=0, assigned=0, online_capacity=0,
-                             average_handle_seconds=self.config.default_handle_seconds,
-                             sla_breaches=0)
+            return Dashboard(
+                shop=shop,
+                at=now,
+                queued=0,
+                longest_wait_seconds=0.0,
+                average_wait_seconds=0.0,
+                queues={},
+                agents=[],
+                online_agents=0,
+                available_agents=0,
+                assigned=0,
+                online_capacity=0,
+                average_handle_seconds=self.config.default_handle_seconds,
+                sla_breaches=0,
+            )
         waits: dict[str, list[float]] = {}
         for key in state.queue:
             c = self._convs[key[-1]]
@@ -716,8 +897,12 @@ class Router:
             waits.setdefault(c.skill, []).append(max(0.0, now - entered))
         every = [w for ws in waits.values() for w in ws]
         queues = {
-            skill: SkillQueue(skill=skill, queued=len(ws), longest_wait_seconds=max(ws),
-                              average_wait_seconds=sum(ws) / len(ws))
+            skill: SkillQueue(
+                skill=skill,
+                queued=len(ws),
+                longest_wait_seconds=max(ws),
+                average_wait_seconds=sum(ws) / len(ws),
+            )
             for skill, ws in sorted(waits.items())
         }
         rows = []
@@ -729,18 +914,30 @@ class Router:
                 online += 1
                 capacity += a.max_chats
                 available += a.has_room()
-            rows.append(AgentLoad(
-                agent=a.id, status=a.status, chats=len(a.chats), max_chats=a.max_chats,
-                skills=sorted(a.skills),
-                idle_seconds=None if a.last_assigned_at is None
-                else max(0.0, now - a.last_assigned_at),
-            ))
+            rows.append(
+                AgentLoad(
+                    agent=a.id,
+                    status=a.status,
+                    chats=len(a.chats),
+                    max_chats=a.max_chats,
+                    skills=sorted(a.skills),
+                    idle_seconds=None
+                    if a.last_assigned_at is None
+                    else max(0.0, now - a.last_assigned_at),
+                )
+            )
         return Dashboard(
-            shop=shop, at=now, queued=len(state.queue),
+            shop=shop,
+            at=now,
+            queued=len(state.queue),
             longest_wait_seconds=max(every, default=0.0),
             average_wait_seconds=sum(every) / len(every) if every else 0.0,
-            queues=queues, agents=rows, online_agents=online, available_agents=available,
-            assigned=assigned, online_capacity=capacity,
+            queues=queues,
+            agents=rows,
+            online_agents=online,
+            available_agents=available,
+            assigned=assigned,
+            online_capacity=capacity,
             average_handle_seconds=self._average_handle(state),
             sla_breaches=state.sla_breaches,
         )
@@ -761,7 +958,7 @@ class Router:
             for agent_id, a in state.agents.items():
                 if self._agents.get(agent_id) is not a or a.shop != shop_id:
                     raise AssertionError(f"agent {agent_id} misfiled")
-                if len(a.chats) > a.max_chats:
+                if len(a.chats) - len(a.forced) > a.max_chats or not a.forced <= set(a.chats):
                     raise AssertionError(f"agent {agent_id} over max_chats")
                 if a.status is AgentStatus.OFFLINE and a.chats:
                     raise AssertionError(f"offline agent {agent_id} holds chats")
@@ -792,8 +989,9 @@ class Router:
         skill, language = route
         return skill in agent.skills and (language is None or language in agent.speaks)
 
-    def _choose(self, state: _Shop, c: _Conv, free: list[_AgentState], now: float,
-                waited: float) -> tuple[_AgentState, bool] | None:
+    def _choose(
+        self, state: _Shop, c: _Conv, free: list[_AgentState], now: float, waited: float
+    ) -> tuple[_AgentState, bool] | None:
         """The best free agent for ``c`` and whether it is a fallback, or None."""
         route = c.route
         pool = [a for a in free if not c.excludes(a.id, now)]
@@ -805,8 +1003,11 @@ class Router:
         language, skill = c.language, c.skill
 
         def fallback_rank(a: _AgentState) -> tuple[bool, bool, Fraction, int, float, str]:
-            return (language is not None and language not in a.speaks,
-                    skill not in a.skills, *a.rank())
+            return (
+                language is not None and language not in a.speaks,
+                skill not in a.skills,
+                *a.rank(),
+            )
 
         return min(pool, key=fallback_rank), True
 
@@ -820,22 +1021,35 @@ class Router:
         if waited < after:
             return False
         return not any(
-            a.status is AgentStatus.ONLINE and self._qualified(a, route)
+            a.status is AgentStatus.ONLINE
+            and self._qualified(a, route)
             and not c.excludes(a.id, now)
             for a in state.agents.values()
         )
 
-    def _assign(self, c: _Conv, agent: _AgentState, now: float, out: list[Action],
-                *, fallback: bool) -> None:
+    def _assign(
+        self, c: _Conv, agent: _AgentState, now: float, out: list[Action], *, fallback: bool
+    ) -> None:
         c.agent = agent.id
         c.assigned_at = now
         agent.chats[c.id] = None
         agent.last_assigned_at = now
         if c.unanswered_since is not None:
             self._arm_sla(c, max(c.unanswered_since, now) + self.config.sla_seconds)
-        out.append(Assign(conv=c.id, shop=c.shop, agent=agent.id,
-                          previous_agent=c.previous_agent, reason=c.route_reason,
-                          priority=c.priority, note=c.note, fallback=fallback))
+        out.append(
+            Assign(
+                conv=c.id,
+                shop=c.shop,
+                agent=agent.id,
+                previous_agent=c.previous_agent,
+                reason=c.route_reason,
+                priority=c.priority,
+                note=c.note,
+                fallback=fallback,
+                expect_agent=c.told_agent,
+            )
+        )
+        c.told_agent = agent.id
         c.previous_agent = None
         c.note = ""
         c.route_reason = AssignReason.QUEUE
@@ -843,14 +1057,15 @@ class Router:
 
     def _unassign(self, c: _Conv) -> None:
         assert c.agent is not None
-        del self._agents[c.agent].chats[c.id]
+        holder = self._agents[c.agent]
+        del holder.chats[c.id]
+        holder.forced.discard(c.id)
         c.previous_agent = c.agent
         c.agent = None
         c.assigned_at = None
         c.sla_due = None
 
-    def _take_back(self, state: _Shop, convs: list[str], now: float,
-                   reason: AssignReason) -> None:
+    def _take_back(self, state: _Shop, convs: list[str], now: float, reason: AssignReason) -> None:
         """Move assigned ``convs`` to the head of the queue (the dispatch that follows
         may give them to other agents at once)."""
         for conv in convs:
@@ -858,10 +1073,16 @@ class Router:
             self._unassign(c)
             self._enqueue(state, c, now, head=True, reason=reason)
 
-    def _enqueue(self, state: _Shop, c: _Conv, now: float, *, head: bool,
-                 reason: AssignReason) -> None:
-        key: _QueueKey = (_HEAD_BAND if head else _NORMAL_BAND, -c.priority, now,
-                          next(self._seq), c.id)
+    def _enqueue(
+        self, state: _Shop, c: _Conv, now: float, *, head: bool, reason: AssignReason
+    ) -> None:
+        key: _QueueKey = (
+            _HEAD_BAND if head else _NORMAL_BAND,
+            -c.priority,
+            now,
+            next(self._seq),
+            c.id,
+        )
         insort(state.queue, key)
         state.queue_changed = True
         c.queue_key = key
@@ -906,8 +1127,7 @@ class Router:
         """Walk the queue in order; give each conversation the best eligible free agent."""
         if not state.queue:
             return
-        free = [a for a in state.agents.values()
-                if a.status is AgentStatus.ONLINE and a.has_room()]
+        free = [a for a in state.agents.values() if a.status is AgentStatus.ONLINE and a.has_room()]
         for key in list(state.queue):
             if not free:
                 break
@@ -940,20 +1160,41 @@ class Router:
             if not c.announce and c.position == position:
                 continue
             if route not in slots:
-                slots[route] = sum(a.max_chats for a in state.agents.values()
-                                   if a.status is AgentStatus.ONLINE
-                                   and self._qualified(a, route))
+                slots[route] = sum(
+                    a.max_chats
+                    for a in state.agents.values()
+                    if a.status is AgentStatus.ONLINE and self._qualified(a, route)
+                )
             eta = math.ceil(position * average / slots[route]) if slots[route] else None
             if c.announce and c.previous_agent is not None:
-                out.append(Requeue(conv=c.id, shop=c.shop, previous_agent=c.previous_agent,
-                                   reason=c.route_reason, position=position,
-                                   eta_seconds=eta, priority=c.priority))
+                out.append(
+                    Requeue(
+                        conv=c.id,
+                        shop=c.shop,
+                        previous_agent=c.previous_agent,
+                        reason=c.route_reason,
+                        position=position,
+                        eta_seconds=eta,
+                        priority=c.priority,
+                    )
+                )
             elif c.announce:
-                out.append(Queued(conv=c.id, shop=c.shop, position=position, eta_seconds=eta,
-                                  priority=c.priority))
+                out.append(
+                    Queued(
+                        conv=c.id,
+                        shop=c.shop,
+                        position=position,
+                        eta_seconds=eta,
+                        priority=c.priority,
+                        overflow=c.overflow,
+                    )
+                )
             else:
-                out.append(QueuePosition(conv=c.id, shop=c.shop, position=position,
-                                         eta_seconds=eta))
+                out.append(
+                    QueuePosition(conv=c.id, shop=c.shop, position=position, eta_seconds=eta)
+                )
+            if c.announce:
+                c.told_agent = None
             c.announce = False
             c.route_reason = AssignReason.QUEUE
             c.position = position
@@ -967,8 +1208,11 @@ class Router:
         """Rebuild a timer heap from live state when stale entries dominate it."""
         live = len(self._convs)
         if len(self._sla_timers) > 2 * live + HEAP_SLACK:
-            self._sla_timers = [(c.sla_due, next(self._seq), c.id)
-                                for c in self._convs.values() if c.sla_due is not None]
+            self._sla_timers = [
+                (c.sla_due, next(self._seq), c.id)
+                for c in self._convs.values()
+                if c.sla_due is not None
+            ]
             heapq.heapify(self._sla_timers)
         if len(self._wake_timers) > 2 * max(live, self._wake_floor) + HEAP_SLACK:
             after = self.config.fallback_after_seconds

@@ -25,6 +25,7 @@ from protocol import (
     QuickRepliesBody,
     Send,
     Sent,
+    ServerFrameType,
     TextBody,
     UpdateConversation,
     WorkerEvent,
@@ -48,6 +49,8 @@ class WorkerContext:
     data_dir: Path
     config: dict[str, Any] = field(default_factory=dict)
     event_key: str = ""
+    shard_count: int = 0
+    """How many shards the server splits events into (from ``WorkerJoined``)."""
 
     def key(self, part: str = "") -> str:
         """The idempotency key of an action. Outside an event (timers) there is no
@@ -58,28 +61,65 @@ class WorkerContext:
         return key
 
     async def send(self, conv: str, body: AnyBody, *, part: str = "") -> Sent:
-        sent: Sent = await self.client.request(Send(id=0, conv=conv, cmid=self.key(part or "send"),
-                                                     body=body))
+        sent: Sent = await self.client.request(
+            Send(id=0, conv=conv, cmid=self.key(part or "send"), body=body)
+        )
         return sent
 
-    async def reply(self, conv: str, text: str, *, quick_replies: list[str] | None = None,
-                    part: str = "") -> Sent:
-        body: AnyBody = (QuickRepliesBody(text=text, options=quick_replies) if quick_replies
-                         else TextBody(text=text))
+    async def reply(
+        self, conv: str, text: str, *, quick_replies: list[str] | None = None, part: str = ""
+    ) -> Sent:
+        body: AnyBody = (
+            QuickRepliesBody(text=text, options=quick_replies)
+            if quick_replies
+            else TextBody(text=text)
+        )
         return await self.send(conv, body, part=part or "reply")
 
-    async def update(self, conv: str, *, state: ConvState | None = None, agent: str | None = None,
-                     priority: int | None = None, tags_add: list[str] | None = None,
-                     tags_remove: list[str] | None = None, note: str = "", part: str = "") -> None:
-        await self.client.request(UpdateConversation(
-            id=0, conv=conv, state=state, agent=agent, priority=priority,
-            tags_add=tags_add or [], tags_remove=tags_remove or [], note=note,
-            key=self.key(part or "update"),
-        ))
+    async def update(
+        self,
+        conv: str,
+        *,
+        state: ConvState | None = None,
+        agent: str | None = None,
+        priority: int | None = None,
+        tags_add: list[str] | None = None,
+        tags_remove: list[str] | None = None,
+        note: str = "",
+        part: str = "",
+        if_state: ConvState | None = None,
+        if_agent: str | None = None,
+    ) -> None:
+        """``if_state``/``if_agent``: apply only if the conversation is still in that
+        state / with that agent, else ``RequestFailed`` with code ``conflict``."""
+        await self.client.request(
+            UpdateConversation(
+                id=0,
+                conv=conv,
+                state=state,
+                agent=agent,
+                priority=priority,
+                tags_add=tags_add or [],
+                tags_remove=tags_remove or [],
+                note=note,
+                key=self.key(part or "update"),
+                if_state=if_state,
+                if_agent=if_agent,
+            )
+        )
 
-    async def notify(self, kind: str, data: dict[str, Any], *, conv: str | None = None,
-                     user: str | None = None, shop: str | None = None) -> None:
-        await self.client.request(Notify(id=0, kind=kind, data=data, conv=conv, user=user, shop=shop))
+    async def notify(
+        self,
+        kind: str,
+        data: dict[str, Any],
+        *,
+        conv: str | None = None,
+        user: str | None = None,
+        shop: str | None = None,
+    ) -> None:
+        await self.client.request(
+            Notify(id=0, kind=kind, data=data, conv=conv, user=user, shop=shop)
+        )
 
     async def history(self, conv: str, *, limit: int = 20) -> HistoryPage:
         page: HistoryPage = await self.client.request(History(id=0, conv=conv, limit=limit))
@@ -112,7 +152,13 @@ class Plugin:
         """Periodic work; ``now`` is ``time.time()``."""
 
     async def on_shards(self, ctx: WorkerContext, shards: list[int]) -> None:
-        """This instance's shards changed."""
+        """This instance's shards changed (``[]`` when its connection ended; the
+        shards it gets after reconnecting come with the next call)."""
+
+    def on_push(self, ctx: WorkerContext, frame: ServerFrameType) -> None:
+        """Any other server push (topic events after a ``Subscribe``: conversation,
+        message and agent events), in the order received. Synchronous, so the order
+        is kept: queue the work, do not block."""
 
     async def teardown(self) -> None:
         """Close what ``setup`` opened."""

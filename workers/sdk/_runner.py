@@ -59,8 +59,15 @@ RECONNECT_BACKOFF_S: Final = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 class WorkerRunner:
-    def __init__(self, plugin: Plugin, *, url: str, token: Callable[[], str], data_dir: Path,
-                 config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        plugin: Plugin,
+        *,
+        url: str,
+        token: Callable[[], str],
+        data_dir: Path,
+        config: dict[str, Any] | None = None,
+    ) -> None:
         self.plugin = plugin
         self.url = url
         self.token = token
@@ -88,8 +95,11 @@ class WorkerRunner:
             while True:
                 try:
                     client = await AsyncClient.connect(
-                        self.url, self.token(), device=f"{self.plugin.name}-{os.getpid()}",
-                        on_event=self._on_event)
+                        self.url,
+                        self.token(),
+                        device=f"{self.plugin.name}-{os.getpid()}",
+                        on_event=self._on_event,
+                    )
                 except (TimeoutError, OSError, RequestFailed, Disconnected) as exc:
                     delay = RECONNECT_BACKOFF_S[min(attempt, len(RECONNECT_BACKOFF_S) - 1)]
                     attempt += 1
@@ -98,22 +108,33 @@ class WorkerRunner:
                     continue
                 attempt = 0
                 self._client = client
-                self._ctx = WorkerContext(client=client, plugin=self.plugin.name,
-                                          data_dir=self.data_dir, config=self.config)
+                self._ctx = WorkerContext(
+                    client=client,
+                    plugin=self.plugin.name,
+                    data_dir=self.data_dir,
+                    config=self.config,
+                )
                 try:
                     if not setup_done:
                         await self.plugin.setup(self._ctx)
                         setup_done = True
-                    joined: WorkerJoined = await client.request(WorkerJoin(
-                        id=0, plugin=self.plugin.name, kinds=sorted(self.plugin.kinds)))
+                    joined: WorkerJoined = await client.request(
+                        WorkerJoin(id=0, plugin=self.plugin.name, kinds=sorted(self.plugin.kinds))
+                    )
                     self.shards = joined.shards
+                    self._ctx.shard_count = joined.shard_count
                     # One plain line on stdout, like the server's "listening on": supervisors
                     # and tests know the instance is serving.
-                    print(f"imserver worker {self.plugin.name} joined as {joined.instance} "
-                          f"({len(joined.shards)} shards)", flush=True)
+                    print(
+                        f"imserver worker {self.plugin.name} joined as {joined.instance} "
+                        f"({len(joined.shards)} shards)",
+                        flush=True,
+                    )
                     await self.plugin.on_shards(self._ctx, self.shards)
                     self.connected.set()
-                    ticker = asyncio.create_task(self._ticker()) if self.plugin.tick_seconds else None
+                    ticker = (
+                        asyncio.create_task(self._ticker()) if self.plugin.tick_seconds else None
+                    )
                     await client.closed
                     if ticker is not None:
                         ticker.cancel()
@@ -122,6 +143,11 @@ class WorkerRunner:
                 finally:
                     self.connected.clear()
                     await client.close()
+                    if setup_done and self.shards and self._ctx is not None:
+                        # Whatever the instance owned went to the survivors meanwhile.
+                        self.shards = []
+                        with contextlib.suppress(Exception):
+                            await self.plugin.on_shards(self._ctx, [])
                 # Events of the old session will come again to whoever owns their shard.
                 self._queues.clear()
                 self._queued = 0
@@ -150,7 +176,13 @@ class WorkerRunner:
         elif isinstance(frame, WorkerAssignment):
             self.shards = frame.shards
             if self._ctx is not None:
+                self._ctx.shard_count = frame.shard_count
                 self._spawn(self.plugin.on_shards(self._ctx, frame.shards))
+        elif self._ctx is not None:
+            try:
+                self.plugin.on_push(self._ctx, frame)
+            except Exception as exc:
+                log.warning("push handler failed: %r", exc)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -159,7 +191,7 @@ class WorkerRunner:
 
     async def _drain(self, conv: str) -> None:
         try:
-            while (queue := self._queues.get(conv)):
+            while queue := self._queues.get(conv):
                 event = queue.pop(0)
                 self._queued -= 1
                 if self._queued < MAX_QUEUED_EVENTS // 2:
@@ -174,8 +206,11 @@ class WorkerRunner:
         if client is None or base is None:
             return
         ctx = dataclasses.replace(base, event_key=str(event.event_id))
-        handler = (self.plugin.on_message if event.kind is WorkerEventKind.MESSAGE
-                   else self.plugin.on_conversation)
+        handler = (
+            self.plugin.on_message
+            if event.kind is WorkerEventKind.MESSAGE
+            else self.plugin.on_conversation
+        )
         async with self._slots:
             try:
                 await asyncio.wait_for(handler(ctx, event), HANDLER_TIMEOUT_S)
@@ -183,11 +218,19 @@ class WorkerRunner:
                 raise
             except Exception as exc:
                 if event.attempt < MAX_ATTEMPTS:
-                    log.warning("handler failed on event %s (attempt %s): %r", event.event_id,
-                                event.attempt, exc)
+                    log.warning(
+                        "handler failed on event %s (attempt %s): %r",
+                        event.event_id,
+                        event.attempt,
+                        exc,
+                    )
                     return  # not acked: delivered again later
-                log.error("dropping poison event %s after %s attempts: %r", event.event_id,
-                          event.attempt, exc)
+                log.error(
+                    "dropping poison event %s after %s attempts: %r",
+                    event.event_id,
+                    event.attempt,
+                    exc,
+                )
         self.handled += 1
         with contextlib.suppress(Disconnected):
             await client.notify(WorkerAck(ids=[event.event_id]))
@@ -206,6 +249,8 @@ class WorkerRunner:
             if self._ctx is None:
                 continue
             try:
-                await asyncio.wait_for(self.plugin.on_tick(self._ctx, time.time()), HANDLER_TIMEOUT_S)
+                await asyncio.wait_for(
+                    self.plugin.on_tick(self._ctx, time.time()), HANDLER_TIMEOUT_S
+                )
             except Exception as exc:
                 log.warning("tick failed: %r", exc)

@@ -7,6 +7,7 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
+from workers.handoff import HANDOFF_PRIORITY, HandoffReason
 from workers.routing import Classification, classify, detect_language
 from workers.routing.classify import (
     COMPLAINT_WEIGHT,
@@ -28,9 +29,18 @@ def cls(
     sentiment: float | None = None,
     handoff_reason: str | None = None,
     requested_skill: str | None = None,
+    floor: int = 0,
 ) -> Classification:
-    return classify(intent=intent, channel=channel, text=text, vip=vip, sentiment=sentiment,
-                    handoff_reason=handoff_reason, requested_skill=requested_skill)
+    return classify(
+        intent=intent,
+        channel=channel,
+        text=text,
+        vip=vip,
+        sentiment=sentiment,
+        handoff_reason=handoff_reason,
+        requested_skill=requested_skill,
+        floor=floor,
+    )
 
 
 # -- complaints ----------------------------------------------------------------
@@ -66,8 +76,19 @@ def test_complaint_about_an_order_goes_to_refunds() -> None:
 def test_complaint_handoff_reason_counts() -> None:
     c = cls("hello", handoff_reason="complaint", channel="aliexpress")
     assert c.skill == "after-sale"
-    assert c.priority == COMPLAINT_WEIGHT
+    # the bot's reason carries its priority from the shared vocabulary
+    assert c.priority == HANDOFF_PRIORITY[HandoffReason.COMPLAINT]
     assert c.language == "lang:en"
+
+
+def test_the_bots_negative_reason_scores_its_priority_and_vip_comes_on_top() -> None:
+    assert cls("hello", handoff_reason="negative").priority == 8
+    assert cls("hello", handoff_reason="requested", vip=True).priority == 5 + VIP_WEIGHT
+    assert cls("hello", handoff_reason="negative", vip=True).priority == MAX_PRIORITY
+    assert cls("hello", handoff_reason="requested").priority == 5
+    assert cls("hello", handoff_reason="nonsense").priority == 0
+    # the priority the bot put on the conversation is a floor
+    assert cls("hello", handoff_reason=None, floor=7).priority == 7
 
 
 def test_english_complaint_about_order() -> None:
@@ -171,12 +192,24 @@ def test_language_from_script_then_channel() -> None:
     requested=st.none() | st.text(max_size=80),
 )
 def test_classify_is_total_bounded_and_deterministic(
-    text: str, intent: str | None, channel: str, vip: bool, sentiment: float | None,
-    reason: str | None, requested: str | None,
+    text: str,
+    intent: str | None,
+    channel: str,
+    vip: bool,
+    sentiment: float | None,
+    reason: str | None,
+    requested: str | None,
 ) -> None:
     def run() -> Classification:
-        return classify(intent=intent, channel=channel, text=text, vip=vip,
-                        sentiment=sentiment, handoff_reason=reason, requested_skill=requested)
+        return classify(
+            intent=intent,
+            channel=channel,
+            text=text,
+            vip=vip,
+            sentiment=sentiment,
+            handoff_reason=reason,
+            requested_skill=requested,
+        )
 
     c = run()
     assert 0 <= c.priority <= MAX_PRIORITY

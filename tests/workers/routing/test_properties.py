@@ -36,9 +36,23 @@ AGENTS = tuple(f"a{i}" for i in range(5))
 CONVS = tuple(f"c{i}" for i in range(10))
 SKILLS = ("pre-sale", "refunds")
 KINDS = (
-    "upsert", "status", "status", "remove",
-    "request", "request", "request", "request", "close", "close",
-    "customer", "reply", "transfer_agent", "transfer_agent", "transfer_skill", "tick", "tick",
+    "upsert",
+    "status",
+    "status",
+    "remove",
+    "request",
+    "request",
+    "request",
+    "request",
+    "close",
+    "close",
+    "customer",
+    "reply",
+    "transfer_agent",
+    "transfer_agent",
+    "transfer_skill",
+    "tick",
+    "tick",
 )
 
 
@@ -78,8 +92,15 @@ ops = st.builds(
     language=st.sampled_from([None, None, None, "lang:zh", "lang:en"]),
     priority=st.integers(0, 9),
     max_chats=st.integers(0, 3),
-    status=st.sampled_from([AgentStatus.ONLINE, AgentStatus.ONLINE, AgentStatus.BUSY,
-                            AgentStatus.AWAY, AgentStatus.OFFLINE]),
+    status=st.sampled_from(
+        [
+            AgentStatus.ONLINE,
+            AgentStatus.ONLINE,
+            AgentStatus.BUSY,
+            AgentStatus.AWAY,
+            AgentStatus.OFFLINE,
+        ]
+    ),
 )
 
 configs = st.builds(
@@ -127,6 +148,8 @@ class Model:
             prior = self.where.get(conv)
             if isinstance(action, Assign):
                 assert prior is not None, f"assigned an unknown conversation {conv}"
+                # the condition the update carries is where the consumer last put it
+                assert action.expect_agent == (prior or None)
                 if prior:
                     assert action.previous_agent == prior
                     assert action.agent != prior
@@ -208,8 +231,9 @@ class Model:
                 continue
             for conv in router.queue(agent.shop):
                 still_excluded = self.excluded.get((conv, agent.id), -1.0) > self.last_tick
-                assert not (self.qualified(agent, conv) and not still_excluded), \
+                assert not (self.qualified(agent, conv) and not still_excluded), (
                     f"{conv} waits while {agent.id} is free"
+                )
 
 
 def start(router: Router, team: list[tuple[frozenset[str], int]]) -> None:
@@ -241,9 +265,12 @@ def run_op(router: Router, model: Model, op: Op) -> list[Action]:
         if conv not in model.where:
             model.where[conv] = ""  # provisional: Assign/Queued/Rejected settle it
             model.route[conv] = (op.skill, op.language)
-        return router.request(conv, shop_of(op.conv),
-                              Classification(skill=op.skill, priority=op.priority,
-                                             language=op.language), now)
+        return router.request(
+            conv,
+            shop_of(op.conv),
+            Classification(skill=op.skill, priority=op.priority, language=op.language),
+            now,
+        )
     if op.kind == "close":
         actions = router.closed(conv, now)
         model.where.pop(conv, None)

@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from protocol import AgentStatus, ConvState
+from workers.handoff import HANDOFF_PRIORITY, HandoffReason
 from workers.routing import (
     Action,
     AnyAction,
@@ -43,8 +44,9 @@ def make(**config: Any) -> Router:
     return Router(RouterConfig(**config))
 
 
-def online(r: Router, agent: str, skills: set[str], max_chats: int, now: float = 0.0,
-           shop: str = SHOP) -> list[Action]:
+def online(
+    r: Router, agent: str, skills: set[str], max_chats: int, now: float = 0.0, shop: str = SHOP
+) -> list[Action]:
     r.upsert_agent(agent, shop, skills, max_chats, now=now)
     return r.set_status(agent, AgentStatus.ONLINE, now)
 
@@ -80,16 +82,33 @@ def test_complaint_is_handed_off_at_high_priority_to_a_refunds_agent() -> None:
     online(r, "presale-amy", {"pre-sale"}, 5)
     online(r, "refund-bob", {"refunds", "after-sale"}, 5)
     r.request("c-busy", SHOP, REF, 0.0)  # Bob is not idle, Amy is: skill still wins
-    c = classify(intent="complaint", channel="taobao", text="我要投诉", vip=False,
-                 sentiment=None, handoff_reason="complaint", requested_skill="refunds")
+    c = classify(
+        intent="complaint",
+        channel="taobao",
+        text="我要投诉",
+        vip=False,
+        sentiment=None,
+        handoff_reason="complaint",
+        requested_skill="refunds",
+    )
     actions = r.request("c-complaint", SHOP, c, 1.0, customer="cust-9")
-    assert actions == [Assign(conv="c-complaint", shop=SHOP, agent="refund-bob",
-                              previous_agent=None, reason=AssignReason.NEW,
-                              priority=COMPLAINT_WEIGHT)]
+    assert actions == [
+        Assign(
+            conv="c-complaint",
+            shop=SHOP,
+            agent="refund-bob",
+            previous_agent=None,
+            reason=AssignReason.NEW,
+            priority=HANDOFF_PRIORITY[HandoffReason.COMPLAINT],
+        )
+    ]
     placement = r.conversation("c-complaint")
     assert placement is not None
     assert (placement.state, placement.agent, placement.customer) == (
-        ConvState.ASSIGNED, "refund-bob", "cust-9")
+        ConvState.ASSIGNED,
+        "refund-bob",
+        "cust-9",
+    )
 
 
 def test_complaint_jumps_the_queue_of_a_full_refunds_desk() -> None:
@@ -98,8 +117,15 @@ def test_complaint_jumps_the_queue_of_a_full_refunds_desk() -> None:
     r.request("c0", SHOP, REF, 0.0)
     r.request("c1", SHOP, REF, 1.0)
     r.request("c2", SHOP, REF, 2.0)
-    complaint = classify(intent="complaint", channel="taobao", text="我要投诉", vip=False,
-                         sentiment=None, handoff_reason=None, requested_skill="refunds")
+    complaint = classify(
+        intent="complaint",
+        channel="taobao",
+        text="我要投诉",
+        vip=False,
+        sentiment=None,
+        handoff_reason=None,
+        requested_skill="refunds",
+    )
     actions = r.request("c3", SHOP, complaint, 3.0)
     assert positions(actions) == {"c3": 1, "c1": 2, "c2": 3}
     assert r.queue(SHOP) == ["c3", "c1", "c2"]
@@ -160,18 +186,27 @@ def test_all_full_queues_with_positions_that_decrease_as_agents_free_up() -> Non
     assert assignment(r.request("c2", SHOP, PRE, 0.0)).agent == "b"
     # default handle time 300 s, 2 slots: one frees every 150 s
     assert r.request("c3", SHOP, PRE, 1.0) == [
-        Queued(conv="c3", shop=SHOP, position=1, eta_seconds=150, priority=0)]
+        Queued(conv="c3", shop=SHOP, position=1, eta_seconds=150, priority=0)
+    ]
     assert r.request("c4", SHOP, PRE, 2.0) == [
-        Queued(conv="c4", shop=SHOP, position=2, eta_seconds=300, priority=0)]
+        Queued(conv="c4", shop=SHOP, position=2, eta_seconds=300, priority=0)
+    ]
     assert r.request("c5", SHOP, PRE, 3.0) == [
-        Queued(conv="c5", shop=SHOP, position=3, eta_seconds=450, priority=0)]
+        Queued(conv="c5", shop=SHOP, position=3, eta_seconds=450, priority=0)
+    ]
 
     # a closes after 100 s: its slot goes to the head; the others move up, and the ETA
     # now uses the measured handle time (100 s / 2 slots = 50 s per place)
     actions = r.closed("c1", 100.0)
     assert actions == [
-        Assign(conv="c3", shop=SHOP, agent="a", previous_agent=None,
-               reason=AssignReason.QUEUE, priority=0),
+        Assign(
+            conv="c3",
+            shop=SHOP,
+            agent="a",
+            previous_agent=None,
+            reason=AssignReason.QUEUE,
+            priority=0,
+        ),
         QueuePosition(conv="c4", shop=SHOP, position=1, eta_seconds=50),
         QueuePosition(conv="c5", shop=SHOP, position=2, eta_seconds=100),
     ]
@@ -239,7 +274,9 @@ def test_agent_coming_online_pulls_from_the_queue() -> None:
     r.request("c3", SHOP, PRE, 2.0)
     actions = online(r, "a", {"pre-sale"}, 2, now=10.0)
     assert [(x.conv, x.agent, x.reason) for x in only(actions, Assign)] == [
-        ("c1", "a", AssignReason.QUEUE), ("c2", "a", AssignReason.QUEUE)]
+        ("c1", "a", AssignReason.QUEUE),
+        ("c2", "a", AssignReason.QUEUE),
+    ]
     assert positions(actions) == {"c3": 1}
 
 
@@ -251,7 +288,8 @@ def test_queue_is_bounded_for_new_requests() -> None:
     r.request("c1", SHOP, PRE, 0.0)
     r.request("c2", SHOP, PRE, 0.0)
     assert r.request("c3", SHOP, PRE, 0.0) == [
-        Rejected(conv="c3", shop=SHOP, reason=RejectReason.QUEUE_FULL)]
+        Rejected(conv="c3", shop=SHOP, reason=RejectReason.QUEUE_FULL)
+    ]
     assert r.conversation("c3") is None
     # a free agent still takes a conversation when the queue is full
     assert assignment(r.request("r0", SHOP, REF, 0.0)).agent == "b"
@@ -302,13 +340,21 @@ def test_sla_breach_moves_the_chat_to_another_agent() -> None:
     actions = r.tick(60.5)
     assert actions == [
         SlaBreach(conv="c", shop=SHOP, agent="a", waiting_seconds=60.5),
-        Assign(conv="c", shop=SHOP, agent="b", previous_agent="a",
-               reason=AssignReason.SLA_BREACH, priority=0),
+        Assign(
+            conv="c",
+            shop=SHOP,
+            agent="b",
+            previous_agent="a",
+            reason=AssignReason.SLA_BREACH,
+            priority=0,
+            expect_agent="a",
+        ),
     ]
     # b gets a full window from the moment it received the chat
     assert r.tick(120.0) == []
     assert only(r.tick(121.0), SlaBreach) == [
-        SlaBreach(conv="c", shop=SHOP, agent="b", waiting_seconds=121.0)]
+        SlaBreach(conv="c", shop=SHOP, agent="b", waiting_seconds=121.0)
+    ]
     assert r.dashboard(SHOP, 121.0).sla_breaches == 2
 
 
@@ -325,7 +371,8 @@ def test_agent_reply_stops_the_clock_and_the_next_customer_message_restarts_it()
     r.on_customer_message("c", 630.0)
     assert r.tick(660.0) == []
     assert only(r.tick(661.0), SlaBreach) == [
-        SlaBreach(conv="c", shop=SHOP, agent="a", waiting_seconds=61.0)]
+        SlaBreach(conv="c", shop=SHOP, agent="a", waiting_seconds=61.0)
+    ]
 
 
 def test_sla_breach_with_nobody_else_requeues_at_the_head() -> None:
@@ -340,16 +387,25 @@ def test_sla_breach_with_nobody_else_requeues_at_the_head() -> None:
     # a's freed slot serves the queue, but not c1 (a just failed it): c1 waits at the head,
     # ahead of even a priority-9 newcomer
     assert only(actions, Requeue) == [
-        Requeue(conv="c1", shop=SHOP, previous_agent="a", reason=AssignReason.SLA_BREACH,
-                position=1, eta_seconds=300, priority=0)]
+        Requeue(
+            conv="c1",
+            shop=SHOP,
+            previous_agent="a",
+            reason=AssignReason.SLA_BREACH,
+            position=1,
+            eta_seconds=300,
+            priority=0,
+        )
+    ]
     assert assignment(actions).conv == "c3"
     assert positions(actions) == {"c1": 1}  # c2 was 2nd behind c3 and is 2nd behind c1
     assert r.queue(SHOP) == ["c1", "c2"]
 
     # another agent comes online: the head goes first, telling who had it before
     actions = online(r, "b", {"pre-sale"}, 1, now=70.0)
-    assert assignment(actions) == Assign(conv="c1", shop=SHOP, agent="b", previous_agent="a",
-                                         reason=AssignReason.QUEUE, priority=0)
+    assert assignment(actions) == Assign(
+        conv="c1", shop=SHOP, agent="b", previous_agent="a", reason=AssignReason.QUEUE, priority=0
+    )
 
 
 def test_excluded_agent_gets_the_chat_back_when_the_exclusion_expires() -> None:
@@ -395,12 +451,20 @@ def test_agent_going_offline_with_nobody_free_requeues_its_chats_at_the_head() -
     # nobody qualified is online: no ETA. Taken-back chats go before every new one
     # (even priority 9), by priority among themselves.
     assert only(actions, Requeue) == [
-        Requeue(conv=c, shop=SHOP, previous_agent="a", reason=AssignReason.AGENT_OFFLINE,
-                position=p, eta_seconds=None, priority=prio)
+        Requeue(
+            conv=c,
+            shop=SHOP,
+            previous_agent="a",
+            reason=AssignReason.AGENT_OFFLINE,
+            position=p,
+            eta_seconds=None,
+            priority=prio,
+        )
         for c, p, prio in [("c2", 1, 4), ("c1", 2, 0), ("c3", 3, 0)]
     ]
     assert only(actions, QueuePosition) == [
-        QueuePosition(conv="late", shop=SHOP, position=4, eta_seconds=None)]
+        QueuePosition(conv="late", shop=SHOP, position=4, eta_seconds=None)
+    ]
     assert r.queue(SHOP) == ["c2", "c1", "c3", "late"]
 
 
@@ -452,7 +516,9 @@ def test_lowering_max_chats_reroutes_the_newest_excess_chats() -> None:
         r.request(f"c{i}", SHOP, PRE, float(i))
     actions = r.upsert_agent("a", SHOP, {"pre-sale"}, 1, now=10.0)
     assert [(x.conv, x.reason) for x in only(actions, Requeue)] == [
-        ("c1", AssignReason.CAPACITY_REDUCED), ("c2", AssignReason.CAPACITY_REDUCED)]
+        ("c1", AssignReason.CAPACITY_REDUCED),
+        ("c2", AssignReason.CAPACITY_REDUCED),
+    ]
     assert chats(r, "a") == ("c0",)
     # raising it again pulls them back
     actions = r.upsert_agent("a", SHOP, {"pre-sale"}, 3, now=11.0)
@@ -468,9 +534,18 @@ def test_transfer_to_a_colleague_with_note() -> None:
     online(r, "b", {"logistics"}, 1)
     r.request("c", SHOP, PRE, 0.0)
     actions = r.transfer("c", "a", "b", None, "wants express shipping", 5.0)
-    assert actions == [Assign(conv="c", shop=SHOP, agent="b", previous_agent="a",
-                              reason=AssignReason.TRANSFER, priority=0,
-                              note="wants express shipping")]
+    assert actions == [
+        Assign(
+            conv="c",
+            shop=SHOP,
+            agent="b",
+            previous_agent="a",
+            reason=AssignReason.TRANSFER,
+            priority=0,
+            note="wants express shipping",
+            expect_agent="a",
+        )
+    ]
     assert chats(r, "a") == ()
     assert chats(r, "b") == ("c",)
     # a redelivered transfer changes nothing
@@ -519,9 +594,18 @@ def test_transfer_to_a_skill_group_routes_by_the_same_rule() -> None:
     r.request("busy", SHOP, REF, 0.0)  # r1
     actions = r.transfer("c", "a", None, "refunds", "refund of order 42", 5.0)
     # a has the skill and most room, but it is the one handing it over
-    assert actions == [Assign(conv="c", shop=SHOP, agent="r2", previous_agent="a",
-                              reason=AssignReason.TRANSFER, priority=0,
-                              note="refund of order 42")]
+    assert actions == [
+        Assign(
+            conv="c",
+            shop=SHOP,
+            agent="r2",
+            previous_agent="a",
+            reason=AssignReason.TRANSFER,
+            priority=0,
+            note="refund of order 42",
+            expect_agent="a",
+        )
+    ]
     placement = r.conversation("c")
     assert placement is not None
     assert placement.skill == "refunds"
@@ -536,12 +620,26 @@ def test_transfer_to_a_full_group_waits_at_the_head_and_keeps_the_note() -> None
     r.request("c", SHOP, PRE, 2.0)
     actions = r.transfer("c", "a", None, "refunds", "angry customer", 5.0)
     assert only(actions, Requeue) == [
-        Requeue(conv="c", shop=SHOP, previous_agent="a", reason=AssignReason.TRANSFER,
-                position=1, eta_seconds=300, priority=0)]
+        Requeue(
+            conv="c",
+            shop=SHOP,
+            previous_agent="a",
+            reason=AssignReason.TRANSFER,
+            position=1,
+            eta_seconds=300,
+            priority=0,
+        )
+    ]
     assert positions(actions) == {"c": 1, "waiting": 2}
     assert assignment(r.closed("busy", 100.0)) == Assign(
-        conv="c", shop=SHOP, agent="r", previous_agent="a", reason=AssignReason.QUEUE,
-        priority=0, note="angry customer")
+        conv="c",
+        shop=SHOP,
+        agent="r",
+        previous_agent="a",
+        reason=AssignReason.QUEUE,
+        priority=0,
+        note="angry customer",
+    )
 
 
 # -- fallback and language -------------------------------------------------------------
@@ -562,8 +660,17 @@ def test_fallback_to_any_agent_after_the_configured_wait() -> None:
     r.request("c", SHOP, Classification(skill="logistics", priority=0, language="lang:zh"), 0.0)
     assert r.tick(119.0) == []
     actions = r.tick(120.0)
-    assert actions == [Assign(conv="c", shop=SHOP, agent="p", previous_agent=None,
-                              reason=AssignReason.QUEUE, priority=0, fallback=True)]
+    assert actions == [
+        Assign(
+            conv="c",
+            shop=SHOP,
+            agent="p",
+            previous_agent=None,
+            reason=AssignReason.QUEUE,
+            priority=0,
+            fallback=True,
+        )
+    ]
 
 
 def test_immediate_fallback_when_nobody_in_the_shop_has_the_skill() -> None:
@@ -584,8 +691,7 @@ def test_no_fallback_while_qualified_agents_are_online_but_full() -> None:
     assert r.tick(1000.0) == []
     # the qualified agent leaves: now the fallback applies
     actions = r.set_status("logi", AgentStatus.OFFLINE, 1001.0)
-    assert {(x.conv, x.agent, x.fallback) for x in only(actions, Assign)} == {
-        ("c1", "p", True)}
+    assert {(x.conv, x.agent, x.fallback) for x in only(actions, Assign)} == {("c1", "p", True)}
     assert r.queue(SHOP) == ["c0"]  # requeued just now: waits its own 120 s
     assert assignment(r.tick(1121.0)).conv == "c0"
 
@@ -594,18 +700,33 @@ def test_language_is_a_requirement_and_agents_default_to_chinese() -> None:
     r = make()
     online(r, "zh-only", {"pre-sale"}, 5)
     online(r, "bilingual", {"pre-sale", "lang:en", "lang:zh"}, 1)
-    en = classify(intent="size", channel="aliexpress", text="Do you have size M?", vip=False,
-                  sentiment=None, handoff_reason=None, requested_skill=None)
+    en = classify(
+        intent="size",
+        channel="aliexpress",
+        text="Do you have size M?",
+        vip=False,
+        sentiment=None,
+        handoff_reason=None,
+        requested_skill=None,
+    )
     assert (en.skill, en.language) == ("pre-sale", "lang:en")
-    zh = classify(intent="size", channel="taobao", text="有M码吗", vip=False, sentiment=None,
-                  handoff_reason=None, requested_skill=None)
+    zh = classify(
+        intent="size",
+        channel="taobao",
+        text="有M码吗",
+        vip=False,
+        sentiment=None,
+        handoff_reason=None,
+        requested_skill=None,
+    )
     assert assignment(r.request("zh1", SHOP, zh, 0.0)).agent == "bilingual"  # tie -> id
     assert assignment(r.request("zh2", SHOP, zh, 1.0)).agent == "zh-only"
     r.closed("zh1", 2.0)
     assert assignment(r.request("en1", SHOP, en, 3.0)).agent == "bilingual"
     # one qualified slot; the one close so far took 2 s
     assert r.request("en2", SHOP, en, 4.0) == [
-        Queued(conv="en2", shop=SHOP, position=1, eta_seconds=2, priority=0)]
+        Queued(conv="en2", shop=SHOP, position=1, eta_seconds=2, priority=0)
+    ]
 
 
 # -- dashboard -------------------------------------------------------------------------
@@ -685,9 +806,11 @@ def test_shops_are_bounded_and_isolated() -> None:
     online(r, "b", {"pre-sale"}, 1, shop="s2")
     r.request("c1", "s1", PRE, 0.0)
     assert r.request("c2", "s1", PRE, 0.0) == [
-        Queued(conv="c2", shop="s1", position=1, eta_seconds=300, priority=0)]
+        Queued(conv="c2", shop="s1", position=1, eta_seconds=300, priority=0)
+    ]
     assert r.request("c3", "s3", PRE, 0.0) == [
-        Rejected(conv="c3", shop="s3", reason=RejectReason.TOO_MANY_SHOPS)]
+        Rejected(conv="c3", shop="s3", reason=RejectReason.TOO_MANY_SHOPS)
+    ]
     with pytest.raises(RoutingError):
         r.upsert_agent("z", "s3", {"pre-sale"}, 1, now=0.0)
 
@@ -710,7 +833,8 @@ def test_timer_heaps_stay_bounded() -> None:
     last = 3 * HEAP_SLACK - 1 + 0.5
     assert r.tick(last + 60.0) == []
     assert only(r.tick(last + 60.5), SlaBreach) == [
-        SlaBreach(conv="c", shop=SHOP, agent="a", waiting_seconds=60.5)]
+        SlaBreach(conv="c", shop=SHOP, agent="a", waiting_seconds=60.5)
+    ]
 
 
 def test_events_for_untracked_conversations_are_ignored() -> None:
