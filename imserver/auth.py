@@ -142,9 +142,8 @@ def _unb64(segment: str) -> bytes:
     return raw
 
 
-_json: Final = json.JSONDecoder(
-    object_pairs_hook=_unique_keys
-)  # built once: json.loads(hook=) builds one a call
+# Built once: json.loads with a hook builds a new decoder on every call.
+_json: Final = json.JSONDecoder(object_pairs_hook=_unique_keys)
 
 
 def _segment(segment: str, what: str) -> Any:
@@ -164,6 +163,8 @@ def _typed(obj: Any, kind: type[_T], what: str) -> _T:
 
 def _claims_problem(role: Role, shop: str, plugin: str) -> str:
     """Why this role, shop and plugin do not fit together ("" if they do)."""
+    if plugin and role is not Role.WORKER:
+        return "only worker tokens name a plugin"
     if role is Role.CUSTOMER:
         return "customer tokens name one shop or none" if shop == "*" else ""
     if role in (Role.AGENT, Role.SUPERVISOR) and shop in ("", "*"):
@@ -172,8 +173,6 @@ def _claims_problem(role: Role, shop: str, plugin: str) -> str:
         return "worker tokens name their shop ('*' for all shops)"
     if role is Role.ADMIN and shop != "*":
         return "admin tokens are for all shops (shop '*')"
-    if plugin and role is not Role.WORKER:
-        return "only worker tokens name a plugin"
     return ""
 
 

@@ -167,7 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(token)
     token.add_argument("user", help="user id")
     token.add_argument("--role", choices=[r.value for r in Role], default="customer")
-    token.add_argument("--shop", default="", help="the staff member's or worker's shop")
+    token.add_argument(
+        "--shop",
+        default="",
+        help="the shop: staff's and workers' own; a customer's binds them to it (default none)",
+    )
     token.add_argument(
         "--all-shops",
         action="store_true",

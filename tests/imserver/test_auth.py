@@ -152,6 +152,8 @@ def test_all_shops_is_explicit_and_plugin_is_carried() -> None:
         mint_token(SECRET, user="root", role="admin", shop="s1")
     with pytest.raises(ValueError, match="customer"):
         mint_token(SECRET, user="c", role="customer", shop="*")
+    with pytest.raises(ValueError, match="plugin"):
+        mint_token(SECRET, user="c", role="customer", plugin="crm")
 
 
 def _cli_token(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
@@ -207,8 +209,9 @@ def test_platform_token_checks() -> None:
     for role, shop in [("agent", ""), ("supervisor", "*"), ("worker", ""), ("admin", "s1")]:
         with pytest.raises(TokenError, match="shop"):
             verifier.verify(_platform_token(role=role, shop=shop), now=NOW)
-    with pytest.raises(TokenError, match="plugin"):
-        verifier.verify(_platform_token(role="agent", shop="s1", plugin="crm"), now=NOW)
+    for role, shop in [("agent", "s1"), ("customer", ""), ("admin", "*")]:
+        with pytest.raises(TokenError, match="plugin"):
+            verifier.verify(_platform_token(role=role, shop=shop, plugin="crm"), now=NOW)
 
 
 def test_single_use_tokens_are_refused_when_replayed() -> None:
@@ -445,6 +448,11 @@ def test_algorithm_confusion_and_forgery_with_shop_keys(
         verifier.verify(_shop_token(keys["ed2"], "e1", "EdDSA"), now=NOW)
     with pytest.raises(TokenError, match="unknown token key"):
         verifier.verify(_shop_token(keys["rsa"], "r2", "RS256"), now=NOW)
+    # a key of the attacker's own, offered in the header (jwk, jku): never used
+    mallory = ed25519.Ed25519PrivateKey.generate()
+    offered = {"kid": "e1", "jwk": _jwk(mallory, "e1"), "jku": "http://127.0.0.1:9/jwks"}
+    with pytest.raises(TokenError, match="signature"):
+        verifier.verify(jwt.encode(_claims(), mallory, algorithm="EdDSA", headers=offered), now=NOW)
     with pytest.raises(TokenError, match="no shop keys"):
         TokenVerifier(SECRET).verify(_shop_token(keys["rsa"], "r1", "RS256"), now=NOW)
 
