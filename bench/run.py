@@ -128,6 +128,10 @@ def run_scenario_on(
     tag = f"{scenario[:4]}{secrets.token_hex(3)}"
     seed: Callable[[Path], object] | None = None
     shops = [f"{tag}-shop{index}" for index in range(SHOPS)]
+    if scenario == "independent" and profile.independent is not None:
+        # each load point's client process runs under a tag of its own
+        points = range(len(profile.independent.points))
+        shops += [f"{tag}i{point}-shop{index}" for point in points for index in range(SHOPS)]
     if scenario in NEEDS_BOT:
         target = BOT_VARIANTS[name]
         params = profile.bot_heavy

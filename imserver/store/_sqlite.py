@@ -26,10 +26,10 @@ task takes every queued job (up to ``max_batch_ops`` operations, never
 splitting a job; a larger job goes alone), runs them as ONE transaction,
 wakes the callers and goes straight on to the next batch. While a
 transaction runs, new jobs pile up for the next one, so under load the fsync
-cost is shared by everybody who arrived during the previous commit; at low
-load a batch waits until its oldest job is ``commit_window_s`` old (default
-``STORE_COMMIT_WINDOW_S``, 2 ms) so that one fsync carries a few
-milliseconds of writes rather than one (``_Handoff``). Jobs are committed in
+cost is shared by everybody who arrived during the previous commit. With a
+``commit_window_s`` (default ``STORE_COMMIT_WINDOW_S``, off) a batch also
+waits until its oldest job is that old, so that at low load one fsync
+carries a few milliseconds of writes rather than one (``_Handoff``). Jobs are committed in
 arrival order, so the calls of one task apply in call order. By default
 (``writer_process``) the transaction runs in the store's writer *process*,
 on its own GIL, reached over a socket the trio loop waits on (see
