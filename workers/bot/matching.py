@@ -118,7 +118,6 @@ is an id, "the order 3 days ago" is not)."""
 Language = Literal["zh", "en"]
 SUPPORTED_LANGUAGES: tuple[Language, ...] = ("zh", "en")
 
-
 def _words(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
@@ -325,9 +324,7 @@ _TRACKING_RE = re.compile(
     r"\s*(?:是|为|:|is\b)?\s*#?\s*[A-Za-z0-9-]+",
     re.IGNORECASE,
 )
-_BARE_RE = re.compile(
-    rf"(?<![A-Za-z0-9])(?P<id>[0-9]{{{MIN_BARE_ORDER_ID_DIGITS},40}})(?![A-Za-z0-9])"
-)
+_BARE_RE = re.compile(rf"(?<![A-Za-z0-9])(?P<id>[0-9]{{{MIN_BARE_ORDER_ID_DIGITS},40}})(?![A-Za-z0-9])")
 _CN_MOBILE_RE = re.compile(r"1[3-9][0-9]{9}")
 
 
@@ -495,11 +492,8 @@ class Matcher:
                 row[exact] = 1.0
             if len(tok) >= TOKEN_FUZZY_MIN_LEN and self._long_vocab:
                 for _, score, pos in process.extract(
-                    tok,
-                    self._long_vocab,
-                    scorer=fuzz.ratio,
-                    score_cutoff=TOKEN_FUZZY_MIN * 100,
-                    limit=None,
+                    tok, self._long_vocab, scorer=fuzz.ratio,
+                    score_cutoff=TOKEN_FUZZY_MIN * 100, limit=None,
                 ):
                     tid = self._long_ids[pos]
                     row[tid] = max(row.get(tid, 0.0), score / 100.0)
@@ -514,18 +508,17 @@ class Matcher:
         return sims, weights
 
     @staticmethod
-    def _coverage(
-        token_ids: frozenset[int], sims: list[dict[int, float]], weights: list[float]
-    ) -> float:
+    def _coverage(token_ids: frozenset[int], sims: list[dict[int, float]],
+                  weights: list[float]) -> float:
         """Weighted share of the message's tokens found among ``token_ids``."""
         matched = 0.0
         for row, weight in zip(sims, weights, strict=True):
-            matched += weight * max(
-                (sim for tid, sim in row.items() if tid in token_ids), default=0.0
-            )
+            matched += weight * max((sim for tid, sim in row.items() if tid in token_ids),
+                                    default=0.0)
         return matched / sum(weights)
 
-    def _token_f1(self, variant: _Variant, precision: float, sims: list[dict[int, float]]) -> float:
+    def _token_f1(self, variant: _Variant, precision: float,
+                  sims: list[dict[int, float]]) -> float:
         if not sims or not variant.token_ids:
             return 0.0
         best_v: dict[int, float] = {}
@@ -556,10 +549,7 @@ class Matcher:
         char_scores = {
             pos: score / 100.0
             for _, score, pos in process.extract(
-                query.chars,
-                self._variant_chars,
-                scorer=fuzz.ratio,
-                limit=None,
+                query.chars, self._variant_chars, scorer=fuzz.ratio, limit=None,
             )
         }
         precisions: dict[int, float] = {}
@@ -609,10 +599,6 @@ class Matcher:
             if gap < AMBIGUITY_MARGIN and not exempt:
                 confidence = top.score * (1 - AMBIGUITY_PENALTY * (1 - gap / AMBIGUITY_MARGIN))
         return Match(
-            top.key,
-            top.group,
-            max(0.0, min(1.0, confidence)),
-            top.score,
-            top.variant,
+            top.key, top.group, max(0.0, min(1.0, confidence)), top.score, top.variant,
             (runner.key, runner.score) if runner else None,
         )

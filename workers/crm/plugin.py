@@ -125,20 +125,13 @@ class CrmPlugin(Plugin):
         RfmScorer(repo).score_shop(shop, at)
         TagEngine(repo).apply_rules(shop, at)
 
-    async def _send_due(
-        self, ctx: WorkerContext, repo: CrmRepository, broadcast: _Broadcast, now: datetime
-    ) -> None:
+    async def _send_due(self, ctx: WorkerContext, repo: CrmRepository, broadcast: _Broadcast,
+                        now: datetime) -> None:
         planner = BroadcastPlanner(repo)
         plan = await asyncio.to_thread(
-            planner.plan_broadcast,
-            broadcast.shop,
-            broadcast.segment,
-            broadcast.text,
-            now,
-            window=broadcast.window,
-            rate_per_minute=broadcast.rate_per_minute,
-            broadcast_id=broadcast.id,
-        )
+            planner.plan_broadcast, broadcast.shop, broadcast.segment, broadcast.text, now,
+            window=broadcast.window, rate_per_minute=broadcast.rate_per_minute,
+            broadcast_id=broadcast.id)
         sent = 0
         for send in plan.sends:
             if send.send_at > now:
@@ -153,17 +146,12 @@ class CrmPlugin(Plugin):
                     raise
             await asyncio.to_thread(planner.mark_sent, broadcast.id, send.customer, now)
         if sent:  # supervisors follow the broadcast on their dashboard
-            await ctx.notify(
-                "broadcast_progress",
-                {
-                    "broadcast": broadcast.id,
-                    "segment": broadcast.segment,
-                    "sent": len(plan.skipped_already_sent) + sent,
-                    "remaining": len(plan.sends) - sent,
-                    "skipped_opted_out": list(plan.skipped_opted_out),
-                },
-                shop=broadcast.shop,
-            )
+            await ctx.notify("broadcast_progress", {
+                "broadcast": broadcast.id, "segment": broadcast.segment,
+                "sent": len(plan.skipped_already_sent) + sent,
+                "remaining": len(plan.sends) - sent,
+                "skipped_opted_out": list(plan.skipped_opted_out),
+            }, shop=broadcast.shop)
 
 
 __all__ = ["CrmPlugin", "crm_db_path"]
