@@ -39,6 +39,7 @@ from bench.loadgen.bot_heavy import BotHeavyReport
 from bench.loadgen.fanout import FanoutReport
 from bench.loadgen.histogram import LatencySummary
 from bench.loadgen.idle import IdleReport
+from bench.loadgen.independent import IndependentReport
 from bench.loadgen.peak_sale import NOISY_FOREIGN_PCT, PeakSaleReport, StepReport
 from bench.loadgen.reconnect_storm import StormReport
 from bench.loadgen.suite import Report, SuiteProfile
@@ -80,6 +81,9 @@ class SuiteResult(msgspec.Struct, kw_only=True):
     """Uncommitted changes in the working tree when the run started."""
     machine: MachineInfo
     host_steal_pct: float = 0.0
+    calibration_end_us: float = 0.0
+    """The machine's calibration workload timed again after the run (0: not recorded):
+    far from ``machine.calibration_us``, the host's speed changed during the run."""
     profile: SuiteProfile
     targets: dict[str, TargetResult] = {}
 
@@ -171,6 +175,7 @@ def _at(load: int, field: Callable[[StepReport], float]) -> Extract:
     def extract(t: TargetResult) -> float | None:
         step = _step_at(t, load)
         return field(step) if step is not None else None
+
     return extract
 
 
@@ -178,6 +183,7 @@ def _fan(field: Callable[[FanoutReport], float]) -> Extract:
     def extract(t: TargetResult) -> float | None:
         report = _fanout(t)
         return field(report) if report is not None else None
+
     return extract
 
 
@@ -185,6 +191,7 @@ def _stm(field: Callable[[StormReport], float | None]) -> Extract:
     def extract(t: TargetResult) -> float | None:
         report = _storm(t)
         return field(report) if report is not None else None
+
     return extract
 
 
@@ -192,6 +199,7 @@ def _idl(field: Callable[[IdleReport], float]) -> Extract:
     def extract(t: TargetResult) -> float | None:
         report = _idle(t)
         return field(report) if report is not None else None
+
     return extract
 
 
@@ -199,11 +207,26 @@ def _bt(field: Callable[[BotHeavyReport], float]) -> Extract:
     def extract(t: TargetResult) -> float | None:
         report = _bot(t)
         return field(report) if report is not None else None
+
     return extract
 
 
-def metrics(reference_loads: tuple[int, ...]) -> list[Metric]:
-    """The summary rows; peak-sale latencies at each reference load (same for all targets)."""
+def _ind(load: int, field: Callable[[StepReport], float]) -> Extract:
+    def extract(t: TargetResult) -> float | None:
+        report = _report(t, "independent")
+        if not isinstance(report, IndependentReport):
+            return None
+        point = next((p for p in report.points if p.offered_msgs_per_s == load), None)
+        return field(point) if point is not None else None
+
+    return extract
+
+
+def metrics(
+    reference_loads: tuple[int, ...], independent_points: tuple[int, ...] = ()
+) -> list[Metric]:
+    """The summary rows; peak-sale latencies at each reference load (same for all targets),
+    then the independent client's figures at each of its points."""
     rows = [
         Metric("peak-sale: max msg/s with p99 < SLO", "higher", _max_sustained),
         Metric("peak-sale: others' CPU % (noise, mean)", "", _noise),
@@ -215,26 +238,63 @@ def metrics(reference_loads: tuple[int, ...]) -> list[Metric]:
             Metric(f"{at}: delivery p99 ms", "lower", _at(load, lambda s: s.delivery.p99_ms)),
             Metric(f"{at}: delivery p99.9 ms", "lower", _at(load, lambda s: s.delivery.p999_ms)),
             Metric(f"{at}: send->Sent p99 ms", "lower", _at(load, lambda s: s.ack.p99_ms)),
-            Metric(f"{at}: server CPU us/msg", "lower",
-                   _at(load, lambda s: s.server_cpu_us_per_msg)),
+            Metric(
+                f"{at}: server CPU us/msg", "lower", _at(load, lambda s: s.server_cpu_us_per_msg)
+            ),
         ]
     rows += [
         Metric("fan-out: deliveries/s", "higher", _fan(lambda r: r.deliveries_per_s)),
         Metric("fan-out: delivery p99 ms", "lower", _fan(lambda r: r.delivery.p99_ms)),
         Metric("fan-out: completion p99 ms", "lower", _fan(lambda r: r.completion.p99_ms)),
-        Metric("fan-out: server CPU us/delivery", "lower",
-               _fan(lambda r: r.server_cpu_us_per_delivery)),
+        Metric(
+            "fan-out: server CPU us/delivery", "lower", _fan(lambda r: r.server_cpu_us_per_delivery)
+        ),
         Metric("storm: time to all resumed ms", "lower", _stm(lambda r: r.time_to_all_resumed_ms)),
         Metric("storm: lost messages", "lower", _stm(lambda r: float(r.lost))),
         Metric("storm: duplicated messages", "lower", _stm(lambda r: float(r.duplicates))),
         Metric("idle: server RSS KiB/connection", "lower", _idl(lambda r: r.rss_per_connection_kb)),
         Metric("idle: ping p99 ms", "lower", _idl(lambda r: r.ping_rtt.p99_ms)),
     ]
+    for load in independent_points:
+        at = f"independent client @{load:,}/s"
+        rows += [
+            Metric(
+                f"{at}: delivered %",
+                "higher",
+                _ind(load, lambda s: 100 * s.delivered / s.sent if s.sent else 0.0),
+                "independent",
+            ),
+            Metric(
+                f"{at}: delivery p50 ms",
+                "lower",
+                _ind(load, lambda s: s.delivery.p50_ms),
+                "independent",
+            ),
+            Metric(
+                f"{at}: delivery p99 ms",
+                "lower",
+                _ind(load, lambda s: s.delivery.p99_ms),
+                "independent",
+            ),
+            Metric(
+                f"{at}: server CPU us/msg",
+                "lower",
+                _ind(load, lambda s: s.server_cpu_us_per_msg),
+                "independent",
+            ),
+            Metric(
+                f"{at}: others' CPU % (noise)",
+                "",
+                _ind(load, lambda s: s.foreign_cpu_pct),
+                "independent",
+            ),
+        ]
     bot = "bot_heavy"
     rows += [
         Metric("bot-heavy: questions/s offered", "", _bt(lambda r: r.offered_questions_per_s), bot),
-        Metric("bot-heavy: answered by the bot %", "", _bt(lambda r: 100 * r.bot_answered_share),
-               bot),
+        Metric(
+            "bot-heavy: answered by the bot %", "", _bt(lambda r: 100 * r.bot_answered_share), bot
+        ),
         Metric("bot-heavy: handed to a human %", "", _bt(lambda r: 100 * r.handed_off_share), bot),
         Metric("bot-heavy: unanswered questions", "lower", _bt(lambda r: float(r.unanswered)), bot),
         Metric("bot-heavy: reply p50 ms", "lower", _bt(lambda r: r.reply.p50_ms), bot),
@@ -242,8 +302,12 @@ def metrics(reference_loads: tuple[int, ...]) -> list[Metric]:
         Metric("bot-heavy: reply p99 ms", "lower", _bt(lambda r: r.reply.p99_ms), bot),
         Metric("bot-heavy: reply max ms", "lower", _bt(lambda r: r.reply.max_ms), bot),
         Metric("bot-heavy: handoff to queued p99 ms", "lower", _bt(lambda r: r.queued.p99_ms), bot),
-        Metric("bot-heavy: server + bot CPU us/question", "lower",
-               _bt(lambda r: r.server_cpu_us_per_question + r.worker_cpu_us_per_question), bot),
+        Metric(
+            "bot-heavy: server + bot CPU us/question",
+            "lower",
+            _bt(lambda r: r.server_cpu_us_per_question + r.worker_cpu_us_per_question),
+            bot,
+        ),
     ]
     return rows
 
@@ -265,6 +329,31 @@ def _not_applicable(target: TargetResult, scenario: str) -> bool:
     return outcome is not None and outcome.status == "n/a"
 
 
+def host_line(result: SuiteResult) -> str:
+    """What makes this run's absolute figures comparable with another host's."""
+    m = result.machine
+    fsync = (
+        f"fsync 4 KiB p50 {m.fsync.p50_us:,.0f} us (p90 {m.fsync.p90_us:,.0f}, "
+        f"{m.fsync.cpu_us:.0f} us CPU)"
+        if m.fsync is not None
+        else "fsync not probed"
+    )
+    calibration = (
+        f"calibration {m.calibration_us:,.0f} us"
+        + (
+            f" (after the run {result.calibration_end_us:,.0f})"
+            if result.calibration_end_us
+            else ""
+        )
+        if m.calibration_us
+        else "no calibration"
+    )
+    return (
+        f"host: {m.nproc} x {m.cpu_model} @ {m.cpu_mhz:,.0f} MHz, {calibration}, {fsync}, "
+        f"steal {result.host_steal_pct:.1f}% over the run"
+    )
+
+
 def summary_table(result: SuiteResult) -> str:
     names = list(result.targets)
     ran = [n for n in names if result.targets[n].status == "ok"]
@@ -274,11 +363,18 @@ def summary_table(result: SuiteResult) -> str:
     if with_ratios:
         header += [f"{IMSERVER}/{b}" for b in baselines]
     rows: list[list[str]] = []
-    for metric in metrics(result.profile.reference_loads):
+    independent = result.profile.independent
+    points = independent.points if independent is not None else ()
+    for metric in metrics(result.profile.reference_loads, points):
         values = {n: metric.extract(result.targets[n]) if n in ran else None for n in names}
-        row = [metric.label, metric.better,
-               *("n/a" if _not_applicable(result.targets[n], metric.scenario) else _fmt(values[n])
-                 for n in names)]
+        row = [
+            metric.label,
+            metric.better,
+            *(
+                "n/a" if _not_applicable(result.targets[n], metric.scenario) else _fmt(values[n])
+                for n in names
+            ),
+        ]
         if with_ratios:
             mine = values[IMSERVER]
             for b in baselines:
@@ -289,24 +385,39 @@ def summary_table(result: SuiteResult) -> str:
                     row.append("-")
         rows.append(row)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w)
-                       for i, (h, w) in enumerate(zip(header, widths, strict=True)))]
+    lines = [
+        "  ".join(
+            h.ljust(w) if i < 2 else h.rjust(w)
+            for i, (h, w) in enumerate(zip(header, widths, strict=True))
+        )
+    ]
     lines.append("  ".join("-" * w for w in widths))
     for row in rows:
-        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(row, widths, strict=True))))
-    notes = [f"(@N/s = at offered load N msg/s, the same for every target; SLO p99 < "
-             f"{result.profile.peak_sale.slo_p99_ms:.0f} ms; '-' = not measured or not reached; "
-             "ratios are imserver / baseline)"]
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    notes = [
+        host_line(result),
+        f"(@N/s = at offered load N msg/s, the same for every target; SLO p99 < "
+        f"{result.profile.peak_sale.slo_p99_ms:.0f} ms; '-' = not measured or not reached; "
+        "ratios are imserver / baseline)",
+    ]
     not_applicable: dict[str, list[str]] = {}
     for name in names:
         target = result.targets[name]
         peak = _peak(target)
         if peak is not None and peak.generator_bound:
-            notes.append(f"{name}: the load generator saturated during the peak-sale ramp; "
-                         "its max msg/s is a lower bound (the generator's ceiling on this box)")
+            notes.append(
+                f"{name}: the load generator saturated during the peak-sale ramp; "
+                "its max msg/s is a lower bound (the generator's ceiling on this box)"
+            )
         if target.status != "ok":
-            notes.append(f"{name}: SKIPPED - {target.reason.splitlines()[0] if target.reason else ''}")
+            notes.append(
+                f"{name}: SKIPPED - {target.reason.splitlines()[0] if target.reason else ''}"
+            )
         for scenario, outcome in target.scenarios.items():
             if outcome.status == "error":
                 notes.append(f"{name}/{scenario}: ERROR - {outcome.error.splitlines()[0]}")
@@ -317,8 +428,10 @@ def summary_table(result: SuiteResult) -> str:
                 notes.append(f"{name}/{scenario}: {report.verdict}")
             log = outcome.server_log
             if log is not None and (log.errors or log.unstructured):
-                notes.append(f"{name}/{scenario}: server log has {log.errors} errors and "
-                             f"{log.unstructured} unstructured stderr lines")
+                notes.append(
+                    f"{name}/{scenario}: server log has {log.errors} errors and "
+                    f"{log.unstructured} unstructured stderr lines"
+                )
     notes.extend(f"{why} ({', '.join(who)})" for why, who in not_applicable.items())
     if not with_ratios:
         notes.append(f"no {IMSERVER} figures in this run, so no ratios")
@@ -343,29 +456,53 @@ def plot_latency(result: SuiteResult, path: Path) -> str | None:
             continue
         loads = [s.offered_msgs_per_s for s in peak.steps]
         colour = COLOURS.get(name)
-        ax.plot(loads, [max(s.delivery.p99_ms, 0.01) for s in peak.steps], "-o", color=colour,
-                label=f"{name} p99")
-        ax.plot(loads, [max(s.delivery.p50_ms, 0.01) for s in peak.steps], "--s", color=colour,
-                label=f"{name} p50", alpha=0.8)
+        ax.plot(
+            loads,
+            [max(s.delivery.p99_ms, 0.01) for s in peak.steps],
+            "-o",
+            color=colour,
+            label=f"{name} p99",
+        )
+        ax.plot(
+            loads,
+            [max(s.delivery.p50_ms, 0.01) for s in peak.steps],
+            "--s",
+            color=colour,
+            label=f"{name} p50",
+            alpha=0.8,
+        )
         noisy = [s for s in peak.steps if s.foreign_cpu_pct >= NOISY_FOREIGN_PCT]
         if noisy:
-            ax.plot([s.offered_msgs_per_s for s in noisy],
-                    [max(s.delivery.p99_ms, 0.01) for s in noisy], "x", color="black",
-                    markersize=9, label="_noisy" if marked_noisy else
-                    f"noisy step (others >= {NOISY_FOREIGN_PCT:.0f}% cpu)")
+            ax.plot(
+                [s.offered_msgs_per_s for s in noisy],
+                [max(s.delivery.p99_ms, 0.01) for s in noisy],
+                "x",
+                color="black",
+                markersize=9,
+                label="_noisy"
+                if marked_noisy
+                else f"noisy step (others >= {NOISY_FOREIGN_PCT:.0f}% cpu)",
+            )
             marked_noisy = True
         drawn += 1
     if not drawn:
         plt.close(fig)
         return "no peak-sale results to plot"
-    ax.axhline(result.profile.peak_sale.slo_p99_ms, color="grey", linestyle=":",
-               label=f"SLO p99 {result.profile.peak_sale.slo_p99_ms:.0f} ms")
+    ax.axhline(
+        result.profile.peak_sale.slo_p99_ms,
+        color="grey",
+        linestyle=":",
+        label=f"SLO p99 {result.profile.peak_sale.slo_p99_ms:.0f} ms",
+    )
     ax.set_yscale("log")
     ax.set_xlabel("offered load (messages/s, 1:1 pairs, 200-byte payloads)")
     ax.set_ylabel("send -> delivery (ms)")
     m = result.machine
-    ax.set_title(f"peak sale, {result.date} ({result.profile.name}); "
-                 f"{m.nproc} cores {m.cpu_model}, steal {result.host_steal_pct:.0f}%", fontsize=9)
+    ax.set_title(
+        f"peak sale, {result.date} ({result.profile.name}); "
+        f"{m.nproc} cores {m.cpu_model}, steal {result.host_steal_pct:.0f}%",
+        fontsize=9,
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -385,8 +522,10 @@ def steps_markdown(result: SuiteResult) -> str:
     for name, target in result.targets.items():
         peak = _peak(target)
         if peak is None:
-            lines.append(f"| {name} | - | - | - | - | - | - | - | - | - | - | "
-                         f"{target.status} {target.reason.splitlines()[0] if target.reason else ''} |")
+            lines.append(
+                f"| {name} | - | - | - | - | - | - | - | - | - | - | "
+                f"{target.status} {target.reason.splitlines()[0] if target.reason else ''} |"
+            )
             continue
         for s in peak.steps:
             d = s.delivery
@@ -394,13 +533,17 @@ def steps_markdown(result: SuiteResult) -> str:
                 f"| {name} | {s.offered_msgs_per_s:,} | {s.delivered:,}/{s.sent:,} | "
                 f"{d.p50_ms:.1f} | {d.p99_ms:.1f} | {d.p999_ms:.1f} | {d.max_ms:.0f} | "
                 f"{s.ack.p99_ms:.1f} | {s.server_cpu_us_per_msg:.0f} | {s.loadgen_cpu_pct:.0f} | "
-                f"{s.foreign_cpu_pct:.0f} | {'pass' if s.passed else 'FAIL'}: {s.verdict} |")
+                f"{s.foreign_cpu_pct:.0f} | {'pass' if s.passed else 'FAIL'}: {s.verdict} |"
+            )
     return "\n".join(lines)
 
 
 def _ms(summary: LatencySummary) -> str:
-    return (f"{summary.p50_ms:.1f} / {summary.p90_ms:.1f} / {summary.p99_ms:.1f} / "
-            f"{summary.max_ms:.0f}" if summary.count else "-")
+    return (
+        f"{summary.p50_ms:.1f} / {summary.p90_ms:.1f} / {summary.p99_ms:.1f} / {summary.max_ms:.0f}"
+        if summary.count
+        else "-"
+    )
 
 
 def bot_heavy_markdown(result: SuiteResult) -> str:
@@ -416,8 +559,11 @@ def bot_heavy_markdown(result: SuiteResult) -> str:
         outcome = target.scenarios.get("bot_heavy")
         r = _bot(target)
         if r is None:
-            why = outcome.error.splitlines()[0] if outcome is not None and outcome.error else (
-                outcome.status if outcome is not None else target.status)
+            why = (
+                outcome.error.splitlines()[0]
+                if outcome is not None and outcome.error
+                else (outcome.status if outcome is not None else target.status)
+            )
             lines.append(f"| {name} | {why} |" + " |" * 12)
             continue
         p = r.params
@@ -430,7 +576,8 @@ def bot_heavy_markdown(result: SuiteResult) -> str:
             f"{r.queued.p99_ms:.1f} | {r.welcome.p99_ms:.1f} | "
             f"{r.server_cpu_us_per_question:.0f} + {r.worker_cpu_us_per_question:.0f} | "
             f"{r.loadgen_cpu_pct:.0f} | {r.foreign_cpu_pct:.0f} | "
-            f"{'pass' if r.passed else 'FAIL'}: {r.verdict} |")
+            f"{'pass' if r.passed else 'FAIL'}: {r.verdict} |"
+        )
     return "\n".join(lines)
 
 
@@ -443,25 +590,29 @@ def server_logs_markdown(result: SuiteResult) -> str:
             if log is None or not (log.warnings or log.errors or log.unstructured):
                 continue
             events = ", ".join(f"`{k}` ×{v}" for k, v in log.events.items())
-            lines.append(f"- {name}/{scenario}: {log.errors} errors, {log.warnings} warnings"
-                         + (f" ({events})" if events else "")
-                         + (f", {log.unstructured} unstructured stderr lines"
-                            if log.unstructured else ""))
+            lines.append(
+                f"- {name}/{scenario}: {log.errors} errors, {log.warnings} warnings"
+                + (f" ({events})" if events else "")
+                + (f", {log.unstructured} unstructured stderr lines" if log.unstructured else "")
+            )
     return "\n".join(lines) or "- no warnings or errors in any server log"
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m bench.report",
-                                     description="Render a recorded suite run.")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.report", description="Render a recorded suite run."
+    )
     parser.add_argument("file", type=Path)
     parser.add_argument("--plot", type=Path, default=None, help="also draw the latency plot")
     args = parser.parse_args(argv)
     result = read_json(args.file)
     dirty = " + uncommitted changes" if result.git_dirty else ""
-    print(f"run {result.started_at} .. {result.finished_at}: `{result.command}` "
-          f"(commit {result.git_commit or '?'}{dirty})\n")
+    print(
+        f"run {result.started_at} .. {result.finished_at}: `{result.command}` "
+        f"(commit {result.git_commit or '?'}{dirty})\n"
+    )
     print("```\n" + summary_table(result) + "\n```\n")
     print(steps_markdown(result))
     print()

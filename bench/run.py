@@ -53,7 +53,7 @@ from typing import Final
 
 from bench.loadgen import bot_heavy
 from bench.loadgen.suite import NEEDS_BOT, PROFILES, SCENARIOS, SuiteProfile, run_scenario
-from bench.loadgen.sysstat import HostCpu, machine_info
+from bench.loadgen.sysstat import HostCpu, calibrate, machine_info
 from bench.report import (
     ScenarioOutcome,
     SuiteResult,
@@ -259,12 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     log(
         f"bench: {profile.name} profile, targets {', '.join(targets)}; {machine.nproc} cores "
-        f"({machine.cpu_model}), load average {machine.load_avg_1m}; "
-        f"commit {commit or '?'}{' + uncommitted changes' if dirty else ''}"
+        f"({machine.cpu_model} @ {machine.cpu_mhz:,.0f} MHz), calibration "
+        f"{machine.calibration_us:,.0f} us, fsync p50 "
+        f"{machine.fsync.p50_us if machine.fsync else 0:,.0f} us, load average "
+        f"{machine.load_avg_1m}; commit {commit or '?'}{' + uncommitted changes' if dirty else ''}"
     )
     host0 = HostCpu.sample()
     run_suite(targets, scenarios, profile, args.workers, args.wait_quiet, result)
     result.host_steal_pct = HostCpu.sample().steal_pct_since(host0)
+    result.calibration_end_us = calibrate()
     result.finished_at = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     json_path = args.out / f"{stem}.json"
     write_json(result, json_path)

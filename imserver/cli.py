@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.metadata
 import os
 import signal
 import sys
@@ -22,7 +23,7 @@ from protocol import Role
 from . import logs
 from .auth import mint_token
 from .limits import GC_THRESHOLDS, RETENTION_DAYS, SHARD_COUNT
-from .server import DB_FILE, Server, ServerConfig, load_or_create_secret
+from .server import DB_FILE, Server, ServerConfig, StartupError, load_or_create_secret
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -39,9 +40,16 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--secret",
         default=_env("IMSERVER_SECRET"),
-        help="token signing secret, at least 16 bytes (env IMSERVER_SECRET; "
+        help="token signing secret, at least 32 bytes (env IMSERVER_SECRET; "
         "default: DATA/secret, created on first use)",
     )
+
+
+def _shop_file(text: str) -> tuple[str, str]:
+    shop, eq, where = text.partition("=")
+    if not eq or not shop or not where:
+        raise argparse.ArgumentTypeError(f"{text!r}: want SHOP=PATH or SHOP=URL")
+    return shop, where
 
 
 def _secret(args: argparse.Namespace) -> bytes:
@@ -50,8 +58,16 @@ def _secret(args: argparse.Namespace) -> bytes:
     return load_or_create_secret(args.data)
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("imserver")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that is not installed
+        return "0+unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imserver", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the server (embedded: one process, SQLite)")
@@ -112,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("IMSERVER_WORKERS_CONFIG"),
         help="YAML file with per-plugin settings (env IMSERVER_WORKERS_CONFIG)",
     )
+    serve.add_argument(
+        "--jwks",
+        action="append",
+        type=_shop_file,
+        default=[_shop_file(item) for item in (_env("IMSERVER_JWKS") or "").split(",") if item],
+        metavar="SHOP=PATH|URL",
+        help="the JWKS (file, or http(s) URL) with the public keys shop SHOP's backend signs "
+        "its tokens with; repeatable (env IMSERVER_JWKS, comma-separated). "
+        "DATA/jwks/SHOP.json is read too",
+    )
 
     worker = sub.add_parser("worker", help="run one worker plugin (asyncio + uvloop)")
     _add_data(worker)
@@ -141,7 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(token)
     token.add_argument("user", help="user id")
     token.add_argument("--role", choices=[r.value for r in Role], default="customer")
-    token.add_argument("--shop", default="", help="the staff member's or worker's shop")
+    token.add_argument(
+        "--shop",
+        default="",
+        help="the shop: staff's and workers' own; a customer's binds them to it (default none)",
+    )
     token.add_argument(
         "--all-shops",
         action="store_true",
@@ -237,6 +267,21 @@ def _tune_gc() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """Run the server; a start-up problem (data dir in use, corrupt database,
+    address in use, unreadable certificate) is one line on stderr and exit 1."""
+    failed: list[StartupError] = []
+    code = 1
+    try:
+        code = _run_server(args)
+    except* StartupError as group:
+        failed += [e for e in group.exceptions if isinstance(e, StartupError)]
+    if failed:
+        print(f"imserver: {failed[0]}", file=sys.stderr)
+        return 1
+    return code
+
+
+def _run_server(args: argparse.Namespace) -> int:
     logs.setup(args.log_level)
     _tune_gc()
     config = ServerConfig(
@@ -249,8 +294,13 @@ def _serve(args: argparse.Namespace) -> int:
         retention_days=args.retention_days,
         synchronous=args.synchronous,
         shards=args.shards,
+        jwks=dict(args.jwks),
     )
-    server = Server(config)
+    try:
+        server = Server(config)
+    except ValueError as exc:  # a shop's JWKS file: one line, not a traceback
+        print(f"imserver: {exc}", file=sys.stderr)
+        return 2
 
     plugins = [name.strip() for name in args.workers.split(",") if name.strip()]
 

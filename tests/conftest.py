@@ -16,7 +16,7 @@ from imserver.auth import mint_token
 from imserver.client import Client, connect
 from imserver.server import Server, ServerConfig
 
-SECRET = b"test-secret-0123456789abcdef"
+SECRET = b"test-secret-0123456789abcdef-0123456"
 
 # The suite runs on shared 2-core machines: a neighbour's load must not fail a
 # property test through Hypothesis' timing checks (deadline, "input generation

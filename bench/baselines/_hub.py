@@ -110,7 +110,7 @@ consumer (imserver's OUTBOUND_BUFFER_BYTES). The I/O layers enforce it."""
 WS_PATH: Final = "/ws"
 """The only path a WebSocket upgrade is accepted on."""
 
-_claims_decoder: Final = msgspec.msgpack.Decoder(Claims)
+_claims_decoder: Final = msgspec.json.Decoder(Claims)
 
 
 class Peer(Protocol):
@@ -125,7 +125,8 @@ class Peer(Protocol):
 
 def identity_from_token(token: str) -> tuple[str, Role, str] | None:
     """(user, role, shop) from a token's claims, without verifying it (no auth)."""
-    body, _, _ = token.partition(".")
+    _, _, rest = token.partition(".")  # a JWT: header.claims.signature
+    body, _, _ = rest.partition(".")
     try:
         claims = _claims_decoder.decode(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
     except (ValueError, msgspec.DecodeError):
@@ -188,9 +189,12 @@ class RelayHub:
         self._sessions = itertools.count(1)
         self._groups = itertools.count(1)
         self._limits = Limits(
-            max_frame_bytes=MAX_FRAME_BYTES, max_text_chars=MAX_TEXT_CHARS,
-            frames_per_second=FRAMES_PER_SECOND, frames_burst=FRAMES_BURST,
-            max_inflight=MAX_INFLIGHT_REQUESTS, history_page=MAX_HISTORY_PAGE,
+            max_frame_bytes=MAX_FRAME_BYTES,
+            max_text_chars=MAX_TEXT_CHARS,
+            frames_per_second=FRAMES_PER_SECOND,
+            frames_burst=FRAMES_BURST,
+            max_inflight=MAX_INFLIGHT_REQUESTS,
+            history_page=MAX_HISTORY_PAGE,
             recall_window_ms=RECALL_WINDOW_MS,
         )
 
@@ -228,17 +232,24 @@ class RelayHub:
         if handler is not None:
             handler(self, session, frame)
         elif isinstance(frame, Request):
-            session.peer.push(encode(Error(
-                code=ErrorCode.BAD_FRAME, id=frame.id,
-                message=f"{type(frame).__name__} is not implemented by the baseline relay",
-            )))
+            session.peer.push(
+                encode(
+                    Error(
+                        code=ErrorCode.BAD_FRAME,
+                        id=frame.id,
+                        message=f"{type(frame).__name__} is not implemented by the baseline relay",
+                    )
+                )
+            )
 
     # ------------------------------------------------------------ handlers
 
     def _hello(self, session: Session, hello: Hello) -> None:
         identity = identity_from_token(hello.token)
         if identity is None:
-            session.peer.push(encode(Error(code=ErrorCode.UNAUTHORIZED, message="unreadable token")))
+            session.peer.push(
+                encode(Error(code=ErrorCode.UNAUTHORIZED, message="unreadable token"))
+            )
             session.peer.close(CloseCode.UNAUTHORIZED)
             return
         session.user, session.role, session.shop = identity
@@ -249,12 +260,21 @@ class RelayHub:
         if previous is not None:
             previous.peer.close(CloseCode.SESSION_REPLACED)
         push = session.peer.push
-        push(encode(Welcome(
-            v=PROTOCOL_VERSION, session=f"relay-{next(self._sessions)}", user=session.user,
-            role=session.role, shop=session.shop, server_time=_now_ms(),
-            heartbeat_ms=HEARTBEAT_INTERVAL_MS, idle_timeout_ms=IDLE_TIMEOUT_MS,
-            limits=self._limits,
-        )))
+        push(
+            encode(
+                Welcome(
+                    v=PROTOCOL_VERSION,
+                    session=f"relay-{next(self._sessions)}",
+                    user=session.user,
+                    role=session.role,
+                    shop=session.shop,
+                    server_time=_now_ms(),
+                    heartbeat_ms=HEARTBEAT_INTERVAL_MS,
+                    idle_timeout_ms=IDLE_TIMEOUT_MS,
+                    limits=self._limits,
+                )
+            )
+        )
         if not hello.resume:
             return
         last_seq: dict[str, int] = {}
@@ -280,8 +300,14 @@ class RelayHub:
         if conv is None:
             now = _now_ms()
             info = Conversation(
-                id=conv_id, kind=ConvKind.DIRECT, shop=frame.shop, state=ConvState.BOT,
-                channel=frame.channel, customer=session.user, created_at=now, updated_at=now,
+                id=conv_id,
+                kind=ConvKind.DIRECT,
+                shop=frame.shop,
+                state=ConvState.BOT,
+                channel=frame.channel,
+                customer=session.user,
+                created_at=now,
+                updated_at=now,
             )
             conv = self._convs[conv_id] = _Conv(info, {session.user})
         session.peer.push(encode(ConversationInfo(id=frame.id, conversation=conv.info)))
@@ -290,7 +316,9 @@ class RelayHub:
         assert isinstance(frame, UpdateConversation)
         conv = self._convs.get(frame.conv)
         if conv is None:
-            session.peer.push(encode(Error(code=ErrorCode.NOT_FOUND, message="no such conversation", id=frame.id)))
+            session.peer.push(
+                encode(Error(code=ErrorCode.NOT_FOUND, message="no such conversation", id=frame.id))
+            )
             return
         if frame.agent is not None:
             if conv.info.agent is not None and conv.info.agent != conv.info.customer:
@@ -305,7 +333,9 @@ class RelayHub:
         assert isinstance(frame, GetConversation)
         conv = self._convs.get(frame.conv)
         if conv is None or session.user not in conv.members:
-            session.peer.push(encode(Error(code=ErrorCode.NOT_FOUND, message="no such conversation", id=frame.id)))
+            session.peer.push(
+                encode(Error(code=ErrorCode.NOT_FOUND, message="no such conversation", id=frame.id))
+            )
             return
         conv.info.last_seq = conv.seq
         session.peer.push(encode(ConversationInfo(id=frame.id, conversation=conv.info)))
@@ -315,8 +345,13 @@ class RelayHub:
         conv_id = f"g:{frame.shop}:{next(self._groups)}"
         now = _now_ms()
         info = Conversation(
-            id=conv_id, kind=ConvKind.GROUP, shop=frame.shop, state=ConvState.ASSIGNED,
-            title=frame.title, created_at=now, updated_at=now,
+            id=conv_id,
+            kind=ConvKind.GROUP,
+            shop=frame.shop,
+            state=ConvState.ASSIGNED,
+            title=frame.title,
+            created_at=now,
+            updated_at=now,
         )
         conv = self._convs[conv_id] = _Conv(info, {session.user, *frame.members})
         session.peer.push(encode(ConversationInfo(id=frame.id, conversation=conv.info)))
@@ -325,7 +360,9 @@ class RelayHub:
         assert isinstance(frame, UpdateMembers)
         conv = self._convs.get(frame.conv)
         if conv is None:
-            session.peer.push(encode(Error(code=ErrorCode.NOT_FOUND, message="no such conversation", id=frame.id)))
+            session.peer.push(
+                encode(Error(code=ErrorCode.NOT_FOUND, message="no such conversation", id=frame.id))
+            )
             return
         conv.members.update(frame.add)
         conv.members.difference_update(frame.remove)
@@ -340,7 +377,18 @@ class RelayHub:
             return
         seen = conv.cmids.get(frame.cmid)
         if seen is not None:
-            push(encode(Sent(id=frame.id, conv=frame.conv, cmid=frame.cmid, seq=seen[0], ts=seen[1], duplicate=True)))
+            push(
+                encode(
+                    Sent(
+                        id=frame.id,
+                        conv=frame.conv,
+                        cmid=frame.cmid,
+                        seq=seen[0],
+                        ts=seen[1],
+                        duplicate=True,
+                    )
+                )
+            )
             return
         conv.seq += 1
         seq, ts = conv.seq, _now_ms()
@@ -348,10 +396,19 @@ class RelayHub:
         conv.cmid_order.append(frame.cmid)
         if len(conv.cmid_order) > DEDUP_WINDOW:
             del conv.cmids[conv.cmid_order.popleft()]
-        event = encode(MessageEvent(message=Message(
-            conv=frame.conv, seq=seq, sender=session.user, sender_role=session.role,
-            cmid=frame.cmid, ts=ts, body=frame.body,
-        )))
+        event = encode(
+            MessageEvent(
+                message=Message(
+                    conv=frame.conv,
+                    seq=seq,
+                    sender=session.user,
+                    sender_role=session.role,
+                    cmid=frame.cmid,
+                    ts=ts,
+                    body=frame.body,
+                )
+            )
+        )
         conv.log.append((seq, event))
         push(encode(Sent(id=frame.id, conv=frame.conv, cmid=frame.cmid, seq=seq, ts=ts)))
         online = self._online

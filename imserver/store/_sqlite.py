@@ -21,20 +21,20 @@ and ``trio.ClosedResourceError`` once the store is closing or closed. A store
 is used once: after ``aclose()`` it cannot be reopened (make a new one).
 
 Writes (group commit). ``write(ops)`` wraps the ops in a job, enqueues it
-without yielding, and waits for the job's event. One long-lived writer thread
-takes every queued job (up to ``max_batch_ops`` operations, never splitting a
-job; a larger job goes alone), runs them as ONE transaction on the writer
-connection, posts the outcome back to the trio thread (``run_sync_soon``),
-and goes straight on to the next batch. While a transaction runs, new jobs
-pile up for the next one, so under load the fsync cost is shared by everybody
-who arrived during the previous commit. The thread never waits for the trio
-loop between commits: under load that loop is busy, and a committer that
-needed a turn of it for every batch sat idle a third of the time (measured:
-commits 65 % busy at 10,000 msg/s). Jobs are committed in arrival order, so
-the calls of one task apply in call order. By default (``writer_process``)
-the thread only ships each batch to the store's writer *process* and waits
-for its answer: the transaction itself runs there, on its own GIL (see
-``_writer``); with ``writer_process=False`` the thread runs it.
+without yielding, and waits for the job's event. One long-lived committer
+task takes every queued job (up to ``max_batch_ops`` operations, never
+splitting a job; a larger job goes alone), runs them as ONE transaction,
+wakes the callers and goes straight on to the next batch. While a
+transaction runs, new jobs pile up for the next one, so under load the fsync
+cost is shared by everybody who arrived during the previous commit. With a
+``commit_window_s`` (default ``STORE_COMMIT_WINDOW_S``, off) a batch also
+waits until its oldest job is that old, so that at low load one fsync
+carries a few milliseconds of writes rather than one (``_Handoff``). Jobs are committed in
+arrival order, so the calls of one task apply in call order. By default
+(``writer_process``) the transaction runs in the store's writer *process*,
+on its own GIL, reached over a socket the trio loop waits on (see
+``_writer``): no thread and no thread wake-up per batch. With
+``writer_process=False`` a worker thread runs it on the writer connection.
 
 Backpressure. Operations admitted but not yet committed (queued or in the
 running transaction) are ``pending_ops``. A job that would push it past
@@ -54,10 +54,9 @@ Cancellation. A caller cancelled while waiting for admission is removed from
 the line and nothing of it is written. Once admitted, its job is committed
 regardless (the ``Store`` contract: a cancelled write may or may not have
 committed); the committer never depends on a caller still waiting. The
-writer thread is never abandoned, so a transaction is never left half way:
-when ``run()`` ends (``aclose()`` or cancellation) everything admitted or
-waiting for admission is handed to the thread, which commits it all before it
-stops.
+committer runs shielded, so a transaction is never left half way: when
+``run()`` ends (``aclose()`` or cancellation) everything admitted or waiting
+for admission is handed to it, and it commits it all before it stops.
 
 Reads. ``STORE_READERS`` read-only (``mode=ro``) connections form a pool:
 a semaphore hands each one to one thread at a time. With WAL, readers see the
@@ -99,7 +98,6 @@ import enum
 import functools
 import logging
 import sqlite3
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -124,6 +122,7 @@ from protocol import (
 
 from ..limits import (
     RETENTION_DELETE_BATCH,
+    STORE_COMMIT_WINDOW_S,
     STORE_MAX_BATCH_OPS,
     STORE_MAX_PENDING_OPS,
     STORE_READERS,
@@ -227,66 +226,85 @@ _Stat = tuple[float, int, int]
 
 
 class _Handoff:
-    """The FIFO of admitted jobs, from the trio thread to the writer thread.
+    """The FIFO of admitted jobs, from the callers to the committer task (all
+    in the trio thread).
 
-    ``put`` never blocks for long (the lock is held only to append or pop), so
-    the trio thread can call it; ``take`` blocks the writer thread until there
-    is work or ``stop`` was called and everything was taken.
+    ``put`` never blocks; ``take`` waits until there is work or ``stop`` was
+    called and everything was taken. Group commit by time: a batch is not
+    taken before its oldest job has waited ``window`` seconds (unless
+    stopping, or a full batch is already waiting), so that at low load one
+    commit -- whose fsync and round trip cost the same for one message as
+    for fifty -- carries the messages of a few milliseconds rather than one.
+    Under load the committer is busy longer than the window and takes each
+    batch at once.
     """
 
-    def __init__(self, max_batch_ops: int) -> None:
+    def __init__(self, max_batch_ops: int, window_s: float) -> None:
         self._max_batch = max_batch_ops
+        self._window = window_s
         self._jobs: deque[_Job] = deque()
-        lock = threading.Lock()
-        self._ready = threading.Condition(lock)
-        self._emptied = threading.Condition(lock)
+        self._ops = 0
+        self._arrived: deque[float] = deque()
+        self._wakeup: trio.Event | None = None
+        self._emptied = trio.Event()
         self._stopping = False
 
     def put(self, job: _Job) -> None:
-        with self._ready:
-            self._jobs.append(job)
-            self._ready.notify()
+        self._jobs.append(job)
+        self._ops += job.weight
+        if self._window > 0:
+            self._arrived.append(trio.current_time())
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     def stop(self) -> None:
-        """The writer commits what is queued, then its ``take`` returns None."""
-        with self._ready:
-            self._stopping = True
-            self._ready.notify()
+        """The committer commits what is queued, then its ``take`` returns None."""
+        self._stopping = True
+        if self._wakeup is not None:
+            self._wakeup.set()
 
-    def take(self) -> list[_Job] | None:
+    async def take(self) -> list[_Job] | None:
         """The next batch, in arrival order: whole jobs up to ``max_batch_ops``
         operations (a larger job alone, a solo job alone)."""
-        with self._ready:
-            while not self._jobs:
-                if self._stopping:
-                    return None
-                self._ready.wait()
-            jobs = self._jobs
-            batch = [jobs.popleft()]
-            ops = batch[0].weight
-            while jobs and not batch[0].solo:
-                head = jobs[0]
-                if head.solo or ops + head.weight > self._max_batch:
-                    break
-                batch.append(jobs.popleft())
-                ops += head.weight
-            if not jobs:
-                self._emptied.notify_all()
-            return batch
+        jobs = self._jobs
+        while not jobs:
+            if self._stopping:
+                return None
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+            self._wakeup = None
+        if self._window > 0 and not self._stopping and self._ops < self._max_batch:
+            await trio.sleep_until(self._arrived[0] + self._window)
+        batch = [jobs.popleft()]
+        ops = batch[0].weight
+        while jobs and not batch[0].solo:
+            head = jobs[0]
+            if head.solo or ops + head.weight > self._max_batch:
+                break
+            batch.append(jobs.popleft())
+            ops += head.weight
+        self._ops -= ops
+        if self._window > 0:
+            for _ in batch:
+                self._arrived.popleft()
+        if not jobs:
+            self._emptied.set()
+            self._emptied = trio.Event()
+        return batch
 
-    def wait_taken(self) -> None:
-        """Block until the writer has taken every job put so far (tests use it
-        to know which jobs are in flight and which are still queued)."""
-        with self._ready:
-            while self._jobs:
-                self._emptied.wait()
+    async def wait_taken(self) -> None:
+        """Until the committer has taken every job put so far (tests use it to
+        know which jobs are in flight and which are still queued)."""
+        while self._jobs:
+            await self._emptied.wait()
 
     def drain(self) -> list[_Job]:
-        """What was never taken (only if the writer thread died)."""
-        with self._ready:
-            left = list(self._jobs)
-            self._jobs.clear()
-            return left
+        """What was never taken (only if the committer died of a bug)."""
+        left = list(self._jobs)
+        self._jobs.clear()
+        self._arrived.clear()
+        self._ops = 0
+        return left
 
 
 class _State(enum.Enum):
@@ -745,7 +763,7 @@ def _transact(
     return results, stats
 
 
-def _transact_in(
+async def _transact_in(
     process: WriterProcess, batch: list[_Job]
 ) -> tuple[list[int | Exception], list[_Stat]]:
     """``_transact`` run by the writer process; event ids come back with the
@@ -756,7 +774,7 @@ def _transact_in(
         else job.work
         for job in batch
     ]
-    results, event_ids, stats = process.transact(works)
+    results, event_ids, stats = await process.transact(works)
     for job, result, ids in zip(batch, results, event_ids, strict=True):
         if isinstance(job.work, list) and not isinstance(result, Exception):
             events = [op for op in job.work if isinstance(op, PutEvent)]
@@ -913,6 +931,7 @@ class SqliteStore:
         max_pending_ops: int = STORE_MAX_PENDING_OPS,
         readers: int = STORE_READERS,
         writer_process: bool = True,
+        commit_window_s: float = STORE_COMMIT_WINDOW_S,
     ) -> None:
         mode = synchronous.upper()
         if mode not in _SYNCHRONOUS_MODES:
@@ -928,7 +947,7 @@ class SqliteStore:
         self._writer_process = writer_process
         """Commit in a child process (``_writer``), not in the writer thread."""
         self.writer: WriterProcess | None = None
-        """The writer process, while ``run()`` runs (None: the thread commits)."""
+        """The writer process, while ``run()`` runs (None: a worker thread commits)."""
 
         self._state = _State.NEW
         self._run_called = False
@@ -942,7 +961,7 @@ class SqliteStore:
         self._reader_slots = trio.Semaphore(readers)
         self._readers_closed = False
 
-        self._handoff = _Handoff(max_batch_ops)  # admitted, not yet taken by the writer
+        self._handoff = _Handoff(max_batch_ops, commit_window_s)  # admitted, not yet taken
         self._waiting: deque[_Job] = deque()  # the admission line (backpressure)
         self._pending_ops = 0  # admitted and not yet committed (queued + in flight)
         self._stop = trio.Event()
@@ -1009,7 +1028,6 @@ class SqliteStore:
         self._run_called = True  # before any await: two run()s must not both pass
         await self.open()
         process = None
-        token = trio.lowlevel.current_trio_token()
         try:
             if self._writer_process:
                 # Started before run() reports itself started: its memory is part of
@@ -1020,19 +1038,20 @@ class SqliteStore:
                 try:
                     await trio.to_thread.run_sync(process.start, limiter=self._limiter)
                 except BaseException:
-                    process.close()
+                    with trio.CancelScope(shield=True):
+                        await process.aclose()
                     raise
             self._state = _State.RUNNING
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._run_writer, token, process)
+                nursery.start_soon(self._run_committer, process)
                 try:
                     task_status.started()
                     await self._stop.wait()
                 finally:
                     self._closing = True
-                    # Everything still waiting for admission goes to the writer, which
+                    # Everything still waiting for admission goes to the committer, which
                     # commits it all before it stops (cancellation cannot cut this short:
-                    # the thread is never abandoned).
+                    # it runs shielded).
                     while self._waiting:
                         self._admit_job(self._waiting.popleft())
                     self._handoff.stop()
@@ -1144,33 +1163,33 @@ class SqliteStore:
         while self._waiting and self._fits(self._waiting[0].weight):
             self._admit_job(self._waiting.popleft())
 
-    async def _run_writer(
-        self, token: trio.lowlevel.TrioToken, process: WriterProcess | None
-    ) -> None:
-        await trio.to_thread.run_sync(self._writer_main, token, process, limiter=self._limiter)
-
-    def _writer_main(self, token: trio.lowlevel.TrioToken, process: WriterProcess | None) -> None:
-        """The writer thread: commit batch after batch until stopped and empty,
-        itself or through the writer process."""
+    async def _run_committer(self, process: WriterProcess | None) -> None:
+        """Commit batch after batch until stopped and empty, through the writer
+        process or (``writer_process=False``) a worker thread. Shielded: an
+        admitted job is always committed, and a transaction never abandoned."""
         writer = self._writer
         assert writer is not None
-        try:
-            while (batch := self._handoff.take()) is not None:
-                results: list[int | Exception]
-                try:
-                    if process is None:
-                        results, stats = _transact(writer, [job.work for job in batch])
-                    else:
-                        results, stats = _transact_in(process, batch)
-                except Exception as exc:  # a bug in _transact, not a caller's fault
-                    log.exception("store commit failed")
-                    results, stats = [exc] * len(batch), []
-                # Callbacks run in posting order, all before run()'s wait for this
-                # thread returns (that result is posted the same way, later).
-                token.run_sync_soon(self._committed, batch, results, stats)
-        finally:
-            if process is not None:
-                process.close()
+        with trio.CancelScope(shield=True):
+            try:
+                while (batch := await self._handoff.take()) is not None:
+                    results: list[int | Exception]
+                    try:
+                        if process is None:
+                            results, stats = await trio.to_thread.run_sync(
+                                _transact,
+                                writer,
+                                [job.work for job in batch],
+                                limiter=self._limiter,
+                            )
+                        else:
+                            results, stats = await _transact_in(process, batch)
+                    except Exception as exc:  # a bug in _transact, not a caller's fault
+                        log.exception("store commit failed")
+                        results, stats = [exc] * len(batch), []
+                    self._committed(batch, results, stats)
+            finally:
+                if process is not None:
+                    await process.aclose()
 
     def _committed(
         self, batch: list[_Job], results: list[int | Exception], stats: list[_Stat]

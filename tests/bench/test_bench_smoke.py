@@ -21,6 +21,7 @@ import pytest
 from bench.loadgen.bot_heavy import BotHeavyReport
 from bench.loadgen.fanout import FanoutReport
 from bench.loadgen.idle import IdleReport
+from bench.loadgen.independent import IndependentReport
 from bench.loadgen.peak_sale import PeakSaleReport
 from bench.loadgen.reconnect_storm import StormReport
 from bench.loadgen.suite import NEEDS_BOT, SCENARIOS
@@ -60,9 +61,24 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> SuiteRun:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--out", str(out), "--no-plot",
-         "--targets", ",".join(TARGETS)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--quick",
+            "--out",
+            str(out),
+            "--no-plot",
+            "--targets",
+            ",".join(TARGETS),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        check=False,
+    )
     seconds = time.monotonic() - started
     output = proc.stdout + proc.stderr
     files = sorted(out.glob("*-quick*.json"))
@@ -85,6 +101,27 @@ def test_every_scenario_ran_on_every_target(suite: SuiteRun) -> None:
                 assert outcome.report is not None
 
 
+def test_the_host_is_recorded(suite: SuiteRun) -> None:
+    machine = suite.result.machine
+    assert machine.calibration_us > 0
+    assert suite.result.calibration_end_us > 0
+    assert machine.fsync is not None
+    assert 0 < machine.fsync.p50_us <= machine.fsync.p90_us
+    assert "calibration" in suite.output and "fsync" in suite.output
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_the_independent_client_delivers_everything(suite: SuiteRun, name: str) -> None:
+    report = suite.outcome(name, "independent").report
+    assert isinstance(report, IndependentReport)
+    assert [p.offered_msgs_per_s for p in report.points] == list(report.params.points)
+    for point in report.points:
+        assert point.sent > 0, point.verdict
+        assert (point.acked, point.delivered, point.errors) == (point.sent, point.sent, {}), (
+            point.verdict
+        )
+
+
 def test_imserver_logged_no_errors(suite: SuiteRun) -> None:
     for scenario in SCENARIOS:
         log = suite.outcome("imserver", scenario).server_log
@@ -105,8 +142,12 @@ def test_peak_sale_delivers_everything(suite: SuiteRun, name: str) -> None:
     assert report.steps, "no step ran"
     for step in report.steps:
         assert step.sent > 0, step.index
-        assert (step.acked, step.delivered, step.unsent, step.errors) == (step.sent, step.sent, 0, {}), (
-            step.offered_msgs_per_s, step.verdict)
+        assert (step.acked, step.delivered, step.unsent, step.errors) == (
+            step.sent,
+            step.sent,
+            0,
+            {},
+        ), (step.offered_msgs_per_s, step.verdict)
 
 
 @pytest.mark.parametrize("name", TARGETS)

@@ -16,13 +16,19 @@ Both sides go through the same pipeline:
 
    * ``chars``: punctuation and emoji removed, spaces kept only between
      Latin/digit words;
-   * ``tokens``: jieba segmentation (it passes Latin words through), minus
-     punctuation, minus :data:`ZH_STOPWORDS` / :data:`EN_STOPWORDS`, English
-     plurals folded (``parcels`` -> ``parcel``), as a set.
+   * ``tokens``: jieba segmentation (it passes Latin words through), English
+     words lemmatized by simplemma (:func:`.segment.lemma`: ``shipping`` ->
+     ``ship``, ``refunded`` -> ``refund``, ``paid`` -> ``pay``), minus
+     punctuation, minus :data:`ZH_STOPWORDS` / :data:`EN_STOPWORDS`, as a set.
 
 The score of a message against one variant is::
 
     score = TOKEN_WEIGHT * token_f1 + CHAR_WEIGHT * char_similarity
+
+for a message with Chinese in it, and with :data:`EN_CHAR_WEIGHT` instead of
+``CHAR_WEIGHT`` (and ``1 - EN_CHAR_WEIGHT`` for the tokens) for one without:
+in English the lemmas carry the meaning, and the letters that "how long does
+shipping take" shares with "how long does a refund take" say little.
 
 ``char_similarity`` is rapidfuzz's normalised Indel similarity
 (``fuzz.ratio / 100``) of the two ``chars`` strings: robust to typos and to
@@ -31,14 +37,19 @@ character carries meaning.
 
 ``token_f1`` is a soft, IDF-weighted token-set F1: a message token matches a
 variant token exactly (1.0) or, for tokens of 3+ characters, fuzzily with
-``fuzz.ratio >= TOKEN_FUZZY_MIN`` (``ordr`` ~ ``order``). Precision is the
+``fuzz.ratio >= TOKEN_FUZZY_MIN`` (``ordr`` ~ ``order``) -- but a word the
+English dictionary knows is no typo (``black`` never matches ``back``) unless
+one word starts with the other (``sales`` ~ ``sale``). Precision is the
 weighted share of the message's tokens found in *any* variant of the candidate
 (the variants together are the candidate's vocabulary: "any coupons" is
 covered by "any discount" + "do you have coupons"), recall the weighted share
 of this variant's tokens found in the message; weights are smoothed IDF over the candidates
 (entries), so words every entry uses (``什么``, ``how``) count less than the
-ones that discriminate (``快递``, ``refund``); a message token unknown to the
-whole knowledge base gets the highest weight (gibberish is penalised). We do
+ones that discriminate (``快递``, ``refund``); words that frame a question
+rather than name its topic (:data:`FRAME_WORDS`: ``how long``, ``day``,
+``item``, ``什么时候``) are weighted down by :data:`FRAME_WEIGHT`; a message
+token unknown to the whole knowledge base gets the highest weight (gibberish is
+penalised). We do
 not use ``fuzz.token_set_ratio`` directly because it returns 100 whenever one
 token set is a subset of the other: a long shipping question that happens to
 start with ``你好`` would score 1.0 against the one-token greeting variant.
@@ -70,7 +81,10 @@ __all__ = [
     "AMBIGUITY_PENALTY",
     "BUILTIN_SYNONYMS",
     "CHAR_WEIGHT",
+    "EN_CHAR_WEIGHT",
     "EN_STOPWORDS",
+    "FRAME_WEIGHT",
+    "FRAME_WORDS",
     "MIN_ANCHORED_ORDER_ID_LEN",
     "MIN_BARE_ORDER_ID_DIGITS",
     "SUPPORTED_LANGUAGES",
@@ -98,6 +112,11 @@ TOKEN_WEIGHT = 0.6
 """Weight of the soft token-set F1 in a variant's score."""
 CHAR_WEIGHT = 0.4
 """Weight of the character-level similarity (``TOKEN_WEIGHT + CHAR_WEIGHT == 1``)."""
+EN_CHAR_WEIGHT = 0.15
+"""The character weight for a message without Chinese (the token weight is then
+``1 - EN_CHAR_WEIGHT``): in English whole words, lemmatized, carry the meaning,
+and letters shared by "how many days to deliver" and "how many days do I have
+to return" say little; every Chinese character does."""
 TOKEN_FUZZY_MIN = 0.8
 """Two different tokens count as the same word when their Indel similarity is at
 least this (both must be :data:`TOKEN_FUZZY_MIN_LEN`+ characters): catches
@@ -118,6 +137,7 @@ is an id, "the order 3 days ago" is not)."""
 Language = Literal["zh", "en"]
 SUPPORTED_LANGUAGES: tuple[Language, ...] = ("zh", "en")
 
+
 def _words(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
@@ -134,10 +154,26 @@ EN_STOPWORDS: frozenset[str] = _words(
     "a an the is are am was were be been being i me my mine we our us you your it its "
     "this that these those to of for on in at by with do does did can could would will "
     "shall should please pls plz and or so just there here s t d m ll re ve want "
-    "need"
+    "need until before after about from into than if then yet still already ever also too "
+    "really very usually normally typically"
 )
 """English function words ignored by the token view. Question words (where,
 when, how, what) are kept: they separate "where is it" from "how do I"."""
+
+FRAME_WORDS: frozenset[str] = _words(
+    "how what when where which who why many much long soon fast often time "
+    "minute hour day week month get take make go have has let tell know "
+    "item product thing stuff goods 东西 商品 宝贝 货 "
+    "怎么 怎样 如何 什么 啥 多久 多长 多少 几 几天 天 小时 时间 时候 什么时候 哪 哪个 为什么 怎么办 "
+    "还 没 不 没有 还没 一般 大概 现在 已经 给 让 把 吧 弄 做 看 看看 查 下"
+)
+"""Words that frame a question ("how long", "什么时候", "can you get") rather than
+name its topic: kept (they still tell "when" from "how much") but weighted by
+:data:`FRAME_WEIGHT`, so the topic words decide which entry a message is about
+("how many days until the refund shows up" is about refunds, not delivery).
+English words are listed as lemmas."""
+FRAME_WEIGHT = 0.4
+"""Weight factor of :data:`FRAME_WORDS` (times their IDF)."""
 
 BUILTIN_SYNONYMS: Mapping[str, tuple[str, ...]] = {
     "快递": ("包裹", "物流", "快件"),
@@ -149,10 +185,29 @@ BUILTIN_SYNONYMS: Mapping[str, tuple[str, ...]] = {
     "优惠券": ("优惠卷", "券"),
     "发票": ("开发票", "开票"),
     "有": ("有没有",),
+    "运费": ("邮费", "快递费"),
+    "优惠": ("折扣", "打折"),
+    "单号": ("运单号", "快递单号", "物流单号"),
     "package": ("parcel", "shipment"),
+    "shipping": ("delivery", "postage"),
+    "cod": ("cash on delivery",),
+    "courier": (
+        "carrier",
+        "shipping company",
+        "delivery company",
+        "delivery service",
+        "dhl",
+        "ups",
+        "fedex",
+        "usps",
+        "ems",
+        "royal mail",
+    ),
     "hello": ("hi", "hey", "hiya"),
     "refund": ("money back",),
+    "return": ("send back", "send it back"),
     "size": ("sizing",),
+    "colour": ("color",),
 }
 """Canonical term -> variants folded into it before scoring (per-KB synonyms add
 to these). Chinese variants are replaced as substrings, so only safe ones:
@@ -269,16 +324,8 @@ class Synonyms:
         return pattern.sub(repl, normalized)
 
 
-def _stem(token: str) -> str:
-    if not token.isascii() or len(token) <= 3:
-        return token
-    if token.endswith("ies"):
-        return token[:-3] + "y"
-    if token.endswith("es") and token[:-2].endswith(("s", "x", "ch", "sh")):
-        return token[:-2]
-    if token.endswith("s") and not token.endswith(("ss", "us", "is")):
-        return token[:-1]
-    return token
+def _frame_factor(token: str) -> float:
+    return FRAME_WEIGHT if token in FRAME_WORDS else 1.0
 
 
 def tokens(canonical: str) -> list[str]:
@@ -288,7 +335,7 @@ def tokens(canonical: str) -> list[str]:
         tok = raw.strip()
         if not tok or _NON_WORD_RE.fullmatch(tok):
             continue
-        tok = _stem(tok)
+        tok = segment.lemma(tok)
         if tok in ZH_STOPWORDS or tok in EN_STOPWORDS:
             continue
         seen.setdefault(tok, None)
@@ -324,7 +371,9 @@ _TRACKING_RE = re.compile(
     r"\s*(?:是|为|:|is\b)?\s*#?\s*[A-Za-z0-9-]+",
     re.IGNORECASE,
 )
-_BARE_RE = re.compile(rf"(?<![A-Za-z0-9])(?P<id>[0-9]{{{MIN_BARE_ORDER_ID_DIGITS},40}})(?![A-Za-z0-9])")
+_BARE_RE = re.compile(
+    rf"(?<![A-Za-z0-9])(?P<id>[0-9]{{{MIN_BARE_ORDER_ID_DIGITS},40}})(?![A-Za-z0-9])"
+)
 _CN_MOBILE_RE = re.compile(r"1[3-9][0-9]{9}")
 
 
@@ -459,7 +508,7 @@ class Matcher:
         n = len(self._candidates)
         for tok, df in doc_freq.items():
             self._vocab[tok] = len(self._idf)
-            self._idf.append(math.log((n + 1) / (df + 1)) + 1.0)
+            self._idf.append((math.log((n + 1) / (df + 1)) + 1.0) * _frame_factor(tok))
             if len(tok) >= TOKEN_FUZZY_MIN_LEN:
                 self._long_vocab.append(tok)
                 self._long_ids.append(self._vocab[tok])
@@ -491,10 +540,19 @@ class Matcher:
             if exact is not None:
                 row[exact] = 1.0
             if len(tok) >= TOKEN_FUZZY_MIN_LEN and self._long_vocab:
-                for _, score, pos in process.extract(
-                    tok, self._long_vocab, scorer=fuzz.ratio,
-                    score_cutoff=TOKEN_FUZZY_MIN * 100, limit=None,
+                # A word the English dictionary knows is no typo: "black" is not
+                # "back". It may still be a form the lemmatizer left alone
+                # ("sales", "internationally"): one word starting with the other.
+                known = segment.is_english_word(tok)
+                for word, score, pos in process.extract(
+                    tok,
+                    self._long_vocab,
+                    scorer=fuzz.ratio,
+                    score_cutoff=TOKEN_FUZZY_MIN * 100,
+                    limit=None,
                 ):
+                    if known and not (word.startswith(tok) or tok.startswith(word)):
+                        continue
                     tid = self._long_ids[pos]
                     row[tid] = max(row.get(tid, 0.0), score / 100.0)
             if exact is not None:
@@ -502,23 +560,24 @@ class Matcher:
             elif row:
                 weight = self._idf[max(row, key=lambda t: row[t])]
             else:
-                weight = self._unknown_idf
+                weight = self._unknown_idf * _frame_factor(tok)
             sims.append(row)
             weights.append(weight)
         return sims, weights
 
     @staticmethod
-    def _coverage(token_ids: frozenset[int], sims: list[dict[int, float]],
-                  weights: list[float]) -> float:
+    def _coverage(
+        token_ids: frozenset[int], sims: list[dict[int, float]], weights: list[float]
+    ) -> float:
         """Weighted share of the message's tokens found among ``token_ids``."""
         matched = 0.0
         for row, weight in zip(sims, weights, strict=True):
-            matched += weight * max((sim for tid, sim in row.items() if tid in token_ids),
-                                    default=0.0)
+            matched += weight * max(
+                (sim for tid, sim in row.items() if tid in token_ids), default=0.0
+            )
         return matched / sum(weights)
 
-    def _token_f1(self, variant: _Variant, precision: float,
-                  sims: list[dict[int, float]]) -> float:
+    def _token_f1(self, variant: _Variant, precision: float, sims: list[dict[int, float]]) -> float:
         if not sims or not variant.token_ids:
             return 0.0
         best_v: dict[int, float] = {}
@@ -549,10 +608,14 @@ class Matcher:
         char_scores = {
             pos: score / 100.0
             for _, score, pos in process.extract(
-                query.chars, self._variant_chars, scorer=fuzz.ratio, limit=None,
+                query.chars,
+                self._variant_chars,
+                scorer=fuzz.ratio,
+                limit=None,
             )
         }
         precisions: dict[int, float] = {}
+        char_weight = CHAR_WEIGHT if _CJK_RE.search(query.chars) else EN_CHAR_WEIGHT
         for vindex, variant in enumerate(self._variants):
             if vindex in scores:
                 continue
@@ -565,7 +628,7 @@ class Matcher:
                 tok = self._token_f1(variant, precisions[owner], sims)
             if not query.tokens and not variant.token_ids:
                 tok = char  # nothing but stopwords on both sides: characters decide
-            scores[vindex] = min(1.0, TOKEN_WEIGHT * tok + CHAR_WEIGHT * char)
+            scores[vindex] = min(1.0, (1.0 - char_weight) * tok + char_weight * char)
         return scores
 
     def rank(self, text: str, limit: int | None = 5) -> list[Match]:
@@ -599,6 +662,10 @@ class Matcher:
             if gap < AMBIGUITY_MARGIN and not exempt:
                 confidence = top.score * (1 - AMBIGUITY_PENALTY * (1 - gap / AMBIGUITY_MARGIN))
         return Match(
-            top.key, top.group, max(0.0, min(1.0, confidence)), top.score, top.variant,
+            top.key,
+            top.group,
+            max(0.0, min(1.0, confidence)),
+            top.score,
+            top.variant,
             (runner.key, runner.score) if runner else None,
         )

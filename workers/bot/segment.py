@@ -1,4 +1,13 @@
-"""A narrow, typed, lazily initialised wrapper around jieba.
+"""Narrow, typed, lazily initialised wrappers around the tokenizers: jieba
+segments Chinese, simplemma lemmatizes English words (:func:`lemma`).
+
+simplemma (zero dependencies, MIT) looks words up in a dictionary shipped
+inside the wheel, so nothing is downloaded at run time; irregular forms come
+back as their lemma (``paid`` -> ``pay``, ``bought`` -> ``buy``, ``shipping``
+-> ``ship``). Its English dictionary is read on first use (~0.2 s) or on
+:func:`warm_up`; lookups then take about a microsecond.
+
+jieba:
 
 jieba ships no type information and has import-time and first-use side
 effects this module contains:
@@ -27,7 +36,18 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
-__all__ = ["DOMAIN_WORDS", "cut", "cut_many", "is_ready", "warm_up"]
+import simplemma
+
+__all__ = [
+    "DOMAIN_WORDS",
+    "LEMMA_MIN_LEN",
+    "cut",
+    "cut_many",
+    "is_english_word",
+    "is_ready",
+    "lemma",
+    "warm_up",
+]
 
 DOMAIN_WORDS: tuple[str, ...] = (
     "转人工",
@@ -88,8 +108,28 @@ def _get() -> _Tokenizer:
 
 
 def warm_up() -> None:
-    """Load the dictionary now (call at worker start to keep it off the first message)."""
+    """Load the dictionaries now (call at worker start to keep them off the first message)."""
     _get()
+    lemma("warming")
+
+
+LEMMA_MIN_LEN = 3
+"""Shorter words are kept as written: simplemma reads ``us`` as ``we`` and ``m``
+(of ``i'm``) as ``be``, while size letters (``s``/``m``/``l``) must stay."""
+
+
+def is_english_word(word: str) -> bool:
+    """Whether simplemma's English dictionary knows ``word`` (a lower-case word
+    or lemma): a known word is not taken for a typo of another one."""
+    return bool(word.isascii() and simplemma.is_known(word, lang="en"))
+
+
+def lemma(word: str) -> str:
+    """The English lemma of a lower-case word (``shipping`` -> ``ship``); words
+    simplemma does not know, and short ones, come back unchanged."""
+    if len(word) < LEMMA_MIN_LEN or not word.isascii() or not word.isalpha():
+        return word
+    return simplemma.lemmatize(word, lang="en").lower()
 
 
 def is_ready() -> bool:

@@ -147,10 +147,10 @@ def raw(db_path: Path) -> Iterator[sqlite3.Connection]:
 
 
 async def writer_took_all(store: SqliteStore) -> None:
-    """Until the store's writer thread has taken every write queued so far: with
+    """Until the store's committer has taken every write queued so far: with
     a ``WriteLock`` held, those are then the in-flight transaction, and later
     writes queue behind it."""
-    await trio.to_thread.run_sync(store._handoff.wait_taken)
+    await store._handoff.wait_taken()
 
 
 class WriteLock:

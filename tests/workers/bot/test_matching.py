@@ -27,23 +27,59 @@ from workers.bot.matching import (
 THRESHOLD = 0.6
 
 CANDIDATES = [
-    Candidate("order_status", "order_status",
-              ["查订单", "我的订单状态", "订单到哪一步了", "where is my order", "order status"]),
-    Candidate("logistics", "shipping",
-              ["我的快递到哪了", "物流信息", "什么时候能到", "where is my parcel",
-               "track my package", "when will my package arrive"]),
-    Candidate("ship_time", "shipping_time",
-              ["什么时候发货", "多久发货", "when will you ship", "how long until it ships"]),
-    Candidate("returns", "returns",
-              ["怎么退货", "可以退货吗", "七天无理由退货吗", "how do i return an item",
-               "can i return it", "return policy"]),
-    Candidate("refund_time", "refund",
-              ["退款多久到账", "退款什么时候到", "how long does a refund take",
-               "when will i get my refund"]),
-    Candidate("size", "size",
-              ["尺码怎么选", "我穿什么码", "有尺码表吗", "what size should i get", "size chart"]),
+    Candidate(
+        "order_status",
+        "order_status",
+        ["查订单", "我的订单状态", "订单到哪一步了", "where is my order", "order status"],
+    ),
+    Candidate(
+        "logistics",
+        "shipping",
+        [
+            "我的快递到哪了",
+            "物流信息",
+            "什么时候能到",
+            "where is my parcel",
+            "track my package",
+            "when will my package arrive",
+        ],
+    ),
+    Candidate(
+        "ship_time",
+        "shipping_time",
+        ["什么时候发货", "多久发货", "when will you ship", "how long until it ships"],
+    ),
+    Candidate(
+        "returns",
+        "returns",
+        [
+            "怎么退货",
+            "可以退货吗",
+            "七天无理由退货吗",
+            "how do i return an item",
+            "can i return it",
+            "return policy",
+        ],
+    ),
+    Candidate(
+        "refund_time",
+        "refund",
+        [
+            "退款多久到账",
+            "退款什么时候到",
+            "how long does a refund take",
+            "when will i get my refund",
+        ],
+    ),
+    Candidate(
+        "size",
+        "size",
+        ["尺码怎么选", "我穿什么码", "有尺码表吗", "what size should i get", "size chart"],
+    ),
     Candidate("greeting", "greeting", ["你好", "在吗", "hello", "anyone there"]),
-    Candidate("coupon", "coupon", ["有优惠券吗", "能便宜点吗", "any discount", "do you have coupons"]),
+    Candidate(
+        "coupon", "coupon", ["有优惠券吗", "能便宜点吗", "any discount", "do you have coupons"]
+    ),
     Candidate("invoice", "invoice", ["可以开发票吗", "can i get an invoice"]),
 ]
 
@@ -102,15 +138,25 @@ def test_paraphrases_match_the_right_entry(text: str, expected: str) -> None:
 
 
 def test_most_paraphrases_clear_the_default_threshold() -> None:
-    cleared = [text for text, _ in PARAPHRASES
-               if (m := matcher().best(text)) is not None and m.confidence >= THRESHOLD]
+    cleared = [
+        text
+        for text, _ in PARAPHRASES
+        if (m := matcher().best(text)) is not None and m.confidence >= THRESHOLD
+    ]
     assert len(cleared) >= len(PARAPHRASES) - 2, set(t for t, _ in PARAPHRASES) - set(cleared)
 
 
-@pytest.mark.parametrize("text", [
-    "asdkjh qwpeoi zxcmnb", "阿斯顿发噶士大夫", "今天天气不错", "is this real leather",
-    "qwertyuiop", "？？？",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "asdkjh qwpeoi zxcmnb",
+        "阿斯顿发噶士大夫",
+        "今天天气不错",
+        "is this real leather",
+        "qwertyuiop",
+        "？？？",
+    ],
+)
 def test_unrelated_text_has_low_confidence(text: str) -> None:
     best = matcher().best(text)
     assert best is None or best.confidence < THRESHOLD, best
@@ -123,10 +169,12 @@ def test_exact_variant_scores_one() -> None:
 
 
 def test_ambiguity_between_intents_lowers_confidence() -> None:
-    ambiguous = Matcher([
-        Candidate("a", "shipping", ["快递什么时候到"]),
-        Candidate("b", "refund", ["退款什么时候到"]),
-    ])
+    ambiguous = Matcher(
+        [
+            Candidate("a", "shipping", ["快递什么时候到"]),
+            Candidate("b", "refund", ["退款什么时候到"]),
+        ]
+    )
     best = ambiguous.best("什么时候到")
     assert best is not None and best.runner_up is not None
     assert best.score - best.runner_up[1] < 0.1
@@ -134,10 +182,12 @@ def test_ambiguity_between_intents_lowers_confidence() -> None:
 
 
 def test_same_intent_runner_up_is_not_ambiguity() -> None:
-    same = Matcher([
-        Candidate("a", "shipping", ["快递什么时候到"]),
-        Candidate("b", "shipping", ["包裹什么时候到呀"]),
-    ])
+    same = Matcher(
+        [
+            Candidate("a", "shipping", ["快递什么时候到"]),
+            Candidate("b", "shipping", ["包裹什么时候到呀"]),
+        ]
+    )
     best = same.best("什么时候到")
     assert best is not None
     assert best.runner_up is None and best.confidence == best.score
@@ -178,10 +228,16 @@ def test_char_view_drops_punctuation_and_cjk_spaces() -> None:
     assert char_view(normalize("where is my order?!")) == "where is my order"
 
 
-@pytest.mark.parametrize(("text", "language"), [
-    ("我的快递到哪了", "zh"), ("where is my parcel", "en"), ("order 123 到哪了", "zh"),
-    ("123456", None), ("😀", None),
-])
+@pytest.mark.parametrize(
+    ("text", "language"),
+    [
+        ("我的快递到哪了", "zh"),
+        ("where is my parcel", "en"),
+        ("order 123 到哪了", "zh"),
+        ("123456", None),
+        ("😀", None),
+    ],
+)
 def test_detect_language(text: str, language: str | None) -> None:
     assert detect_language(text) == language
 
@@ -211,33 +267,39 @@ def test_contains_term() -> None:
 # --------------------------------------------------------------------------- order ids
 
 
-@pytest.mark.parametrize(("text", "order_id"), [
-    ("where is my order 123?", "123"),
-    ("Where is my order #123", "123"),
-    ("order no. 98765", "98765"),
-    ("my order number is 12345678", "12345678"),
-    ("order: SO-2024-0001 hasn't arrived", "SO-2024-0001"),
-    ("订单123到哪了", "123"),
-    ("订单号：１２３４５６７８９０１２", "123456789012"),  # full-width
-    ("订单号是 4412345678901234567", "4412345678901234567"),
-    ("#5566 怎么还没发", "5566"),
-    ("4412345678901234567 这个单", "4412345678901234567"),
-    ("帮我查下 240101000000000001", "240101000000000001"),
-])
+@pytest.mark.parametrize(
+    ("text", "order_id"),
+    [
+        ("where is my order 123?", "123"),
+        ("Where is my order #123", "123"),
+        ("order no. 98765", "98765"),
+        ("my order number is 12345678", "12345678"),
+        ("order: SO-2024-0001 hasn't arrived", "SO-2024-0001"),
+        ("订单123到哪了", "123"),
+        ("订单号：１２３４５６７８９０１２", "123456789012"),  # full-width
+        ("订单号是 4412345678901234567", "4412345678901234567"),
+        ("#5566 怎么还没发", "5566"),
+        ("4412345678901234567 这个单", "4412345678901234567"),
+        ("帮我查下 240101000000000001", "240101000000000001"),
+    ],
+)
 def test_extract_order_id(text: str, order_id: str) -> None:
     assert extract_order_id(text) == order_id
 
 
-@pytest.mark.parametrize("text", [
-    "order status",
-    "I placed the order 3 days ago",
-    "身高170体重60",
-    "我的手机13812345678",  # a mobile number, not an order
-    "运单号 773012345678",  # a tracking number
-    "tracking number 773012345678",
-    "#1",
-    "",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "order status",
+        "I placed the order 3 days ago",
+        "身高170体重60",
+        "我的手机13812345678",  # a mobile number, not an order
+        "运单号 773012345678",  # a tracking number
+        "tracking number 773012345678",
+        "#1",
+        "",
+    ],
+)
 def test_no_order_id(text: str) -> None:
     assert extract_order_id(text) is None
 
@@ -269,8 +331,12 @@ _ROOT = Path(__file__).resolve().parents[3]
 
 def _python(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-W", "error", "-c", code], cwd=_ROOT, capture_output=True,
-        text=True, timeout=120, check=False,
+        [sys.executable, "-W", "error", "-c", code],
+        cwd=_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -296,3 +362,70 @@ def test_jieba_initialises_once_silently_and_without_warnings() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # no "Building prefix dict ..." chatter
+
+
+# --------------------------------------------------------------------------- English path
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("how long does shipping take", ["how", "long", "ship", "take"]),
+        ("I paid and they sent it", ["pay", "they", "send"]),  # irregular forms
+        ("refunded items", ["refund", "item"]),
+        ("parcels arriving", ["parcel", "arrive"]),
+        ("size l or xl", ["size", "l", "xl"]),  # short words stay as written
+    ],
+)
+def test_english_tokens_are_lemmas(text: str, expected: list[str]) -> None:
+    assert tokens(normalize(text)) == expected
+
+
+def test_shipping_time_is_not_the_refund_time() -> None:
+    """Issue 11: the refund answer came back for a shipping question."""
+    kb = Matcher(
+        [
+            Candidate("ship_time", "shipping", ["when will you ship", "how long until it ships"]),
+            Candidate("refund_time", "refund", ["how long does a refund take"]),
+        ]
+    )
+    best = kb.best("how long does shipping take?")
+    assert best is not None and best.key == "ship_time"
+
+
+def test_a_known_word_is_not_a_typo_of_another() -> None:
+    kb = Matcher(
+        [
+            Candidate("returns", "returns", ["send an item back"]),
+            Candidate("stock", "stock", ["is this colour available", "black or white"]),
+        ]
+    )
+    assert [m.key for m in kb.rank("back", limit=1)] == ["returns"]
+    # "black" is a word, not a typo of "back"; "blakc" is a typo of "black".
+    assert [m.key for m in kb.rank("do you have it in black", limit=1)] == ["stock"]
+    assert [m.key for m in kb.rank("blakc one", limit=1)] == ["stock"]
+
+
+def test_a_form_the_lemmatizer_keeps_still_matches_its_stem() -> None:
+    kb = Matcher(
+        [
+            Candidate("coupon", "coupon", ["is there a sale"]),
+            Candidate("payment", "payment", ["how can i pay"]),
+        ]
+    )
+    best = kb.best("any sales coming soon")
+    assert best is not None and best.key == "coupon"
+
+
+def test_frame_words_do_not_outweigh_the_topic() -> None:
+    """With frame words at full weight, "how many days" picks the delivery entry."""
+    kb = Matcher(
+        [
+            Candidate("delivery_time", "shipping", ["how many days to deliver"]),
+            Candidate("refund_time", "refund", ["how long does a refund take"]),
+            Candidate("coupon", "coupon", ["any discount"]),
+            Candidate("size", "size", ["what size should i get"]),
+        ]
+    )
+    best = kb.best("how many days until the refund shows up")
+    assert best is not None and best.key == "refund_time"
