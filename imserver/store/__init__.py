@@ -17,6 +17,8 @@ from ._base import (
     PutCursor,
     PutEvent,
     PutMessage,
+    PutShop,
+    PutStaff,
     PutUsedToken,
     Scope,
     ScopeKind,
@@ -27,13 +29,17 @@ from ._base import (
     WriteOp,
 )
 from ._export import ExportFormat, export_conversation, export_shop
+from ._health import WRITER_DEAD, DatabaseCorrupt, WatchedSqliteStore, prepare_database
 from ._schema import SCHEMA_VERSION, SchemaError
+from ._shops import add_shops, read_shops
 from ._sqlite import SqliteStore
 
 __all__ = [
     "SCHEMA_VERSION",
+    "WRITER_DEAD",
     "ActorSnapshot",
     "AgentRecord",
+    "DatabaseCorrupt",
     "ExportFormat",
     "MarkRecalled",
     "PageRead",
@@ -43,6 +49,8 @@ __all__ = [
     "PutCursor",
     "PutEvent",
     "PutMessage",
+    "PutShop",
+    "PutStaff",
     "PutUsedToken",
     "SchemaError",
     "Scope",
@@ -52,7 +60,11 @@ __all__ = [
     "SqliteStore",
     "Store",
     "StoredEvent",
+    "WatchedSqliteStore",
     "WriteOp",
+    "add_shops",
     "export_conversation",
     "export_shop",
+    "prepare_database",
+    "read_shops",
 ]
