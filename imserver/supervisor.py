@@ -7,10 +7,11 @@ that exits is restarted with exponential backoff (reset after it has run
 ``HEALTHY_AFTER_S``). On shutdown children get SIGTERM, then SIGKILL after
 ``STOP_GRACE_S``.
 
-A child's stdout and stderr come back through one pipe and leave on our stderr
-as JSON lines: its own log lines pass unchanged; anything else (a library's
-print, a traceback from before logging was set up) becomes one ``worker_output``
-event per burst. ``WorkerStates`` keeps each plugin's state (running,
+A child's stdout is ours (its status lines: ``imserver worker bot joined as
+...``). Its stderr comes back through a pipe and leaves on our stderr as JSON
+lines: its own log lines pass unchanged; anything else (a library's banner, a
+traceback from before logging was set up) becomes one ``worker_output`` event
+per burst. ``WorkerStates`` keeps each plugin's state (running,
 restarting; failures in a row, the last error) for ``/healthz``: a worker that
 cannot start shows as ``degraded`` there with the reason, not as ``ok``.
 """
@@ -91,8 +92,8 @@ class WorkerStates:
 
 
 async def _forward_output(stream: trio.abc.ReceiveStream, state: WorkerState) -> None:
-    """Our stderr gets the child's JSON log lines as they are and its other output
-    as ``worker_output`` events; an error line is remembered for ``/healthz``."""
+    """Our stderr gets the child's JSON log lines as they are and its other stderr
+    output as ``worker_output`` events; an error line is remembered for ``/healthz``."""
     buffer = bytearray()
     pending: list[str] = []
 
@@ -173,15 +174,13 @@ async def supervise(
     failures = 0
     while True:
         started = trio.current_time()
-        process = await trio.lowlevel.open_process(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
+        process = await trio.lowlevel.open_process(command, env=env, stderr=subprocess.PIPE)
         state.running, state.pid, state.started_at = True, process.pid, started
         event(log, "worker_started", plugin=name, pid=process.pid)
         try:
-            assert process.stdout is not None
+            assert process.stderr is not None
             async with trio.open_nursery() as output:
-                output.start_soon(_forward_output, process.stdout, state)
+                output.start_soon(_forward_output, process.stderr, state)
                 code = await process.wait()
         finally:
             state.running = False

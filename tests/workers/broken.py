@@ -16,7 +16,7 @@ class BrokenPlugin(Plugin):
     kinds: ClassVar[frozenset[WorkerEventKind]] = frozenset({WorkerEventKind.MESSAGE})
 
     async def setup(self, ctx: WorkerContext) -> None:
-        print("a library's start-up banner", flush=True)
+        print("a library's start-up banner", file=sys.stderr, flush=True)
         try:
             raise KeyError("what a careless library prints")
         except KeyError:

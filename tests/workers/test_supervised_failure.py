@@ -1,6 +1,6 @@
 """``imserver serve --workers`` with a plugin that cannot start: one JSON line per event
-on stderr (the plugin's raw output wrapped, no bare traceback), nothing but the
-listening line on stdout, and ``/healthz`` saying ``degraded`` with the reason."""
+on stderr (the plugin's raw stderr output wrapped, no bare traceback), nothing but
+the listening line on stdout, and ``/healthz`` saying ``degraded`` with the reason."""
 
 from __future__ import annotations
 
