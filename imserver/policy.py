@@ -215,6 +215,14 @@ _BY_ROLE: Final[dict[type, dict[str, tuple[Access, ...]]]] = {
 """``RULES`` again, for the hot path: kind -> role value -> access per relation index."""
 _ALLOW: Final = Access.ALLOW
 _DENY: Final = Access.DENY
+_MAY_ATTEMPT: Final[dict[type, dict[str, tuple[bool, bool]]]] = {
+    kind: {
+        role: (any(a is not _DENY for a in accesses[:3]), accesses[3] is not _DENY)
+        for role, accesses in columns.items()
+    }
+    for kind, columns in _BY_ROLE.items()
+}
+"""kind -> role value -> (allowed in some relation of a single-shop scope, of all shops)."""
 
 TARGETS: Final[dict[type, Target]] = {kind: row[0] for kind, row in _ROWS.items()}
 
@@ -305,13 +313,7 @@ _OPEN_TO_AGENTS: Final = frozenset({ConvState.BOT, ConvState.QUEUED})
 def may_attempt(kind: type, who: Identity) -> bool:
     """The gateway's first look, before anything is done: whether ``who``'s role
     may make a request of this kind in any relation its scope can have."""
-    if who.all_shops:
-        return RULES[kind, who.role, Relation.ALL_SHOPS] is not Access.DENY
-    return any(
-        RULES[kind, who.role, relation] is not Access.DENY
-        for relation in _RELATIONS
-        if relation is not Relation.ALL_SHOPS
-    )
+    return _MAY_ATTEMPT[kind][who.role._value_][who.shop == ALL_SHOPS and who.role is not _CUSTOMER]
 
 
 def access(kind: type, who: Identity, relation: Relation) -> Access:
