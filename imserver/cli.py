@@ -243,14 +243,14 @@ def add_env_defaults(parser: argparse.ArgumentParser, command: str = "") -> None
 
     Options that name theirs in the help (``env IMSERVER_PORT``) read it already;
     the others get ``IMSERVER_<OPTION>`` (``serve``) or ``IMSERVER_<COMMAND>_<OPTION>``
-    (other subcommands), read here as the default and named in ``--help``. A flag
+    (other subcommands; nested ones ``IMSERVER_SHOP_ADD_<OPTION>``), read here as the default and named in ``--help``. A flag
     given on the command line still wins. ``tests/imserver/test_operations.py``
     walks the parser and fails on an option without one.
     """
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, subparser in action.choices.items():
-                add_env_defaults(subparser, name)
+                add_env_defaults(subparser, f"{command}_{name}" if command else name)
             continue
         if not action.option_strings or action.default == argparse.SUPPRESS:
             continue  # positionals, --help, --version

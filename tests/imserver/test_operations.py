@@ -117,7 +117,7 @@ def _options(
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, subparser in action.choices.items():
-                yield from _options(subparser, name)
+                yield from _options(subparser, f"{command} {name}".strip())
         elif action.option_strings and action.default != argparse.SUPPRESS:
             yield command, action
 
@@ -138,7 +138,7 @@ def test_every_flag_has_an_environment_variable_shown_in_help() -> None:
 
 def _help(command: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "imserver", command, "--help"],
+        [sys.executable, "-m", "imserver", *command.split(), "--help"],
         capture_output=True,
         text=True,
         check=True,
