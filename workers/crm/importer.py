@@ -15,8 +15,10 @@ field           required notes
 shop            yes*     \\* or pass ``shop=`` for the whole file
 order_id        yes
 channel         yes      taobao, tmall, 1688, aliexpress, jd, web, app (or 淘宝, 天猫...)
-customer        one of   unified customer id (must exist) ...
+customer        one of   unified customer id (created if unknown) ...
 external_id     one of   ... or the buyer's id on ``channel`` (created if unknown)
+user            no       the chat user id the buyer chats as, when it is not
+                         ``external_id`` on ``channel`` (linked to the customer)
 display_name    no       used when a customer is created
 timezone        no       IANA name, used when a customer is created
 status          yes      canonical (paid, shipped...) or Taobao (交易成功, TRADE_FINISHED...)
@@ -31,8 +33,10 @@ updated_at      no       default ``created_at``
 =============== ======== ===========================================================
 
 Customer records: ``customer`` and/or ``channel`` + ``external_id``, and optionally
-``display_name``, ``timezone``, ``opt_out`` (1/0, true/false, yes/no, 是/否),
-``member_level``.
+``user`` (their chat user id), ``display_name``, ``timezone``, ``opt_out`` (1/0,
+true/false, yes/no, 是/否), ``member_level``.
+
+How a chat user finds these records, and the formats with examples: docs/CRM.md.
 
 Line numbers: CSV - the physical line a record starts on (the header is line 1);
 JSON Lines - the line; JSON array - the line the element starts on. A JSON array
@@ -65,6 +69,7 @@ from workers.crm.repository import (
     check_id,
     check_order,
     check_timezone,
+    customer_id_for,
 )
 
 #: Orders written per transaction.
@@ -87,6 +92,7 @@ FIELD_ALIASES: Final[Mapping[str, str]] = {
     "buyer_id": "external_id", "buyer": "external_id",
     "买家昵称": "display_name", "name": "display_name", "nickname": "display_name",
     "时区": "timezone", "tz": "timezone",
+    "chat_user": "user", "im_user": "user", "聊天账号": "user",
     "订单状态": "status",
     "买家实际支付金额": "amount", "实付金额": "amount", "payment": "amount",
     "金额": "amount", "币种": "currency",
@@ -506,23 +512,39 @@ def _order_customer(store: CrmStore, rec: Record, channel: str, counts: _Counts)
     """Resolve (or create) the order's customer. Runs only for otherwise valid rows."""
     customer = _text(rec, "customer")
     external = _text(rec, "external_id")
+    user = _text(rec, "user")
     timezone = _timezone(rec)
-    if customer is not None:
-        if store.customer(customer) is None:
-            raise _Rejected(f"unknown customer {customer!r}")
-        if external is not None:
-            try:
-                store.link_identity(channel, _checked_id(external, "external_id"), customer)
-            except CrmError as e:
-                raise _Rejected(str(e)) from None
-        return customer
-    if external is None:
-        raise _Rejected("missing customer (or the buyer's external_id)")
-    customer, created = store.ensure_customer(
-        channel, _checked_id(external, "external_id"),
-        display_name=_text(rec, "display_name"), timezone=timezone)
-    counts.created += created
+    try:
+        if customer is not None:
+            customer = _checked_id(customer, "customer")
+            if store.customer(customer) is None:  # the shop's own id, before any chat
+                store.upsert_customer(customer, display_name=_text(rec, "display_name"),
+                                      timezone=timezone)
+                counts.created += 1
+            if external is not None:
+                _link(store, channel, _checked_id(external, "external_id"), customer)
+        elif external is not None:
+            customer, created = store.ensure_customer(
+                channel, _checked_id(external, "external_id"),
+                display_name=_text(rec, "display_name"), timezone=timezone)
+            counts.created += created
+        else:
+            raise _Rejected("missing customer (or the buyer's external_id)")
+        if user is not None:
+            store.link_chat_user(_checked_id(user, "user"), customer)
+    except CrmError as e:
+        raise _Rejected(str(e)) from None
     return customer
+
+
+def _link(store: CrmStore, channel: str, external: str, customer: str) -> None:
+    """Attach an identity to the customer a file names. The placeholder customer an
+    earlier order import or chat created for that identity alone (its id derives from
+    it) is merged in: the file is the shop's word on who that buyer is. Any other
+    owner is a conflict (``IdentityConflictError``)."""
+    owner = store.resolve(channel, external)
+    store.link_identity(channel, external, customer,
+                        merge=owner == customer_id_for(channel, external))
 
 
 def import_orders(store: CrmStore, source: Source, *, fmt: Format | None = None,
@@ -629,17 +651,26 @@ def _import_customer(store: CrmStore, rec: Record) -> bool:
         created = store.customer(customer) is None
         if channel is not None and external is not None:
             owner = store.resolve(channel, external)
-            if owner not in (None, customer):
+            if owner not in (None, customer, customer_id_for(channel, external)):
                 raise _Rejected(f"{channel}:{external} belongs to {owner!r}, not {customer!r}")
         store.upsert_customer(customer, display_name=display_name, timezone=timezone)
         if channel is not None and external is not None:
-            store.link_identity(channel, external, customer)
+            try:
+                _link(store, channel, external, customer)
+            except CrmError as e:
+                raise _Rejected(str(e)) from None
     else:
         assert channel is not None and external is not None
         customer, created = store.ensure_customer(channel, external,
                                                   display_name=display_name, timezone=timezone)
         if not created:
             store.upsert_customer(customer, display_name=display_name, timezone=timezone)
+    user = _text(rec, "user")
+    if user is not None:
+        try:
+            store.link_chat_user(_checked_id(user, "user"), customer)
+        except CrmError as e:
+            raise _Rejected(str(e)) from None
     if opt_out is not None:
         store.set_opt_out(customer, opt_out)
     if level is not None:

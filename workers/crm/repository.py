@@ -21,6 +21,19 @@ Identity unification
     move over; opt-out is OR-ed (never re-subscribe anyone by merging), the level
     is the max, points are the sum, and the absorbed customer row is deleted.
 
+Chat users
+    A buyer chats as an IM user id (the token's subject) through a channel (the
+    conversation's ``channel``). ``chat_customer(user, channel)`` is the customer
+    behind them, first hit wins: an explicit link in ``chat_users`` (``link_chat_user``:
+    the ``user`` column of an import, ``imserver crm link``), else the identity
+    ``(channel, user)`` (the chat user id *is* the buyer's id on that channel, e.g. a
+    Taobao nick), else a customer whose id is ``user`` (a shop whose own customer ids
+    are its chat ids), else ``customer_id_for(channel, user)`` - the id the first
+    import or chat of that identity creates, so the answer never depends on which
+    came first. ``register_chat_user`` (the CRM plugin, when a conversation opens)
+    makes that customer exist and records the link. An explicit link replaces a
+    placeholder customer created by an earlier chat by merging it in.
+
 Orders
     Keyed by ``(shop, order_id)``. ``upsert_orders`` is last-writer-wins on
     ``updated_at``: a row older than the stored one is counted ``stale`` and ignored,
@@ -95,7 +108,8 @@ BUSY_TIMEOUT_MS: Final = 5_000
 MAX_ID_LENGTH: Final = 128
 MAX_TAG_LENGTH: Final = 64
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+"""v2 added ``chat_users`` (created on open; v1 files upgrade in place)."""
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _US: Final = timedelta(microseconds=1)
@@ -156,6 +170,10 @@ class CrmStore(OrderLookup, Protocol):
     def resolve(self, channel: str, external_id: str) -> str | None: ...
 
     def identities(self, customer: str) -> list[Identity]: ...
+
+    def chat_customer(self, user: str, channel: str) -> str: ...
+
+    def link_chat_user(self, user: str, customer: str, *, merge: bool = False) -> bool: ...
 
     def merge_customers(self, keep: str, absorb: str) -> None: ...
 
@@ -363,6 +381,12 @@ CREATE TABLE IF NOT EXISTS broadcast_log (
     PRIMARY KEY (broadcast_id, customer)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS broadcast_by_owner ON broadcast_log(customer);
+CREATE TABLE IF NOT EXISTS chat_users (
+    user       TEXT PRIMARY KEY,
+    customer   TEXT NOT NULL REFERENCES customers(id),
+    linked_at  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chat_users_by_customer ON chat_users(customer);
 """
 
 _ORDER_COLUMNS: Final = ("shop, order_id, customer, channel, status, amount_cents, currency,"
@@ -587,6 +611,74 @@ class CrmRepository:
                        " VALUES (?, ?, ?, ?)", (channel, external_id, customer, self._now_us()))
             return customer
 
+    # -------------------------------------------------------------- chat users
+
+    def chat_customer(self, user: str, channel: str) -> str:
+        """The customer behind chat user ``user`` on ``channel`` (see "Chat users");
+        read only: the id may not exist yet (then it has no orders)."""
+        with self._lock:
+            row = self._db.execute("SELECT customer FROM chat_users WHERE user = ?",
+                                    (user,)).fetchone()
+            if row is not None:
+                linked: str = row["customer"]
+                return linked
+            if channel in CHANNELS:
+                owner = self.resolve(channel, user)
+                if owner is not None:
+                    return owner
+            if self.customer(user) is not None:
+                return user
+        return customer_id_for(channel, user)
+
+    def register_chat_user(self, user: str, channel: str) -> str:
+        """Make the customer behind a chatting user exist (with the identity
+        ``(channel, user)`` when ``channel`` is a sales channel) and record the link."""
+        check_id(user, "user")
+        with self._tx() as db:
+            customer = self.chat_customer(user, channel)
+            self.upsert_customer(customer)
+            if channel in CHANNELS and self.resolve(channel, user) is None:
+                self.link_identity(channel, user, customer)
+            db.execute("INSERT OR IGNORE INTO chat_users (user, customer, linked_at)"
+                       " VALUES (?, ?, ?)", (user, customer, self._now_us()))
+            return customer
+
+    def link_chat_user(self, user: str, customer: str, *, merge: bool = False) -> bool:
+        """Chat user ``user`` is ``customer`` (created if unknown); returns whether the
+        link changed. A customer the user was linked to before is merged in when it was
+        only their placeholder (created by their first chat, no other identity) or when
+        ``merge`` says so; otherwise ``IdentityConflictError``."""
+        check_id(user, "user")
+        check_id(customer, "customer")
+        with self._tx() as db:
+            self.upsert_customer(customer)
+            row = db.execute("SELECT customer FROM chat_users WHERE user = ?",
+                             (user,)).fetchone()
+            old: str | None = row["customer"] if row is not None else None
+            if old == customer:
+                return False
+            if old is not None:
+                if not (merge or self._placeholder_of(old, user)):
+                    raise IdentityConflictError("chat", user, old, customer)
+                self.merge_customers(keep=customer, absorb=old)
+            db.execute("INSERT OR REPLACE INTO chat_users (user, customer, linked_at)"
+                       " VALUES (?, ?, ?)", (user, customer, self._now_us()))
+            return True
+
+    def _placeholder_of(self, customer: str, user: str) -> bool:
+        """Was ``customer`` created for chat user ``user`` alone (its only identities are
+        ``user`` on some channel and its id derives from one of them)?"""
+        identities = self.identities(customer)
+        return bool(identities) and all(i.external_id == user for i in identities) and any(
+            customer_id_for(i.channel, user) == customer for i in identities)
+
+    def chat_users_of(self, customer: str) -> list[str]:
+        """The chat users linked to ``customer`` (where to send it a message)."""
+        with self._lock:
+            rows = self._db.execute("SELECT user FROM chat_users WHERE customer = ?"
+                                    " ORDER BY user", (customer,)).fetchall()
+        return [r["user"] for r in rows]
+
     def merge_customers(self, keep: str, absorb: str) -> None:
         """Fold ``absorb`` into ``keep`` (see "Identity unification") and delete ``absorb``."""
         if keep == absorb:
@@ -595,6 +687,7 @@ class CrmRepository:
             kept = self._require_customer(db, keep)
             gone = self._require_customer(db, absorb)
             db.execute("UPDATE identities SET customer = ? WHERE customer = ?", (keep, absorb))
+            db.execute("UPDATE chat_users SET customer = ? WHERE customer = ?", (keep, absorb))
             db.execute("UPDATE orders SET customer = ? WHERE customer = ?", (keep, absorb))
             db.execute(
                 "INSERT INTO tags (shop, customer, tag, source, created_at)"
