@@ -846,6 +846,12 @@ class Router:
         state = self._shops.get(shop)
         return [] if state is None else [key[-1] for key in state.queue]
 
+    def where(self, conv: str) -> tuple[str, str | None, float | None] | None:
+        """Cheaply: (shop, agent or ``None`` if queued, unanswered since) of a tracked
+        conversation, or ``None`` (``conversation`` also computes the queue position)."""
+        c = self._convs.get(conv)
+        return None if c is None else (c.shop, c.agent, c.unanswered_since)
+
     def conversation(self, conv: str) -> Placement | None:
         """Where ``conv`` is, or ``None`` if it is not tracked (bot, closed, rejected)."""
         c = self._convs.get(conv)
