@@ -572,6 +572,8 @@ class RoutingPlugin(Plugin):
                         previous_agent=holder,
                     )
                     return self.router.settle(conv.shop, now)
+                if holder is None:  # the bot may have escalated it (a complaint after 转人工)
+                    return self.router.set_priority(conv.id, self._classify(conv).priority, now)
                 return []
             actions = self.router.request(
                 conv.id, conv.shop, self._classify(conv), now, customer=conv.customer
