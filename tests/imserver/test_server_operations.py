@@ -25,7 +25,7 @@ from imserver.auth import mint_token
 from imserver.client import ServerError, connect
 from imserver.server import Server, ServerConfig, load_or_create_secret
 from protocol import OpenConversation, Ping, Pong, Sent, TextBody
-from tests.conftest import SECRET, SHOPS, RunningServer
+from tests.conftest import SECRET, RunningServer
 
 SERVE = [sys.executable, "-m", "imserver", "serve", "--port", "0", "--log-level", "warning"]
 POLL_S = 0.05
@@ -325,7 +325,7 @@ def _fill(path: Path) -> None:
 
 async def test_health_is_503_while_the_disk_is_full_and_recovers(tmp_path: Path) -> None:
     async with _tmpfs(tmp_path / "small", "4m") as data:
-        srv = Server(ServerConfig(data_dir=data, secret=SECRET, port=0, shops=SHOPS))
+        srv = Server(ServerConfig(data_dir=data, secret=SECRET, port=0, shops=("shop1",)))
         async with trio.open_nursery() as nursery:
             url = await nursery.start(srv.serve)
             async with connect(
