@@ -49,7 +49,12 @@ from bench.servers import ServerLog
 IMSERVER: Final = "imserver"
 PLOT_SIZE_IN: Final = (9.0, 5.5)
 PLOT_DPI: Final = 110
-COLOURS: Final = {"imserver": "tab:red", "trio_wsproto": "tab:blue", "websockets": "tab:green"}
+COLOURS: Final = {
+    "imserver": "tab:red",
+    "trio_wsproto": "tab:blue",
+    "trio_sansio": "tab:purple",
+    "websockets": "tab:green",
+}
 
 
 class ScenarioOutcome(msgspec.Struct, kw_only=True):

@@ -65,7 +65,7 @@ from bench.report import (
 from bench.servers import BOT_VARIANTS, REPO, TARGETS, RunningServer, Target, TargetUnavailable
 
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
-DEFAULT_TARGETS: Final = ("imserver", "trio_wsproto", "websockets")
+DEFAULT_TARGETS: Final = ("imserver", "trio_wsproto", "trio_sansio", "websockets")
 PAUSE_BETWEEN_SCENARIOS_S: Final = 0.25
 """Lets the previous server's sockets and CPU settle."""
 QUIET_WINDOW_S: Final = 2.0
