@@ -23,7 +23,7 @@ from protocol import Role
 from . import logs
 from .auth import mint_token
 from .limits import GC_THRESHOLDS, RETENTION_DAYS, SHARD_COUNT
-from .server import DB_FILE, Server, ServerConfig, load_or_create_secret
+from .server import DB_FILE, Server, ServerConfig, StartupError, load_or_create_secret
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -267,6 +267,21 @@ def _tune_gc() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """Run the server; a start-up problem (data dir in use, corrupt database,
+    address in use, unreadable certificate) is one line on stderr and exit 1."""
+    failed: list[StartupError] = []
+    code = 1
+    try:
+        code = _run_server(args)
+    except* StartupError as group:
+        failed += [e for e in group.exceptions if isinstance(e, StartupError)]
+    if failed:
+        print(f"imserver: {failed[0]}", file=sys.stderr)
+        return 1
+    return code
+
+
+def _run_server(args: argparse.Namespace) -> int:
     logs.setup(args.log_level)
     _tune_gc()
     config = ServerConfig(

@@ -138,10 +138,12 @@ ACCEPT_BACKOFF_S: Final = 0.05
 """First pause of the accept loop after ``accept`` fails for lack of descriptors or
 kernel memory (EMFILE, ENFILE, ENOBUFS, ENOMEM); it doubles per failure up to
 ``ACCEPT_BACKOFF_MAX_S``. Open connections are served meanwhile, and one spare
-descriptor is kept to answer ``/healthz`` (and refuse upgrades with 503)."""
+descriptor answers the connections waiting in the backlog, one at a time:
+``/healthz`` and ``/metrics`` work, upgrades are refused with 503."""
 
 ACCEPT_BACKOFF_MAX_S: Final = 1.0
-"""Longest pause of the accept loop while descriptors are exhausted."""
+"""Longest pause of the accept loop while descriptors are exhausted; also the
+longest a connection may hold the spare descriptor."""
 
 OVERLOAD_RETRY_MS: Final = 200
 """Retry hint sent with ``unavailable`` while the server stops."""

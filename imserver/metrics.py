@@ -81,6 +81,11 @@ class Metrics:
         )
         self.commit_ops = Counter("imserver_commit_ops_total", "Operations committed", registry=r)
         self.commits = Counter("imserver_commits_total", "Store transactions", registry=r)
+        self.accept_backoffs = Counter(
+            "imserver_accept_backoffs_total",
+            "accept() failures for lack of descriptors or kernel memory (each backs off)",
+            registry=r,
+        )
         self.slow_consumers = Counter(
             "imserver_slow_consumers_total", "Connections cut off for not reading", registry=r
         )

@@ -22,7 +22,11 @@ lost because acknowledgements are sent only after commits.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import logging
+import os
 import secrets
 import ssl
 import time
@@ -41,6 +45,8 @@ from .gateway._readmux import ReadMux
 from .gateway._session import GatewayContext, Session
 from .gateway._websocket import HandshakeFailed, HttpResponse, Outbox, accept
 from .limits import (
+    ACCEPT_BACKOFF_MAX_S,
+    ACCEPT_BACKOFF_S,
     CLOSE_LINGER_S,
     CLOSE_SEND_TIMEOUT_S,
     DRAIN_TIMEOUT_S,
@@ -58,12 +64,33 @@ from .limits import (
 from .logs import event, now_ms
 from .metrics import METRICS
 from .shards import LocalShards
-from .store import SqliteStore
+from .store import (
+    WRITER_DEAD,
+    DatabaseCorrupt,
+    SchemaError,
+    WatchedSqliteStore,
+    prepare_database,
+)
 
 log = logging.getLogger("imserver.server")
 
 DB_FILE = "imserver.db"
 SECRET_FILE = "secret"
+LOCK_FILE = "lock"
+
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""accept() failures that mean "out of descriptors or kernel memory": back off."""
+
+
+class StartupError(Exception):
+    """The server cannot start; the message is one line for the operator."""
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    """Create the data dir (mode 0700: the server's user only) if missing."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
 JWKS_DIR = "jwks"  # SHOP.json: the public keys shop SHOP's backend signs tokens with
 
 
@@ -72,15 +99,48 @@ def _is_url(where: str) -> bool:
 
 
 def load_or_create_secret(data_dir: Path) -> bytes:
-    """The token secret kept beside the database (created 0600 on first use)."""
+    """The token secret kept beside the database (created 0600 on first use;
+    an older, wider file is tightened)."""
     path = data_dir / SECRET_FILE
-    if path.exists():
-        return path.read_bytes().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_hex(32).encode()
-    path.touch(mode=0o600)
-    path.write_bytes(secret)
+    try:
+        secret = path.read_bytes().strip()
+    except FileNotFoundError:
+        prepare_data_dir(data_dir)
+        secret = secrets.token_hex(32).encode()
+        # Created with its mode: never readable by others, not even for a moment.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(secret)
+        return secret
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o600)
     return secret
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the data dir's exclusive lock, held while the returned descriptor
+    is open (closed on exit, kill -9 included). Two servers on one database
+    would fight over every conversation's seqs and both accept a single-use
+    token. Raises ``StartupError`` if another process holds it."""
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        by = f" (pid {holder})" if holder.isdigit() else ""
+        raise StartupError(f"data directory {data_dir} is in use by another server{by}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _open_spare() -> int | None:
+    """A descriptor kept in reserve to answer one connection when accept() runs out."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return None
 
 
 @dataclass
@@ -113,7 +173,13 @@ class Server:
         self._ssl: ssl.SSLContext | None = None
         if config.cert and config.key:
             self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            self._ssl.load_cert_chain(config.cert, config.key)
+            try:
+                self._ssl.load_cert_chain(config.cert, config.key)
+            except (OSError, ssl.SSLError) as exc:
+                detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                raise StartupError(
+                    f"cannot load TLS certificate {config.cert} and key {config.key}: {detail}"
+                ) from None
         self._shop_keys = ShopKeys(
             {shop: Path(where) for shop, where in config.jwks.items() if not _is_url(where)},
             config.data_dir / JWKS_DIR,
@@ -121,21 +187,62 @@ class Server:
         )
         self.ctx: GatewayContext | None = None
         self.shards: LocalShards | None = None
-        self.store: SqliteStore | None = None
+        self.store: WatchedSqliteStore | None = None
         self.dispatcher: WorkerDispatcher | None = None
+        self._root: trio.Nursery | None = None
+        self._reviving = False
+        self._spare: int | None = None
+        """Kept in reserve for ``_serve_one_on_spare``."""
+        self._exhausted: tuple[float, int] | None = None
+        """(since, failed accepts) while accept() runs out of descriptors."""
 
     def stop(self) -> None:
         self._stop.set()
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until ``stop()`` and drained. Start-up problems the operator must
+        fix (data dir in use, corrupt database, address in use) raise
+        ``StartupError`` before anything is started."""
         config = self.config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
-        store = SqliteStore(
+        prepare_data_dir(config.data_dir)
+        lock = lock_data_dir(config.data_dir)
+        self._spare = _open_spare()
+        try:
+            try:
+                await trio.to_thread.run_sync(prepare_database, config.data_dir / DB_FILE)
+            except DatabaseCorrupt as exc:
+                raise StartupError(f"refusing a corrupt database: {exc}") from None
+            try:
+                listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
+                ) from None
+            try:
+                await self._serve(listeners, task_status)
+            finally:
+                for listener in listeners:
+                    await trio.aclose_forcefully(listener)
+        finally:
+            if self._spare is not None:
+                os.close(self._spare)
+                self._spare = None
+            os.close(lock)
+
+    async def _serve(
+        self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[str]
+    ) -> None:
+        config = self.config
+        store = WatchedSqliteStore(
             config.data_dir / DB_FILE, synchronous=config.synchronous, on_commit=METRICS.on_commit
         )
         self.store = store
         async with trio.open_nursery() as root:
-            await root.start(store.run)
+            self._root = root
+            try:
+                await root.start(store.run)
+            except SchemaError as exc:
+                raise StartupError(str(exc)) from None
             hub = Hub()
             dispatcher = WorkerDispatcher(store, shard_count=config.shards)
             self.dispatcher = dispatcher
@@ -167,7 +274,7 @@ class Server:
             root.start_soon(self._sweep_sessions, ctx)
             async with trio.open_nursery() as connections:
                 listen_scope = trio.CancelScope()
-                listeners = await connections.start(self._listen, listen_scope, connections)
+                connections.start_soon(self._listen, listeners, listen_scope, connections)
                 sockname = listeners[0].socket.getsockname()
                 self.port = sockname[1]
                 scheme = "wss" if self._ssl else "ws"
@@ -187,19 +294,83 @@ class Server:
 
     async def _listen(
         self,
+        listeners: list[trio.SocketListener],
         scope: trio.CancelScope,
         connections: trio.Nursery,
-        *,
-        task_status: trio.TaskStatus[list[trio.SocketListener]],
     ) -> None:
+        """Accept on every listener until ``scope`` is cancelled (drain)."""
         with scope:
-            await trio.serve_tcp(
-                self._handle,
-                self.config.port,
-                host=self.config.host,
-                handler_nursery=connections,
-                task_status=task_status,
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:
+                    nursery.start_soon(self._accept_loop, listener, connections)
+
+    async def _accept_loop(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        """Out of descriptors or kernel memory, back off (ACCEPT_BACKOFF_S
+        doubling to ACCEPT_BACKOFF_MAX_S) and keep serving the connections we
+        have; the spare descriptor answers one waiting connection per round."""
+        backoff = 0.0
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                self._accept_failed(exc)
+                if await self._serve_one_on_spare(listener):
+                    continue  # the next one waiting, at once
+                backoff = min(max(backoff * 2, ACCEPT_BACKOFF_S), ACCEPT_BACKOFF_MAX_S)
+                await trio.sleep(backoff)
+                continue
+            backoff = 0.0
+            if self._exhausted is not None:
+                since, failures = self._exhausted
+                self._exhausted = None
+                event(
+                    log,
+                    "accept_recovered",
+                    seconds=round(time.monotonic() - since, 3),
+                    failed_accepts=failures,
+                )
+            connections.start_soon(self._handle, stream)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        METRICS.accept_backoffs.inc()
+        if self._exhausted is None:  # logged once per episode, not per retry
+            self._exhausted = (time.monotonic(), 1)
+            assert self.ctx is not None
+            event(
+                log,
+                "accept_exhausted",
+                level=logging.ERROR,
+                error=errno.errorcode.get(exc.errno or 0, str(exc)),
+                connections=len(self.ctx.sessions),
             )
+        else:
+            since, failures = self._exhausted
+            self._exhausted = (since, failures + 1)
+
+    async def _serve_one_on_spare(self, listener: trio.SocketListener) -> bool:
+        """Spend the spare descriptor on the connection waiting longest: it is
+        served at once (``/healthz`` and ``/metrics`` answered, an upgrade
+        refused with 503, to retry elsewhere or later) instead of hanging in
+        the backlog, and the spare is taken again. False if there was no spare
+        or nobody waiting."""
+        if self._spare is None:
+            self._spare = _open_spare()  # descriptors may have been freed since
+            return False
+        os.close(self._spare)
+        self._spare = None
+        try:
+            stream = None
+            with contextlib.suppress(OSError), trio.move_on_after(ACCEPT_BACKOFF_S):
+                stream = await listener.accept()
+            if stream is None:
+                return False
+            await self._handle(stream, spare=True)
+            return True
+        finally:
+            if self._spare is None:
+                self._spare = _open_spare()
 
     async def _drain(
         self,
@@ -222,18 +393,26 @@ class Server:
             trio.current_time() + ctx.close_send_timeout_s + ctx.close_linger_s + 1
         )
 
-    async def _handle(self, stream: trio.abc.Stream) -> None:
+    async def _handle(self, stream: trio.abc.Stream, spare: bool = False) -> None:
+        """One connection; ``spare``: accepted on the spare descriptor (only
+        plain HTTP is served, upgrades get 503, all within ACCEPT_BACKOFF_MAX_S)."""
         METRICS.connections_total.inc()
         ctx = self.ctx
         assert ctx is not None
         try:
             if self._ssl is not None:
                 stream = trio.SSLStream(stream, self._ssl, server_side=True)
-            with trio.fail_after(ctx.handshake_timeout_s):
+            with trio.fail_after(
+                min(ctx.handshake_timeout_s, ACCEPT_BACKOFF_MAX_S)
+                if spare
+                else ctx.handshake_timeout_s
+            ):
                 accepted = await accept(
                     stream,
                     self._http,
-                    can_accept=not ctx.draining and len(ctx.sessions) < MAX_CONNECTIONS,
+                    can_accept=not spare
+                    and not ctx.draining
+                    and len(ctx.sessions) < MAX_CONNECTIONS,
                 )
                 if accepted is None:
                     return
@@ -259,7 +438,9 @@ class Server:
         except Exception as exc:  # one connection's bug never takes the server down
             event(log, "connection_failed", level=logging.ERROR, error=repr(exc))
         finally:
-            with trio.CancelScope(shield=True):
+            # Bounded: a TLS close_notify is a write to a peer that may not read.
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + ctx.close_send_timeout_s
                 await stream.aclose()
 
     async def _http(self, target: str) -> HttpResponse | None:
@@ -272,10 +453,31 @@ class Server:
                     METRICS.shard_depth.labels(shard=str(index)).set(self.shards.depth(index))
             return 200, "text/plain; version=0.0.4", METRICS.render()
         if path == "/healthz":
-            if self.ctx is not None and self.ctx.draining:
-                return 503, "text/plain", b"draining\n"
+            reason = self.health()
+            if reason is not None:
+                return 503, "text/plain", f"{reason}\n".encode()
             return 200, "text/plain", b"ok\n"
         return None
+
+    def health(self) -> str | None:
+        """Why this server should get no traffic now (None: it is healthy).
+        A dead store writer is replaced in the background, so the next probe
+        sees the recovery even if no traffic comes."""
+        if self.ctx is None or self.store is None:
+            return "starting"
+        if self.ctx.draining:
+            return "draining"
+        reason = self.store.health()
+        if reason == WRITER_DEAD and not self._reviving and self._root is not None:
+            self._reviving = True
+            self._root.start_soon(self._revive_store, self.store)
+        return reason
+
+    async def _revive_store(self, store: WatchedSqliteStore) -> None:
+        try:
+            await store.revive()
+        finally:
+            self._reviving = False
 
     @staticmethod
     async def _sweep_sessions(ctx: GatewayContext) -> None:
@@ -285,7 +487,7 @@ class Server:
             for session in list(ctx.sessions):
                 session.check(now)
 
-    async def _retention_sweep(self, store: SqliteStore) -> None:
+    async def _retention_sweep(self, store: WatchedSqliteStore) -> None:
         while True:
             cutoff = now_ms() - self.config.retention_days * 86_400_000
             try:

@@ -1,7 +1,8 @@
 """Worker processes started by ``imserver serve --workers a,b``: supervised children.
 
 Each configured plugin runs as ``python -m imserver worker NAME`` in its own
-process, so a slow or crashing plugin never slows the chat path. A child
+process (the signing secret goes in its environment, ``IMSERVER_SECRET``,
+never on its command line), so a slow or crashing plugin never slows the chat path. A child
 that exits is restarted with exponential backoff (reset after it has run
 ``HEALTHY_AFTER_S``). On shutdown children get SIGTERM, then SIGKILL after
 ``STOP_GRACE_S``.
@@ -10,6 +11,7 @@ that exits is restarted with exponential backoff (reset after it has run
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -38,17 +40,18 @@ async def supervise(
         name,
         "--server",
         url,
-        "--secret",
-        secret.decode(),
         "--data",
         str(data_dir),
     ]
     if config is not None:
         command += ["--config", str(config)]
+    # By environment, never argv: /proc/PID/cmdline is readable by every local
+    # user, /proc/PID/environ by the process's own user only.
+    env = {**os.environ, "IMSERVER_SECRET": secret.decode()}
     failures = 0
     while True:
         started = trio.current_time()
-        process = await trio.lowlevel.open_process(command)
+        process = await trio.lowlevel.open_process(command, env=env)
         event(log, "worker_started", plugin=name, pid=process.pid)
         try:
             code = await process.wait()

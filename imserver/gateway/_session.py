@@ -225,6 +225,8 @@ class Session:
         self._mux_wake = trio.Event()
         self._mux_result: _ReadResult = _CONTINUE
         self._worker: Instance | None = None
+        self._leaving = False
+        """``close`` has scheduled ``_leave``."""
         self._read_scope = trio.CancelScope()
         """Around the read loop: cancelled by ``close`` (see ``run``)."""
         self.quiet = trio.Event()
@@ -302,13 +304,23 @@ class Session:
         self.outbox.close(code, reason)
         self._reading = False
         self._read_scope.cancel()
-        self._leave()
+        if not self._leaving:
+            # Not synchronously: close() may be called by the hub or the dispatcher
+            # while they iterate over their peers (a fan-out that overflows this one).
+            self._leaving = True
+            trio.lowlevel.current_trio_token().run_sync_soon(self._leave_now)
 
     def _slow_consumer(self) -> None:
         """The outbox overflowed: close here, not just in the outbox, so that the
         read loop stops and the connection is released in bounded time."""
         METRICS.slow_consumers.inc()
         self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outbound buffer full")
+
+    def _leave_now(self) -> None:
+        try:
+            self._leave()
+        except Exception as exc:  # a bug: it must not reach trio's run loop
+            event(log, "leave_failed", level=logging.ERROR, session=self.id, error=repr(exc))
 
     def _leave(self) -> None:
         """Out of the hub and the worker dispatcher (idempotent)."""

@@ -27,13 +27,16 @@ from ._base import (
     WriteOp,
 )
 from ._export import ExportFormat, export_conversation, export_shop
+from ._health import WRITER_DEAD, DatabaseCorrupt, WatchedSqliteStore, prepare_database
 from ._schema import SCHEMA_VERSION, SchemaError
 from ._sqlite import SqliteStore
 
 __all__ = [
     "SCHEMA_VERSION",
+    "WRITER_DEAD",
     "ActorSnapshot",
     "AgentRecord",
+    "DatabaseCorrupt",
     "ExportFormat",
     "MarkRecalled",
     "PageRead",
@@ -52,7 +55,9 @@ __all__ = [
     "SqliteStore",
     "Store",
     "StoredEvent",
+    "WatchedSqliteStore",
     "WriteOp",
     "export_conversation",
     "export_shop",
+    "prepare_database",
 ]

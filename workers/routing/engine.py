@@ -615,10 +615,13 @@ class Router:
         unanswered_since: float | None = None,
         head: bool = False,
         previous_agent: str | None = None,
+        announce: bool = False,
     ) -> None:
         """Track ``conv`` where the durable record says it is: queued since ``since``
         (in the head band if ``head``), or assigned to ``agent`` since ``since``.
-        Moves it if it is tracked elsewhere; announces nothing (call ``settle``).
+        Moves it if it is tracked elsewhere; announces nothing (call ``settle``) unless
+        ``announce``: the customer of a queued conversation was never told, so its
+        ``Queued`` comes with the next ``settle``.
         ``agent`` must be registered in ``shop`` (``RoutingError``)."""
         since = _check_now(since)
         _check_id("conv", conv)
@@ -668,7 +671,7 @@ class Router:
                 self._arm_sla(c, max(unanswered_since, since) + self.config.sla_seconds)
         else:
             self._enqueue(state, c, since, head=head, reason=AssignReason.QUEUE)
-            c.announce = False  # it was told when it entered; settle tells its position
+            c.announce = announce  # else told when it entered; settle tells its position
 
     def settle(self, shop: str, now: float) -> list[Action]:
         """Dispatch ``shop``'s queue and tell queued customers their positions

@@ -19,7 +19,8 @@ instance at a time: the one that owns the shop's shard,
 plugin's instances (``WorkerJoined``/``WorkerAssignment``). An instance that
 gains a shop subscribes to its ``conversations``, ``messages`` and ``agents``
 topics, waits ``OWNERSHIP_SETTLE_S`` (the old owner, told at the same moment,
-stops; its last requests land), reads the shop's facts, restores the engine and
+stops; its last requests land; no wait when the instance owns every shard, as
+then no other instance is connected to decide anything), reads the shop's facts, restores the engine and
 dispatches; live topic events then keep it current (events that arrive while it
 reads are replayed after, older versions skipped). An instance that loses a
 shop forgets it at once. When an instance dies, the server moves its shards,
@@ -72,6 +73,7 @@ from typing import Any, ClassVar, Final
 import msgspec
 
 from protocol import (
+    MAX_CONVERSATION_PAGE,
     AgentEvent,
     AgentInfo,
     AgentList,
@@ -126,14 +128,19 @@ AGENT_GRACE_S: Final = 30.0
 """An agent offline (or disconnected) this long loses their chats to the queue head."""
 SWEEP_EVERY_S: Final = 10.0
 """How often the store is re-read for shops and chats no live event announced."""
+DISCOVER_EVERY_S: Final = 1.0
+"""How often the newest queued chats are listed to find shops not heard of yet (a
+shop whose agents never set a status, and no configured agent)."""
 POSITION_EVERY_S: Final = 5.0
 """A queued customer hears about a changed position at most this often."""
 HISTORY_PAGE: Final = 50
 """Messages read per page when recovering a chat's timestamps."""
 HISTORY_PAGES: Final = 4
 """Pages read back at most; past them the conversation's ``updated_at`` stands in."""
-HISTORY_CONCURRENCY: Final = 32
-"""History reads in flight at once while recovering a shop."""
+REQUESTS_IN_FLIGHT: Final = 128
+"""Requests this plugin has awaiting a reply at once, whatever they are for: well below
+the server's per-connection bound (MAX_INFLIGHT_REQUESTS, 256; past it requests are
+refused and a connection that keeps trying is closed), leaving room for the runner."""
 MAX_VERSIONS: Final = 200_000
 """Conversation versions remembered (to skip stale events); least recent dropped."""
 MAX_RESYNC_PER_SWEEP: Final = 200
@@ -175,22 +182,34 @@ class _Facts(msgspec.Struct, frozen=True):
     since: float
     unanswered_since: float | None
     previous_agent: str | None
+    told: bool
 
 
-def durable_times(
-    messages: list[Message], state: ConvState
-) -> tuple[float | None, float | None, str | None]:
-    """From a conversation's recent history (ascending): when it entered ``state``
-    (the last ``queued`` / ``assigned``-or-``transferred`` system message), the
-    oldest customer message after the last staff reply, and the agent a
-    ``requeued`` message after that entry names."""
+class Durable(msgspec.Struct, frozen=True):
+    """What a conversation's history says about its place (see ``durable_times``)."""
+
+    since: float | None
+    """When it entered its state: the last ``queued`` (or ``assigned``/``transferred``)
+    system message."""
+    unanswered_since: float | None
+    """The oldest customer message after the last staff reply (the SLA clock)."""
+    previous_agent: str | None
+    """The agent a ``requeued`` message after that entry names."""
+    told: bool
+    """``me`` (routing) wrote to the customer after that entry."""
+
+
+def durable_times(messages: list[Message], state: ConvState, me: str = "") -> Durable:
+    """Read a conversation's recent history (ascending), newest first."""
     entries = ("queued",) if state is ConvState.QUEUED else ("assigned", "transferred")
     since: float | None = None
     unanswered: float | None = None
     previous: str | None = None
-    answered = False
+    answered = told = False
     for message in reversed(messages):
         body = message.body
+        if since is None and message.sender == me and isinstance(body, TextBody):
+            told = True
         if isinstance(body, SystemBody):
             if since is None and body.event in entries:
                 since = message.ts / 1000
@@ -203,7 +222,7 @@ def durable_times(
             unanswered = message.ts / 1000
         elif message.sender_role in (Role.AGENT, Role.SUPERVISOR):
             answered = True
-    return since, unanswered, previous
+    return Durable(since=since, unanswered_since=unanswered, previous_agent=previous, told=told)
 
 
 def _wait_text(position: int, eta_seconds: int | None) -> str:
@@ -252,8 +271,10 @@ class RoutingPlugin(Plugin):
         self._positions_told: dict[str, float] = {}
         self._lanes: dict[str, deque[Action]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(REQUESTS_IN_FLIGHT)
         self._dashboard_at = 0.0
         self._sweep_at = 0.0
+        self._discover_at = 0.0
         self._loading = False
 
     async def setup(self, ctx: WorkerContext) -> None:
@@ -317,7 +338,10 @@ class RoutingPlugin(Plugin):
         if ctx is None or shop in self._phase or not self.owns(shop):
             return
         self._phase[shop] = _Phase.PENDING
-        self._settle_at[shop] = time.monotonic() + OWNERSHIP_SETTLE_S
+        # Alone (every shard is ours), no other instance can still be deciding: the
+        # previous owner's connection is gone, and with it anything it could send.
+        alone = len(self._shards) >= ctx.shard_count
+        self._settle_at[shop] = time.monotonic() + (0.0 if alone else OWNERSHIP_SETTLE_S)
         try:
             await ctx.client.request(
                 Subscribe(
@@ -376,8 +400,7 @@ class RoutingPlugin(Plugin):
             for shop in shops:
                 listed: AgentList = await ctx.client.request(ListAgents(id=0, shop=shop))
                 agents[shop] = listed.agents
-            gate = asyncio.Semaphore(HISTORY_CONCURRENCY)
-            facts = await asyncio.gather(*(self._facts(ctx, c, gate) for c in convs))
+            facts = await asyncio.gather(*(self._facts(ctx, c) for c in convs))
         except (RequestFailed, Disconnected, TimeoutError) as exc:
             log.warning("loading shops failed (%s); retrying", exc)
             for shop in shops:
@@ -412,6 +435,10 @@ class RoutingPlugin(Plugin):
                 unanswered_since=fact.unanswered_since,
                 head=TAG_REQUEUED in conv.tags,
                 previous_agent=fact.previous_agent,
+                # queued while no routing was there to tell them: they hear it now
+                announce=conv.state is ConvState.QUEUED
+                and not fact.told
+                and fact.previous_agent is None,
             )
         for shop in loaded:
             known = {info.agent: info for info in agents[shop]}
@@ -451,7 +478,11 @@ class RoutingPlugin(Plugin):
         while True:
             page: ConversationPage = await ctx.client.request(
                 ListConversations(
-                    id=0, state=state, updated_before=before, before_id=before_id, limit=200
+                    id=0,
+                    state=state,
+                    updated_before=before,
+                    before_id=before_id,
+                    limit=MAX_CONVERSATION_PAGE,
                 )
             )
             out += page.conversations
@@ -460,28 +491,26 @@ class RoutingPlugin(Plugin):
             last = page.conversations[-1]
             before, before_id = last.updated_at, last.id
 
-    async def _facts(
-        self, ctx: WorkerContext, conv: Conversation, gate: asyncio.Semaphore
-    ) -> _Facts:
+    async def _facts(self, ctx: WorkerContext, conv: Conversation) -> _Facts:
         messages: list[Message] = []
         before: int | None = None
-        since = unanswered = None
-        previous = None
-        async with gate:
+        found = Durable(since=None, unanswered_since=None, previous_agent=None, told=False)
+        async with self._slots:
             for _ in range(HISTORY_PAGES):
                 page: HistoryPage = await ctx.client.request(
                     History(id=0, conv=conv.id, before=before, limit=HISTORY_PAGE)
                 )
                 messages = page.messages + messages
-                since, unanswered, previous = durable_times(messages, conv.state)
-                if since is not None or not page.has_more or not page.messages:
+                found = durable_times(messages, conv.state, ctx.client.welcome.user)
+                if found.since is not None or not page.has_more or not page.messages:
                     break
                 before = page.messages[0].seq
         return _Facts(
             conv=conv,
-            since=since if since is not None else conv.updated_at / 1000,
-            unanswered_since=unanswered,
-            previous_agent=previous,
+            since=found.since if found.since is not None else conv.updated_at / 1000,
+            unanswered_since=found.unanswered_since,
+            previous_agent=found.previous_agent,
+            told=found.told,
         )
 
     # -- live events -----------------------------------------------------------------
@@ -649,6 +678,9 @@ class RoutingPlugin(Plugin):
         self._submit(self.router.tick(now))
         self._expire_grace(now)
         self._flush_positions(ctx, now)
+        if now - self._discover_at >= DISCOVER_EVERY_S:
+            self._discover_at = now
+            self._spawn(self._discover(ctx))
         if now - self._sweep_at >= SWEEP_EVERY_S and not self._loading:
             self._sweep_at = now
             self._spawn(self._sweep(ctx))
@@ -657,6 +689,19 @@ class RoutingPlugin(Plugin):
             for shop in [s for s, p in self._phase.items() if p is _Phase.READY]:
                 board: dict[str, Any] = msgspec.to_builtins(self.router.dashboard(shop, now))
                 self._spawn(self._quietly(ctx.notify("routing_dashboard", board, shop=shop)))
+
+    async def _discover(self, ctx: WorkerContext) -> None:
+        """Learn the shops of the newest queued chats (one page)."""
+        try:
+            async with self._slots:
+                page: ConversationPage = await ctx.client.request(
+                    ListConversations(id=0, state=ConvState.QUEUED, limit=MAX_CONVERSATION_PAGE)
+                )
+        except (RequestFailed, Disconnected, TimeoutError):
+            return
+        if ctx is self._ctx:
+            for conv in page.conversations:
+                self._learn(conv.shop)
 
     async def _sweep(self, ctx: WorkerContext) -> None:
         """Find shops nobody announced and chats no event told about: chats refused
@@ -700,7 +745,10 @@ class RoutingPlugin(Plugin):
     async def _resync(self, ctx: WorkerContext, conv_id: str) -> None:
         """Put one conversation where the store says it is."""
         try:
-            info: ConversationInfo = await ctx.client.request(GetConversation(id=0, conv=conv_id))
+            async with self._slots:
+                info: ConversationInfo = await ctx.client.request(
+                    GetConversation(id=0, conv=conv_id)
+                )
         except RequestFailed as exc:
             if exc.code == "not_found":
                 placement = self.router.conversation(conv_id)
@@ -739,7 +787,8 @@ class RoutingPlugin(Plugin):
                 if ctx is None or self._phase.get(action.shop) is not _Phase.READY:
                     continue
                 try:
-                    await self._carry_out(ctx, action)
+                    async with self._slots:
+                        await self._carry_out(ctx, action)
                 except RequestFailed as exc:
                     if exc.code == "conflict":
                         lane.clear()  # the chat moved on: follow the truth
@@ -834,10 +883,10 @@ class RoutingPlugin(Plugin):
         self._positions_told[conv] = time.time()
         await ctx.notify("queue", {"position": position, "eta_seconds": eta}, conv=conv)
 
-    @staticmethod
-    async def _quietly(coro: Any) -> None:
-        with contextlib.suppress(RequestFailed, Disconnected):
-            await coro
+    async def _quietly(self, coro: Any) -> None:
+        async with self._slots:
+            with contextlib.suppress(RequestFailed, Disconnected):
+                await coro
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

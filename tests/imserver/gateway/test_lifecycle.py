@@ -139,6 +139,12 @@ async def _keep_alive(client: Client) -> None:
         await trio.sleep(IDLE_MS / 4000)
 
 
+def _token(user: str, role: str = "customer", shop: str = "") -> str:
+    from imserver.auth import mint_token
+
+    return mint_token(SECRET, user=user, role=role, shop=shop)
+
+
 def _hello(user: str, role: str = "customer", shop: str = "", token: str | None = None) -> bytes:
     from imserver.auth import mint_token
 
@@ -281,3 +287,46 @@ async def test_drain_releases_silent_peers(tmp_path: Path) -> None:
     finally:
         for peer in peers:
             await peer.stream.aclose()
+
+
+async def test_a_peer_closed_during_a_fan_out_does_not_break_it(tmp_path: Path) -> None:
+    """The hub delivers to a user's devices by iterating its own table; a
+    device that overflows during that delivery is closed (and leaves the hub)
+    without breaking the delivery to the others."""
+    from protocol import Message, MessageEvent, Role
+
+    async with _server(tmp_path, idle_ms=60_000) as srv:
+        assert srv.ctx is not None
+        hub = srv.ctx.hub
+        phones = [
+            await _silent_peer(
+                srv.url, hello=encode(Hello(v=1, token=_token("zoe"), device=d)), rcvbuf=4096
+            )
+            for d in ("phone", "pad")
+        ]
+        async with phones[0].stream, phones[1].stream:
+            await _until(
+                lambda: (
+                    len(_sessions(srv)) == 2 and all(s.identity is not None for s in _sessions(srv))
+                ),
+                5,
+                "both devices logged in",
+            )
+            frame = MessageEvent(
+                message=Message(
+                    conv="c",
+                    seq=1,
+                    sender="a",
+                    sender_role=Role.AGENT,
+                    cmid="m",
+                    ts=0,
+                    body=TextBody(text="满" * 5000),
+                )
+            )
+            for _ in range(2000):  # 30 MB: past the outbox's hard bound and every buffer
+                hub.send_to_user("zoe", frame)
+                if all(s.outbox.closing is not None for s in _sessions(srv)):
+                    break
+            assert all(s.outbox.closing == CloseCode.SLOW_CONSUMER for s in _sessions(srv))
+            await _until(lambda: not hub.is_online("zoe"), 1, "zoe offline")
+            await _until(lambda: not _sessions(srv), RELEASE_BOUND_S, "both devices released")

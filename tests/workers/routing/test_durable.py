@@ -13,6 +13,7 @@ import zlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -22,9 +23,11 @@ from protocol import (
     AgentStatus,
     ConversationEvent,
     ConvState,
+    MessageEvent,
     OpenConversation,
     SetAgentStatus,
     Subscribe,
+    TextBody,
     Topic,
     UpdateConversation,
 )
@@ -228,3 +231,53 @@ async def test_two_instances_one_killed_never_over_capacity(
     assert sorted(ledger.assignments) == sorted(convs)
     assert all(len(a) == 1 for a in ledger.assignments.values()), ledger.assignments
     assert ledger.max_load <= 2
+
+
+async def test_a_burst_past_the_servers_request_bound_is_queued_on_one_connection(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    """300 handoffs at once, nobody online: routing tells all 300 their place without
+    ever having more requests outstanding than the server allows (it would refuse
+    them and, insisting, be disconnected)."""
+    cfg = config(tmp_path, cap=2)
+    dispatcher = server.server.dispatcher
+    assert dispatcher is not None
+    async with (
+        server.connect("observer", "supervisor", "shop1") as observer,
+        server.connect("bot", "worker", "*") as bot,
+        worker_process(server, "routing", tmp_path, cfg),
+    ):
+        [instance] = dispatcher.groups["routing"].instances
+        await observer.request(Subscribe(id=0, topics=[Topic.MESSAGES]))
+        convs = []
+        for i in range(300):
+            async with server.connect(f"b{i}") as buyer:
+                convs.append(
+                    (await buyer.request(OpenConversation(id=0, shop="shop1"))).conversation.id
+                )
+        async with trio.open_nursery() as burst:
+            for conv in convs:
+                burst.start_soon(
+                    partial(
+                        bot.request,
+                        UpdateConversation(
+                            id=0,
+                            conv=conv,
+                            state=ConvState.QUEUED,
+                            priority=HANDOFF_PRIORITY[HandoffReason.REQUESTED],
+                            tags_add=handoff_tags(HandoffReason.REQUESTED, "pre-sale"),
+                        ),
+                    )
+                )
+        told: set[str] = set()
+        with trio.fail_after(60):
+            async for frame in observer.events:
+                if (
+                    isinstance(frame, MessageEvent)
+                    and frame.message.sender == "worker:routing"
+                    and isinstance(frame.message.body, TextBody)
+                ):
+                    told.add(frame.message.conv)
+                    if len(told) == len(convs):
+                        break
+        assert dispatcher.groups["routing"].instances == [instance]  # never disconnected

@@ -127,7 +127,14 @@ def test_durable_times_from_history() -> None:
         _m(7, Role.WORKER, SystemBody(event="queued", data={"state": "queued"}), 7_000),
         _m(8, Role.WORKER, SystemBody(event="requeued", data={"previous_agent": "a"}), 7_001),
     ]
-    assert durable_times(history, ConvState.QUEUED) == (7.0, 5.0, "a")
-    assert durable_times(history[:6], ConvState.ASSIGNED) == (3.0, 5.0, None)
+    queued = durable_times(history, ConvState.QUEUED, me="routing")
+    assert (queued.since, queued.unanswered_since, queued.previous_agent) == (7.0, 5.0, "a")
+    assert not queued.told
+    assigned = durable_times(history[:6], ConvState.ASSIGNED)
+    assert (assigned.since, assigned.unanswered_since, assigned.previous_agent) == (3.0, 5.0, None)
     # nothing answered yet: the handoff message starts the clock
-    assert durable_times(history[:3], ConvState.ASSIGNED) == (3.0, 1.0, None)
+    early = durable_times(history[:3], ConvState.ASSIGNED)
+    assert (early.since, early.unanswered_since) == (3.0, 1.0)
+    # routing told the customer their place after the entry
+    told = [*history, _m(9, Role.WORKER, TextBody(text="you are number 2"), 7_002, "routing")]
+    assert durable_times(told, ConvState.QUEUED, me="routing").told
