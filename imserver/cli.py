@@ -1,4 +1,4 @@
-"""Command line: ``imserver serve | token | export | chat``.
+"""Command line: ``imserver serve | token | shop | export | chat``.
 
 Every flag has an environment variable (shown in ``--help``) so that the
 same binary runs under systemd, containers and tests unchanged.
@@ -22,7 +22,7 @@ from protocol import Role
 
 from . import logs
 from .auth import mint_token
-from .limits import GC_THRESHOLDS, RETENTION_DAYS, SHARD_COUNT
+from .limits import GC_THRESHOLDS, MAX_ID_CHARS, RETENTION_DAYS, SHARD_COUNT
 from .server import DB_FILE, Server, ServerConfig, StartupError, load_or_create_secret
 
 
@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="debug, info, warning, error (env IMSERVER_LOG_LEVEL)",
     )
     serve.add_argument(
+        "--shops",
+        default=_env("IMSERVER_SHOPS", ""),
+        help="comma-separated shops to register at start, e.g. shop1,shop2 "
+        "(env IMSERVER_SHOPS); conversations with unregistered shops are "
+        "refused (see also `imserver shop add`)",
+    )
+    serve.add_argument(
         "--workers",
         default=_env("IMSERVER_WORKERS", ""),
         help="comma-separated worker plugins to run as supervised child processes, "
@@ -181,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=24 * 3600, help="lifetime in seconds")
     token.add_argument("--once", action="store_true", help="single use (refused if replayed)")
 
+    shop = sub.add_parser("shop", help="register shops (tenants) or list them")
+    shop_sub = shop.add_subparsers(dest="shop_command", required=True)
+    shop_add = shop_sub.add_parser("add", help="register shops (works while a server runs)")
+    _add_data(shop_add)
+    shop_add.add_argument("names", nargs="+", help="shop ids")
+    shop_list = shop_sub.add_parser("list", help="list the registered shops")
+    _add_data(shop_list)
+
     export = sub.add_parser("export", help="export history to JSON Lines or CSV")
     _add_data(export)
     which = export.add_mutually_exclusive_group(required=True)
@@ -210,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "token":
         return _token(args)
+    if args.command == "shop":
+        return _shop(args)
     if args.command == "export":
         return _export(args)
     if args.command == "worker":
@@ -294,6 +311,7 @@ def _run_server(args: argparse.Namespace) -> int:
         retention_days=args.retention_days,
         synchronous=args.synchronous,
         shards=args.shards,
+        shops=_shop_names(args.shops),
         jwks=dict(args.jwks),
     )
     try:
@@ -398,6 +416,39 @@ def _worker(args: argparse.Namespace) -> int:
         asyncio.run(runner.run())
     else:
         uvloop.run(runner.run())
+    return 0
+
+
+def _shop_names(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    for name in names:
+        if not _valid_shop(name):
+            raise SystemExit(f"imserver: not a shop id: {name!r}")
+    return names
+
+
+def _valid_shop(name: str) -> bool:
+    return 0 < len(name) <= MAX_ID_CHARS and name != "*" and not any(ord(ch) < 0x20 for ch in name)
+
+
+def _shop(args: argparse.Namespace) -> int:
+    from .store import add_shops, read_shops
+
+    db = args.data / DB_FILE
+    if args.shop_command == "add":
+        bad = [name for name in args.names if not _valid_shop(name)]
+        if bad:
+            print(f"not a shop id: {bad[0]!r}", file=sys.stderr)
+            return 2
+        args.data.mkdir(parents=True, exist_ok=True)
+        added = add_shops(db, args.names)
+        print(f"registered {added} new shop(s)", file=sys.stderr)
+        return 0
+    if not db.exists():
+        print(f"no database at {db}", file=sys.stderr)
+        return 2
+    for name in read_shops(db):
+        print(name)
     return 0
 
 

@@ -159,6 +159,8 @@ class ServerConfig:
     outbound_buffer_bytes: int = OUTBOUND_BUFFER_BYTES
     close_send_timeout_s: float = CLOSE_SEND_TIMEOUT_S
     close_linger_s: float = CLOSE_LINGER_S
+    shops: tuple[str, ...] = ()
+    """Shops registered at start (more with ``imserver shop add``)."""
     extra: dict[str, str] = field(default_factory=dict)
     jwks: dict[str, str] = field(default_factory=dict)
     """shop -> its JWKS: a file path or an http(s) URL (besides DATA/jwks/SHOP.json)."""
@@ -265,6 +267,7 @@ class Server:
                 read_mux=(read_mux := ReadMux()),
             )
             self.ctx = ctx
+            await ctx.register_shops(list(config.shops))
             root.start_soon(read_mux.run)
             root.start_soon(self._shop_keys.run)  # shops' JWKS URLs, if any
             # Single-use tokens used before a restart stay refused.

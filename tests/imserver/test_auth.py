@@ -25,7 +25,7 @@ from imserver.client import ServerError, connect
 from imserver.limits import JWKS_RECHECK_S, MAX_TOKEN_TTL_S, TOKEN_CLOCK_SKEW_S
 from imserver.server import Server, ServerConfig
 from protocol import ErrorCode, OpenConversation, Role
-from tests.conftest import SECRET
+from tests.conftest import SECRET, SHOPS
 
 NOW = 1_800_000_000
 LENIENT: Final[jwt.types.Options] = {"verify_exp": False, "verify_iat": False}
@@ -671,7 +671,13 @@ async def test_a_shop_signed_buyer_connects_and_a_foreign_one_is_refused(tmp_pat
     key = ed25519.Ed25519PrivateKey.generate()
     path = _write_jwks(tmp_path / "shop1.json", _jwk(key, "k1"))
     server = Server(
-        ServerConfig(data_dir=tmp_path / "data", secret=SECRET, port=0, jwks={"shop1": str(path)})
+        ServerConfig(
+            data_dir=tmp_path / "data",
+            secret=SECRET,
+            port=0,
+            shops=SHOPS,
+            jwks={"shop1": str(path)},
+        )
     )
     t = int(time.time())  # the server verifies against its own clock
     async with trio.open_nursery() as nursery:
