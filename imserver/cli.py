@@ -11,6 +11,7 @@ import contextlib
 import gc
 import importlib.metadata
 import os
+import re
 import signal
 import sys
 from functools import partial
@@ -24,6 +25,9 @@ from . import logs
 from .auth import mint_token
 from .limits import GC_THRESHOLDS, MAX_ID_CHARS, RETENTION_DAYS, SHARD_COUNT
 from .server import DB_FILE, Server, ServerConfig, StartupError, load_or_create_secret
+
+WORKER_FAILED_EXIT = 3
+"""Exit code of ``imserver worker`` when its plugin cannot start or fails."""
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -165,9 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         type=Path,
         default=_env("IMSERVER_WORKERS_CONFIG"),
-        help="YAML file with per-plugin settings",
+        help="YAML file with per-plugin settings (env IMSERVER_WORKERS_CONFIG)",
     )
-    worker.add_argument("--log-level", default=_env("IMSERVER_LOG_LEVEL", "info"))
+    worker.add_argument(
+        "--log-level",
+        default=_env("IMSERVER_LOG_LEVEL", "info"),
+        help="debug, info, warning, error (env IMSERVER_LOG_LEVEL)",
+    )
     sub.add_parser("plugins", help="list installed worker plugins")
 
     token = sub.add_parser("token", help="mint a development token")
@@ -216,7 +224,52 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--role", choices=["customer", "agent", "supervisor"], default="customer")
     chat.add_argument("--shop", required=True, help="the shop to talk to (customer) or work for")
     chat.add_argument("--conv", default=None, help="agent: the conversation to claim and join")
+    add_env_defaults(parser)
     return parser
+
+
+_ENV_IN_HELP = re.compile(r"\benv (IMSERVER_[A-Z0-9_]+)")
+_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+
+
+def env_var_of(action: argparse.Action) -> str | None:
+    """The environment variable an option reads (named in its help), if any."""
+    found = _ENV_IN_HELP.search(action.help or "")
+    return found.group(1) if found else None
+
+
+def add_env_defaults(parser: argparse.ArgumentParser, command: str = "") -> None:
+    """Give every option of every subcommand an environment variable.
+
+    Options that name theirs in the help (``env IMSERVER_PORT``) read it already;
+    the others get ``IMSERVER_<OPTION>`` (``serve``) or ``IMSERVER_<COMMAND>_<OPTION>``
+    (other subcommands; nested ones ``IMSERVER_SHOP_ADD_<OPTION>``), read here as the default and named in ``--help``. A flag
+    given on the command line still wins. ``tests/imserver/test_operations.py``
+    walks the parser and fails on an option without one.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, subparser in action.choices.items():
+                add_env_defaults(subparser, f"{command}_{name}" if command else name)
+            continue
+        if not action.option_strings or action.default == argparse.SUPPRESS:
+            continue  # positionals, --help, --version
+        if env_var_of(action) is not None:
+            continue
+        option = max(action.option_strings, key=len).lstrip("-").upper().replace("-", "_")
+        prefix = "" if command == "serve" else f"{command.upper()}_"
+        name = f"IMSERVER_{prefix}{option}"
+        value = os.environ.get(name)
+        if value is not None:
+            if action.nargs == 0:  # store_true / store_false
+                action.default = (value.strip().lower() in _TRUE_WORDS) == action.const
+            else:  # a string default goes through the option's type, as if typed
+                action.default = value
+            action.required = False
+        action.help = f"{action.help or ''} (env {name})".strip()
+    for group in parser._mutually_exclusive_groups:  # one of them set by its variable
+        if any(env_var_of(a) in os.environ for a in group._group_actions):
+            group.required = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,7 +376,13 @@ def _run_server(args: argparse.Namespace) -> int:
     plugins = [name.strip() for name in args.workers.split(",") if name.strip()]
 
     async def run() -> None:
-        from .supervisor import supervise
+        from .supervisor import WorkerStates, supervise
+
+        states = WorkerStates()
+        for name in plugins:
+            states.of(name)
+        if plugins:
+            server.worker_health = states.health
 
         until_drained = trio.CancelScope()
 
@@ -350,6 +409,7 @@ def _run_server(args: argparse.Namespace) -> int:
                                     secret=config.secret,
                                     data_dir=args.data,
                                     config=args.workers_config,
+                                    states=states,
                                 )
                             )
 
@@ -371,6 +431,9 @@ def _run_server(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    """Run one plugin. A plugin that cannot start (not installed, a missing dependency,
+    bad settings, its ``setup`` failing) is one JSON log line and exit code 3, never a
+    traceback: the supervisor shows it in ``/healthz`` and restarts with backoff."""
     import asyncio
     import logging
 
@@ -378,44 +441,61 @@ def _worker(args: argparse.Namespace) -> int:
 
     logs.setup(args.log_level)
     logging.getLogger("imserver.worker").setLevel(args.log_level.upper())
-    plugin_cls = load(args.name)
-    config: dict[str, object] = {}
-    if args.config:
-        import yaml
-
-        loaded = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
-        config = dict(loaded.get(args.name, {})) if isinstance(loaded, dict) else {}
-    if args.token:
-        token = str(args.token)
-
-        def token_provider() -> str:
-            return token
-    else:
-        secret = _secret(args)
-
-        def token_provider() -> str:
-            return mint_token(
-                secret,
-                user=f"worker:{plugin_cls.name}",
-                role="worker",
-                shop="*",
-                plugin=plugin_cls.name,
-                ttl_s=24 * 3600,
-            )
-
-    runner = WorkerRunner(
-        plugin_cls(),
-        url=args.server,
-        token=token_provider,
-        data_dir=args.data / "workers" / plugin_cls.name,
-        config=config,
-    )
+    log = logging.getLogger("imserver.worker.main")
+    stage = "load"
     try:
-        import uvloop
-    except ImportError:  # uvloop is optional outside Linux/macOS
-        asyncio.run(runner.run())
-    else:
-        uvloop.run(runner.run())
+        plugin_cls = load(args.name)
+        stage = "config"
+        config: dict[str, object] = {}
+        if args.config:
+            import yaml
+
+            loaded = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+            config = dict(loaded.get(args.name, {})) if isinstance(loaded, dict) else {}
+        if args.token:
+            token = str(args.token)
+
+            def token_provider() -> str:
+                return token
+        else:
+            secret = _secret(args)
+
+            def token_provider() -> str:
+                return mint_token(
+                    secret,
+                    user=f"worker:{plugin_cls.name}",
+                    role="worker",
+                    shop="*",
+                    plugin=plugin_cls.name,
+                    ttl_s=24 * 3600,
+                )
+
+        runner = WorkerRunner(
+            plugin_cls(),
+            url=args.server,
+            token=token_provider,
+            data_dir=args.data / "workers" / plugin_cls.name,
+            config=config,
+        )
+        stage = "run"
+        try:
+            import uvloop
+        except ImportError:  # uvloop is optional outside Linux/macOS
+            asyncio.run(runner.run())
+        else:
+            uvloop.run(runner.run())
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:
+        logs.event(
+            log,
+            "worker_failed",
+            level=logging.ERROR,
+            plugin=args.name,
+            stage=stage,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        return WORKER_FAILED_EXIT
     return 0
 
 

@@ -206,6 +206,24 @@ RULES: Final[dict[tuple[type, Role, Relation], Access]] = {
 }
 """(request kind, role, relation) -> access: the one authorization table."""
 
+_BY_ROLE: Final[dict[type, dict[str, tuple[Access, ...]]]] = {
+    kind: {
+        role.value: tuple(RULES[kind, role, relation] for relation in _RELATIONS) for role in _ROLES
+    }
+    for kind in _ROWS
+}
+"""``RULES`` again, for the hot path: kind -> role value -> access per relation index."""
+_ALLOW: Final = Access.ALLOW
+_DENY: Final = Access.DENY
+_MAY_ATTEMPT: Final[dict[type, dict[str, tuple[bool, bool]]]] = {
+    kind: {
+        role: (any(a is not _DENY for a in accesses[:3]), accesses[3] is not _DENY)
+        for role, accesses in columns.items()
+    }
+    for kind, columns in _BY_ROLE.items()
+}
+"""kind -> role value -> (allowed in some relation of a single-shop scope, of all shops)."""
+
 TARGETS: Final[dict[type, Target]] = {kind: row[0] for kind, row in _ROWS.items()}
 
 KINDS: Final = (*REQUEST_TYPES, *NOTICE_TYPES)
@@ -264,17 +282,26 @@ def conversation_relation(
     who: Identity, conv: Conversation, members: Mapping[str, MemberRole]
 ) -> Relation:
     """``members`` needs to hold the requester's membership only."""
-    if who.all_shops:
-        return Relation.ALL_SHOPS
-    if who.role is Role.CUSTOMER:
-        if conv.customer == who.user or who.user in members:
-            return Relation.OWN_CONVERSATION
-        return Relation.OTHER_SHOP
-    if conv.shop != who.shop or not who.shop:
-        return Relation.OTHER_SHOP
-    if who.user in members or (conv.kind is ConvKind.DIRECT and conv.agent == who.user):
-        return Relation.OWN_CONVERSATION
-    return Relation.OWN_SHOP
+    return _RELATIONS[_conversation_index(who, conv, members)]
+
+
+# The same, as an index into _RELATIONS: every message passes here twice (read,
+# send), so it avoids the enum machinery (an enum's hash is a Python call).
+_CUSTOMER: Final = Role.CUSTOMER
+_DIRECT: Final = ConvKind.DIRECT
+
+
+def _conversation_index(
+    who: Identity, conv: Conversation, members: Mapping[str, MemberRole]
+) -> int:
+    role, user, shop = who.role, who.user, who.shop
+    if role is _CUSTOMER:
+        return 0 if conv.customer == user or user in members else 2
+    if shop == ALL_SHOPS:
+        return 3
+    if not shop or conv.shop != shop:
+        return 2
+    return 0 if user in members or (conv.agent == user and conv.kind is _DIRECT) else 1
 
 
 # ----------------------------------------------------------------- verdicts
@@ -286,13 +313,7 @@ _OPEN_TO_AGENTS: Final = frozenset({ConvState.BOT, ConvState.QUEUED})
 def may_attempt(kind: type, who: Identity) -> bool:
     """The gateway's first look, before anything is done: whether ``who``'s role
     may make a request of this kind in any relation its scope can have."""
-    if who.all_shops:
-        return RULES[kind, who.role, Relation.ALL_SHOPS] is not Access.DENY
-    return any(
-        RULES[kind, who.role, relation] is not Access.DENY
-        for relation in _RELATIONS
-        if relation is not Relation.ALL_SHOPS
-    )
+    return _MAY_ATTEMPT[kind][who.role._value_][who.shop == ALL_SHOPS and who.role is not _CUSTOMER]
 
 
 def access(kind: type, who: Identity, relation: Relation) -> Access:
@@ -309,9 +330,11 @@ def conversation_access(
     new_agent: str | None = None,
 ) -> bool:
     """The verdict on a request about ``conv``: the table entry, and its condition."""
-    rule = RULES[kind, who.role, conversation_relation(who, conv, members)]
-    if rule is Access.ALLOW:
+    rule = _BY_ROLE[kind][who.role._value_][_conversation_index(who, conv, members)]
+    if rule is _ALLOW:
         return True
+    if rule is _DENY:
+        return False
     if rule is Access.OPEN:
         return conv.kind is ConvKind.DIRECT and conv.state in _OPEN_TO_AGENTS
     if rule is Access.CLAIM:

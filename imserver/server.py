@@ -191,6 +191,8 @@ class Server:
         self.shards: LocalShards | None = None
         self.store: WatchedSqliteStore | None = None
         self.dispatcher: WorkerDispatcher | None = None
+        self.worker_health: Callable[[], tuple[bool, bytes]] | None = None
+        """Set by ``serve --workers``: (all well, one line per worker) for ``/healthz``."""
         self._root: trio.Nursery | None = None
         self._reviving = False
         self._spare: int | None = None
@@ -459,6 +461,9 @@ class Server:
             reason = self.health()
             if reason is not None:
                 return 503, "text/plain", f"{reason}\n".encode()
+            if self.worker_health is not None:  # the server serves; a worker may be failing
+                well, lines = self.worker_health()
+                return 200, "text/plain", (b"ok\n" if well else b"degraded\n") + lines
             return 200, "text/plain", b"ok\n"
         return None
 

@@ -891,7 +891,12 @@ class Session:
             self.send_frame(Error(code=ErrorCode.INTERNAL, message="internal error", id=request.id))
             return
         if not self.ctx.shards.submit(cmd):
-            await self.ctx.shards.put(cmd)
+            try:
+                await self.ctx.shards.put(cmd)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):  # stopping
+                self.send_frame(
+                    Error(code=ErrorCode.UNAVAILABLE, message="server stopping", id=request.id)
+                )
 
     async def _registered(self, shop: str) -> None:
         if not await self.ctx.shop_registered(shop):

@@ -667,7 +667,8 @@ def test_serve_refuses_a_broken_jwks_in_one_line(tmp_path: Path) -> None:
 
 async def test_a_shop_signed_buyer_connects_and_a_foreign_one_is_refused(tmp_path: Path) -> None:
     """Real server, real sockets: shop1's backend signs its buyer's token with its
-    own key; the same key cannot get a buyer of shop2 in."""
+    own key; that buyer deals with shop1 only, and the same key cannot get a
+    buyer of shop2 in."""
     key = ed25519.Ed25519PrivateKey.generate()
     path = _write_jwks(tmp_path / "shop1.json", _jwk(key, "k1"))
     server = Server(
@@ -687,6 +688,9 @@ async def test_a_shop_signed_buyer_connects_and_a_foreign_one_is_refused(tmp_pat
             assert (client.welcome.user, client.welcome.shop) == ("shop1:alice", "shop1")
             info = await client.request(OpenConversation(id=0, shop="shop1"))
             assert info.conversation.customer == "shop1:alice"
+            with pytest.raises(ServerError) as elsewhere:  # a buyer of shop1 only
+                await client.request(OpenConversation(id=0, shop="shop2"))
+            assert elsewhere.value.code == ErrorCode.FORBIDDEN
         foreign = _shop_token(
             key, "k1", "EdDSA", iat=t, exp=t + 60, shop="shop2", sub="shop2:alice", jti="j-2"
         )

@@ -454,3 +454,19 @@ def test_security_md_shows_the_table() -> None:
     assert text[start : text.index("<!-- authz:end")].strip() == policy.markdown_table(), (
         "docs/SECURITY.md: paste the output of `python -m imserver.policy`"
     )
+
+
+@pytest.mark.parametrize("kind", policy.KINDS, ids=lambda k: k.__name__)
+def test_the_gateways_first_look_follows_the_table(kind: type) -> None:
+    """``may_attempt`` (a table derived for speed) says yes exactly when some
+    relation the requester's scope can have is not denied."""
+    for role in Role:
+        for shop in ("", "shop1", "*"):
+            who = policy.Identity(user="u", role=role, shop=shop)
+            relations = (
+                [Relation.ALL_SHOPS]
+                if who.all_shops
+                else [r for r in Relation if r is not Relation.ALL_SHOPS]
+            )
+            expected = any(RULES[kind, role, r] is not Access.DENY for r in relations)
+            assert policy.may_attempt(kind, who) is expected, (role, shop)
