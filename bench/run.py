@@ -48,10 +48,12 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
 from bench.loadgen import bot_heavy
+from bench.loadgen.common import SHOPS
 from bench.loadgen.suite import NEEDS_BOT, PROFILES, SCENARIOS, SuiteProfile, run_scenario
 from bench.loadgen.sysstat import HostCpu, calibrate, machine_info
 from bench.report import (
@@ -63,9 +65,11 @@ from bench.report import (
     write_json,
 )
 from bench.servers import BOT_VARIANTS, REPO, TARGETS, RunningServer, Target, TargetUnavailable
+from imserver.server import DB_FILE
+from imserver.store import add_shops
 
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
-DEFAULT_TARGETS: Final = ("imserver", "trio_wsproto", "websockets")
+DEFAULT_TARGETS: Final = ("imserver", "trio_wsproto", "trio_sansio", "websockets")
 PAUSE_BETWEEN_SCENARIOS_S: Final = 0.25
 """Lets the previous server's sockets and CPU settle."""
 QUIET_WINDOW_S: Final = 2.0
@@ -122,13 +126,26 @@ def run_scenario_on(
     target: Target = TARGETS[name]
     t0 = time.monotonic()
     tag = f"{scenario[:4]}{secrets.token_hex(3)}"
-    prepare = None
+    seed: Callable[[Path], object] | None = None
+    shops = [f"{tag}-shop{index}" for index in range(SHOPS)]
+    if scenario == "independent" and profile.independent is not None:
+        # each load point's client process runs under a tag of its own
+        points = range(len(profile.independent.points))
+        shops += [f"{tag}i{point}-shop{index}" for point in points for index in range(SHOPS)]
     if scenario in NEEDS_BOT:
         target = BOT_VARIANTS[name]
         params = profile.bot_heavy
         if params is not None:
             params.validate()
-            prepare = functools.partial(bot_heavy.seed_crm, params=params, tag=tag)
+            seed = functools.partial(bot_heavy.seed_crm, params=params, tag=tag)
+            shops += [bot_heavy.shop_name(tag, index) for index in range(params.shops)]
+
+    def prepare(data: Path) -> None:
+        if name == "imserver":  # imserver serves registered shops only
+            add_shops(data / DB_FILE, shops)
+        if seed is not None:
+            seed(data)
+
     server = RunningServer(target, prepare)
     outcome: ScenarioOutcome
     try:

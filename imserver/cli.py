@@ -1,4 +1,4 @@
-"""Command line: ``imserver serve | token | export | chat``.
+"""Command line: ``imserver serve | token | shop | export | chat``.
 
 Every flag has an environment variable (shown in ``--help``) so that the
 same binary runs under systemd, containers and tests unchanged.
@@ -11,6 +11,7 @@ import contextlib
 import gc
 import importlib.metadata
 import os
+import re
 import signal
 import sys
 from functools import partial
@@ -22,8 +23,11 @@ from protocol import Role
 
 from . import logs
 from .auth import mint_token
-from .limits import GC_THRESHOLDS, RETENTION_DAYS, SHARD_COUNT
+from .limits import GC_THRESHOLDS, MAX_ID_CHARS, RETENTION_DAYS, SHARD_COUNT
 from .server import DB_FILE, Server, ServerConfig, StartupError, load_or_create_secret
+
+WORKER_FAILED_EXIT = 3
+"""Exit code of ``imserver worker`` when its plugin cannot start or fails."""
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -117,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="debug, info, warning, error (env IMSERVER_LOG_LEVEL)",
     )
     serve.add_argument(
+        "--shops",
+        default=_env("IMSERVER_SHOPS", ""),
+        help="comma-separated shops to register at start, e.g. shop1,shop2 "
+        "(env IMSERVER_SHOPS); conversations with unregistered shops are "
+        "refused (see also `imserver shop add`)",
+    )
+    serve.add_argument(
         "--workers",
         default=_env("IMSERVER_WORKERS", ""),
         help="comma-separated worker plugins to run as supervised child processes, "
@@ -158,9 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         type=Path,
         default=_env("IMSERVER_WORKERS_CONFIG"),
-        help="YAML file with per-plugin settings",
+        help="YAML file with per-plugin settings (env IMSERVER_WORKERS_CONFIG)",
     )
-    worker.add_argument("--log-level", default=_env("IMSERVER_LOG_LEVEL", "info"))
+    worker.add_argument(
+        "--log-level",
+        default=_env("IMSERVER_LOG_LEVEL", "info"),
+        help="debug, info, warning, error (env IMSERVER_LOG_LEVEL)",
+    )
     sub.add_parser("plugins", help="list installed worker plugins")
 
     token = sub.add_parser("token", help="mint a development token")
@@ -180,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--plugin", default="", help="worker only: the plugin it may join as")
     token.add_argument("--ttl", type=int, default=24 * 3600, help="lifetime in seconds")
     token.add_argument("--once", action="store_true", help="single use (refused if replayed)")
+
+    shop = sub.add_parser("shop", help="register shops (tenants) or list them")
+    shop_sub = shop.add_subparsers(dest="shop_command", required=True)
+    shop_add = shop_sub.add_parser("add", help="register shops (works while a server runs)")
+    _add_data(shop_add)
+    shop_add.add_argument("names", nargs="+", help="shop ids")
+    shop_list = shop_sub.add_parser("list", help="list the registered shops")
+    _add_data(shop_list)
 
     export = sub.add_parser("export", help="export history to JSON Lines or CSV")
     _add_data(export)
@@ -201,7 +224,52 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--role", choices=["customer", "agent", "supervisor"], default="customer")
     chat.add_argument("--shop", required=True, help="the shop to talk to (customer) or work for")
     chat.add_argument("--conv", default=None, help="agent: the conversation to claim and join")
+    add_env_defaults(parser)
     return parser
+
+
+_ENV_IN_HELP = re.compile(r"\benv (IMSERVER_[A-Z0-9_]+)")
+_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+
+
+def env_var_of(action: argparse.Action) -> str | None:
+    """The environment variable an option reads (named in its help), if any."""
+    found = _ENV_IN_HELP.search(action.help or "")
+    return found.group(1) if found else None
+
+
+def add_env_defaults(parser: argparse.ArgumentParser, command: str = "") -> None:
+    """Give every option of every subcommand an environment variable.
+
+    Options that name theirs in the help (``env IMSERVER_PORT``) read it already;
+    the others get ``IMSERVER_<OPTION>`` (``serve``) or ``IMSERVER_<COMMAND>_<OPTION>``
+    (other subcommands; nested ones ``IMSERVER_SHOP_ADD_<OPTION>``), read here as the default and named in ``--help``. A flag
+    given on the command line still wins. ``tests/imserver/test_operations.py``
+    walks the parser and fails on an option without one.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, subparser in action.choices.items():
+                add_env_defaults(subparser, f"{command}_{name}" if command else name)
+            continue
+        if not action.option_strings or action.default == argparse.SUPPRESS:
+            continue  # positionals, --help, --version
+        if env_var_of(action) is not None:
+            continue
+        option = max(action.option_strings, key=len).lstrip("-").upper().replace("-", "_")
+        prefix = "" if command == "serve" else f"{command.upper()}_"
+        name = f"IMSERVER_{prefix}{option}"
+        value = os.environ.get(name)
+        if value is not None:
+            if action.nargs == 0:  # store_true / store_false
+                action.default = (value.strip().lower() in _TRUE_WORDS) == action.const
+            else:  # a string default goes through the option's type, as if typed
+                action.default = value
+            action.required = False
+        action.help = f"{action.help or ''} (env {name})".strip()
+    for group in parser._mutually_exclusive_groups:  # one of them set by its variable
+        if any(env_var_of(a) in os.environ for a in group._group_actions):
+            group.required = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "token":
         return _token(args)
+    if args.command == "shop":
+        return _shop(args)
     if args.command == "export":
         return _export(args)
     if args.command == "worker":
@@ -298,6 +368,7 @@ def _run_server(args: argparse.Namespace) -> int:
         retention_days=args.retention_days,
         synchronous=args.synchronous,
         shards=args.shards,
+        shops=_shop_names(args.shops),
         jwks=dict(args.jwks),
     )
     try:
@@ -311,7 +382,13 @@ def _run_server(args: argparse.Namespace) -> int:
     plugins = [name.strip() for name in args.workers.split(",") if name.strip()]
 
     async def run() -> None:
-        from .supervisor import supervise
+        from .supervisor import WorkerStates, supervise
+
+        states = WorkerStates()
+        for name in plugins:
+            states.of(name)
+        if plugins:
+            server.worker_health = states.health
 
         until_drained = trio.CancelScope()
 
@@ -338,6 +415,7 @@ def _run_server(args: argparse.Namespace) -> int:
                                     secret=config.secret,
                                     data_dir=args.data,
                                     config=args.workers_config,
+                                    states=states,
                                 )
                             )
 
@@ -359,6 +437,9 @@ def _run_server(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    """Run one plugin. A plugin that cannot start (not installed, a missing dependency,
+    bad settings, its ``setup`` failing) is one JSON log line and exit code 3, never a
+    traceback: the supervisor shows it in ``/healthz`` and restarts with backoff."""
     import asyncio
     import logging
 
@@ -366,44 +447,94 @@ def _worker(args: argparse.Namespace) -> int:
 
     logs.setup(args.log_level)
     logging.getLogger("imserver.worker").setLevel(args.log_level.upper())
-    plugin_cls = load(args.name)
-    config: dict[str, object] = {}
-    if args.config:
-        import yaml
-
-        loaded = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
-        config = dict(loaded.get(args.name, {})) if isinstance(loaded, dict) else {}
-    if args.token:
-        token = str(args.token)
-
-        def token_provider() -> str:
-            return token
-    else:
-        secret = _secret(args)
-
-        def token_provider() -> str:
-            return mint_token(
-                secret,
-                user=f"worker:{plugin_cls.name}",
-                role="worker",
-                shop="*",
-                plugin=plugin_cls.name,
-                ttl_s=24 * 3600,
-            )
-
-    runner = WorkerRunner(
-        plugin_cls(),
-        url=args.server,
-        token=token_provider,
-        data_dir=args.data / "workers" / plugin_cls.name,
-        config=config,
-    )
+    log = logging.getLogger("imserver.worker.main")
+    stage = "load"
     try:
-        import uvloop
-    except ImportError:  # uvloop is optional outside Linux/macOS
-        asyncio.run(runner.run())
-    else:
-        uvloop.run(runner.run())
+        plugin_cls = load(args.name)
+        stage = "config"
+        config: dict[str, object] = {}
+        if args.config:
+            import yaml
+
+            loaded = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+            config = dict(loaded.get(args.name, {})) if isinstance(loaded, dict) else {}
+        if args.token:
+            token = str(args.token)
+
+            def token_provider() -> str:
+                return token
+        else:
+            secret = _secret(args)
+
+            def token_provider() -> str:
+                return mint_token(
+                    secret,
+                    user=f"worker:{plugin_cls.name}",
+                    role="worker",
+                    shop="*",
+                    plugin=plugin_cls.name,
+                    ttl_s=24 * 3600,
+                )
+
+        runner = WorkerRunner(
+            plugin_cls(),
+            url=args.server,
+            token=token_provider,
+            data_dir=args.data / "workers" / plugin_cls.name,
+            config=config,
+        )
+        stage = "run"
+        try:
+            import uvloop
+        except ImportError:  # uvloop is optional outside Linux/macOS
+            asyncio.run(runner.run())
+        else:
+            uvloop.run(runner.run())
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:
+        logs.event(
+            log,
+            "worker_failed",
+            level=logging.ERROR,
+            plugin=args.name,
+            stage=stage,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        return WORKER_FAILED_EXIT
+    return 0
+
+
+def _shop_names(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    for name in names:
+        if not _valid_shop(name):
+            raise SystemExit(f"imserver: not a shop id: {name!r}")
+    return names
+
+
+def _valid_shop(name: str) -> bool:
+    return 0 < len(name) <= MAX_ID_CHARS and name != "*" and not any(ord(ch) < 0x20 for ch in name)
+
+
+def _shop(args: argparse.Namespace) -> int:
+    from .store import add_shops, read_shops
+
+    db = args.data / DB_FILE
+    if args.shop_command == "add":
+        bad = [name for name in args.names if not _valid_shop(name)]
+        if bad:
+            print(f"not a shop id: {bad[0]!r}", file=sys.stderr)
+            return 2
+        args.data.mkdir(parents=True, exist_ok=True)
+        added = add_shops(db, args.names)
+        print(f"registered {added} new shop(s)", file=sys.stderr)
+        return 0
+    if not db.exists():
+        print(f"no database at {db}", file=sys.stderr)
+        return 2
+    for name in read_shops(db):
+        print(name)
     return 0
 
 

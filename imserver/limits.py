@@ -117,6 +117,22 @@ MAX_AGENT_LIST: Final = 5000
 MAX_DEVICES_PER_USER: Final = 20
 """Concurrent connections of one user (all devices); the oldest is closed with 4010."""
 
+MAX_OPEN_CONVERSATIONS_PER_CUSTOMER: Final = 50
+"""Direct conversations one customer may have open (not closed) at once, over all
+shops; opening one more is ``rate_limited``. Concurrent opens may pass it by at
+most ``CUSTOMER_OPENS_BURST``."""
+
+CUSTOMER_OPENS_PER_MINUTE: Final = 30
+"""Sustained rate of OpenConversation requests per customer (all devices; token
+bucket); faster ones are ``rate_limited`` with a retry hint."""
+
+CUSTOMER_OPENS_BURST: Final = 30
+"""Token bucket depth for a customer's opens."""
+
+CUSTOMER_OPEN_BUCKETS: Final = 100_000
+"""Customers whose open rate is remembered (the least recently active are
+forgotten first: they start again with a full bucket)."""
+
 RESUME_BATCH: Final = 500
 """Messages read from the store per query while replaying a resume."""
 

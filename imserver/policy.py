@@ -1,21 +1,97 @@
-"""Who may do what: pure functions over an identity and a conversation.
+"""Who may do what: one authorization table, and the relations it is keyed by.
 
-One place for every access rule, so the gateway and the actors agree:
+Theory of operation
+-------------------
+Every request a client can make (every request and notice frame type of the
+protocol) has, for every role and every *relation* between the requester and
+the request's target, exactly one entry in ``RULES``. Nothing else decides
+access: the gateway looks the request up before it does anything
+(``may_attempt``: is there a relation at all in which this role may do it?),
+and whoever knows the target -- the gateway for shops, users and plugins, the
+conversation's actor for conversations -- computes the relation and asks
+``check`` for the verdict. The module refuses to import if a request kind of
+the protocol has no row, so a new kind cannot slip past.
 
-* customer: their own direct conversations, and groups they are a member of;
-* agent: their shop's direct conversations assigned to them or still open to
-  any agent (state bot or queued), and their shop's groups they belong to;
-* supervisor and shop workers: every conversation of their shop;
-* admin and global workers (shop "*"): everything.
+Relations (``Relation``), from the requester's point of view:
+
+* ``own_conversation``: a conversation they take part in -- its customer, its
+  assigned agent, a member of the group -- of their own shop (staff) or of any
+  shop (customers);
+* ``own_shop``: anything else of their own shop: its conversations, the shop
+  itself, its users (its staff and the customers who have a conversation with
+  it). Requests without a target (ping, list, status, acks) are about the
+  requester's own scope: ``own_shop`` for staff, ``own_conversation`` for
+  customers;
+* ``other_shop``: another shop's conversation, user or shop. Customers belong
+  to no shop: any conversation not theirs is ``other_shop``. As for shops, a
+  platform buyer (token shop "") may deal with every shop (``own_shop``), a
+  buyer whose token a shop's key vouches for (token shop = that shop) with
+  that shop only;
+* ``all_shops``: the requester holds the all-shops scope (token shop ``*``,
+  given only explicitly); every target is in it. An empty shop is never all
+  shops.
+
+An entry (``Access``) is ``allow``, ``deny``, or allowed under one condition
+on the target: ``open`` (a direct conversation still open to every agent of
+its shop: bot or queued), ``claim`` (an update that assigns such an open
+conversation to the requester), ``group_admin`` (the requester is the
+group's owner or admin), ``own_plugin`` (the plugin named in the requester's
+token) or ``queue_topics`` (shop streams other than every message).
+Cells no token can reach are ``deny`` (fail closed): a customer never has an
+own shop nor all shops, agents and supervisors never hold all shops, admins
+always do, a shop or a user is never an own conversation, and requests
+without a target have only the requester's home relation.
+
+Visibility. Conversations a requester may not read (``History``) are "not
+found", whatever the request: ids are no oracle. Readable ones that the
+request may not touch are "forbidden". The state machine of routing
+(``STATE_TRANSITIONS``: which role may move a conversation from which state
+to which) is checked after the table, for updates only.
 """
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Collection, Mapping
 from typing import Final
 
 import msgspec
 
-from protocol import Conversation, ConvKind, ConvState, MemberRole, Role, Topic
+from protocol import (
+    NOTICE_TYPES,
+    REQUEST_TYPES,
+    Conversation,
+    ConvKind,
+    ConvState,
+    CreateGroup,
+    Delivered,
+    GetConversation,
+    History,
+    ListAgents,
+    ListConversations,
+    MemberRole,
+    Notify,
+    OpenConversation,
+    Ping,
+    Read,
+    Recall,
+    Role,
+    Send,
+    SetAgentStatus,
+    Subscribe,
+    Topic,
+    Typing,
+    Unsubscribe,
+    Unwatch,
+    UpdateConversation,
+    UpdateMembers,
+    WatchPresence,
+    WorkerAck,
+    WorkerJoin,
+)
+
+ALL_SHOPS: Final = "*"
+"""The token shop that means every shop. Nothing else does (not "")."""
 
 
 class Identity(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -26,67 +102,301 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     shop: str
     session: str = ""
     device: str = ""
+    plugin: str = ""
+    """Workers: the one plugin this token may join as ("" for none: no join)."""
 
     @property
     def is_staff(self) -> bool:
         return self.role is not Role.CUSTOMER
 
+    @property
+    def all_shops(self) -> bool:
+        """Holds the all-shops scope: staff with shop ``*`` (never shop "")."""
+        return self.shop == ALL_SHOPS and self.is_staff
+
     def in_shop(self, shop: str) -> bool:
         """Staff of ``shop`` (or of every shop)."""
-        return self.role is Role.ADMIN or self.shop == "*" or (self.is_staff and self.shop == shop)
+        return self.is_staff and bool(shop) and (self.shop == shop or self.all_shops)
+
+
+class Relation(enum.StrEnum):
+    OWN_CONVERSATION = "own_conversation"
+    OWN_SHOP = "own_shop"
+    OTHER_SHOP = "other_shop"
+    ALL_SHOPS = "all_shops"
+
+
+class Access(enum.StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+    OPEN = "open"
+    """Only a direct conversation open to every agent of its shop (bot or queued)."""
+    CLAIM = "claim"
+    """Only to assign an open conversation (bot or queued) to oneself."""
+    GROUP_ADMIN = "group_admin"
+    """Only as the group's owner or admin."""
+    OWN_PLUGIN = "own_plugin"
+    """Only the plugin named in the token."""
+    QUEUE_TOPICS = "queue_topics"
+    """Shop streams except every message (conversations, agents, dashboard)."""
+
+
+class Target(enum.Enum):
+    """What a request kind is about, which decides how its relation is found."""
+
+    CONVERSATION = "conversation"
+    SHOP = "shop"
+    USER = "user"
+    SELF = "self"
+    """Nothing but the requester's own scope (ping, list, status, plugin join)."""
+
+
+# The table: one row per request kind, its target, then per role (customer,
+# agent, supervisor, worker, admin) four letters, one per relation in the
+# order own conversation, own shop, other shop, all shops:
+#   Y allow   - deny   O open   C claim   G group admin   P own plugin   Q queue topics
+# Notify names a conversation, a user or a shop: its relation is the one to
+# whichever it names. Unwatch and Unsubscribe only remove the requester's own
+# subscriptions. Recall is, besides, for the author of the message only.
+# fmt: off
+_ROWS: Final[dict[type, tuple[Target, str, str, str, str, str]]] = {
+    #                     target               customer agent   superv. worker  admin
+    Ping:               (Target.SELF,         "Y---", "-Y--", "-Y--", "-Y-Y", "---Y"),
+    ListConversations:  (Target.SELF,         "Y---", "-Y--", "-Y--", "-Y-Y", "---Y"),
+    OpenConversation:   (Target.SHOP,         "-Y--", "----", "----", "----", "----"),
+    CreateGroup:        (Target.SHOP,         "----", "-Y--", "-Y--", "-Y-Y", "---Y"),
+    UpdateMembers:      (Target.CONVERSATION, "----", "G---", "YY--", "YY-Y", "---Y"),
+    Send:               (Target.CONVERSATION, "Y---", "Y---", "YY--", "YY-Y", "---Y"),
+    Typing:             (Target.CONVERSATION, "Y---", "Y---", "YY--", "YY-Y", "---Y"),
+    Recall:             (Target.CONVERSATION, "Y---", "Y---", "YY--", "YY-Y", "---Y"),
+    History:            (Target.CONVERSATION, "Y---", "YO--", "YY--", "YY-Y", "---Y"),
+    GetConversation:    (Target.CONVERSATION, "Y---", "YO--", "YY--", "YY-Y", "---Y"),
+    Read:               (Target.CONVERSATION, "Y---", "YO--", "YY--", "YY-Y", "---Y"),
+    Delivered:          (Target.CONVERSATION, "Y---", "YO--", "YY--", "YY-Y", "---Y"),
+    # (a worker takes part in groups only, and groups are not routed)
+    UpdateConversation: (Target.CONVERSATION, "----", "YC--", "YY--", "-Y-Y", "---Y"),
+    SetAgentStatus:     (Target.SELF,         "----", "-Y--", "-Y--", "----", "----"),
+    ListAgents:         (Target.SHOP,         "----", "-Y--", "-Y--", "-Y-Y", "---Y"),
+    WatchPresence:      (Target.USER,         "----", "-Y--", "-Y--", "-Y-Y", "---Y"),
+    Unwatch:            (Target.SELF,         "Y---", "-Y--", "-Y--", "-Y-Y", "---Y"),
+    Subscribe:          (Target.SHOP,         "----", "-Q--", "-Y--", "-Y-Y", "---Y"),
+    Unsubscribe:        (Target.SELF,         "Y---", "-Y--", "-Y--", "-Y-Y", "---Y"),
+    WorkerJoin:         (Target.SELF,         "----", "----", "----", "-P-P", "----"),
+    WorkerAck:          (Target.SELF,         "----", "----", "----", "-Y-Y", "----"),
+    Notify:             (Target.CONVERSATION, "----", "----", "----", "YY-Y", "---Y"),
+}
+# fmt: on
+_LETTERS: Final = {
+    "Y": Access.ALLOW,
+    "-": Access.DENY,
+    "O": Access.OPEN,
+    "C": Access.CLAIM,
+    "G": Access.GROUP_ADMIN,
+    "P": Access.OWN_PLUGIN,
+    "Q": Access.QUEUE_TOPICS,
+}
+_ROLES: Final = (Role.CUSTOMER, Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN)
+_RELATIONS: Final = tuple(Relation)
+
+RULES: Final[dict[tuple[type, Role, Relation], Access]] = {
+    (kind, role, relation): _LETTERS[letter]
+    for kind, (_, *columns) in _ROWS.items()
+    for role, column in zip(_ROLES, columns, strict=True)
+    for relation, letter in zip(_RELATIONS, column, strict=True)
+}
+"""(request kind, role, relation) -> access: the one authorization table."""
+
+_BY_ROLE: Final[dict[type, dict[str, tuple[Access, ...]]]] = {
+    kind: {
+        role.value: tuple(RULES[kind, role, relation] for relation in _RELATIONS) for role in _ROLES
+    }
+    for kind in _ROWS
+}
+"""``RULES`` again, for the hot path: kind -> role value -> access per relation index."""
+_ALLOW: Final = Access.ALLOW
+_DENY: Final = Access.DENY
+_MAY_ATTEMPT: Final[dict[type, dict[str, tuple[bool, bool]]]] = {
+    kind: {
+        role: (any(a is not _DENY for a in accesses[:3]), accesses[3] is not _DENY)
+        for role, accesses in columns.items()
+    }
+    for kind, columns in _BY_ROLE.items()
+}
+"""kind -> role value -> (allowed in some relation of a single-shop scope, of all shops)."""
+
+TARGETS: Final[dict[type, Target]] = {kind: row[0] for kind, row in _ROWS.items()}
+
+KINDS: Final = (*REQUEST_TYPES, *NOTICE_TYPES)
+"""Every request kind of the protocol (requests with an id, and notices)."""
+
+
+def _check_complete() -> None:
+    missing = [
+        (k.__name__, r.value, rel.value)
+        for k in KINDS
+        for r in Role
+        for rel in Relation
+        if (k, r, rel) not in RULES
+    ]
+    extra = [k.__name__ for k in _ROWS if k not in KINDS]
+    if missing or extra:
+        raise RuntimeError(
+            f"authorization table incomplete: missing {missing[:5]}, unknown kinds {extra}"
+        )
+
+
+_check_complete()  # a request kind without a table entry is a bug at import time
+
+
+# ---------------------------------------------------------------- relations
+
+
+def home_relation(who: Identity) -> Relation:
+    """The relation of requests about nothing but the requester's own scope."""
+    if who.all_shops:
+        return Relation.ALL_SHOPS
+    return Relation.OWN_CONVERSATION if who.role is Role.CUSTOMER else Relation.OWN_SHOP
+
+
+def shop_relation(who: Identity, shop: str) -> Relation:
+    if who.all_shops:
+        return Relation.ALL_SHOPS
+    if who.role is Role.CUSTOMER:
+        # A platform buyer (no shop) deals with every shop; one vouched for by a
+        # shop's own key (its token names that shop) with that shop only.
+        own = not who.shop or who.shop == shop
+    else:
+        own = bool(shop) and shop == who.shop
+    return Relation.OWN_SHOP if own else Relation.OTHER_SHOP
+
+
+def user_relation(who: Identity, related: bool) -> Relation:
+    """A user target: ``related`` says whether that user belongs to the requester's
+    shop (its staff, or a customer with a conversation with it)."""
+    if who.all_shops:
+        return Relation.ALL_SHOPS
+    return Relation.OWN_SHOP if who.is_staff and related else Relation.OTHER_SHOP
+
+
+def conversation_relation(
+    who: Identity, conv: Conversation, members: Mapping[str, MemberRole]
+) -> Relation:
+    """``members`` needs to hold the requester's membership only."""
+    return _RELATIONS[_conversation_index(who, conv, members)]
+
+
+# The same, as an index into _RELATIONS: every message passes here twice (read,
+# send), so it avoids the enum machinery (an enum's hash is a Python call).
+_CUSTOMER: Final = Role.CUSTOMER
+_DIRECT: Final = ConvKind.DIRECT
+
+
+def _conversation_index(
+    who: Identity, conv: Conversation, members: Mapping[str, MemberRole]
+) -> int:
+    role, user, shop = who.role, who.user, who.shop
+    if role is _CUSTOMER:
+        return 0 if conv.customer == user or user in members else 2
+    if shop == ALL_SHOPS:
+        return 3
+    if not shop or conv.shop != shop:
+        return 2
+    return 0 if user in members or (conv.agent == user and conv.kind is _DIRECT) else 1
+
+
+# ----------------------------------------------------------------- verdicts
 
 
 _OPEN_TO_AGENTS: Final = frozenset({ConvState.BOT, ConvState.QUEUED})
-_SHOP_WIDE: Final = frozenset({Role.SUPERVISOR, Role.WORKER, Role.ADMIN})
 
 
-def can_read(who: Identity, conv: Conversation, members: dict[str, MemberRole]) -> bool:
-    if who.role in _SHOP_WIDE:
-        return who.in_shop(conv.shop)
-    if who.role is Role.CUSTOMER:
-        return conv.customer == who.user or who.user in members
-    # agent
-    if not who.in_shop(conv.shop):
+def may_attempt(kind: type, who: Identity) -> bool:
+    """The gateway's first look, before anything is done: whether ``who``'s role
+    may make a request of this kind in any relation its scope can have."""
+    return _MAY_ATTEMPT[kind][who.role._value_][who.shop == ALL_SHOPS and who.role is not _CUSTOMER]
+
+
+def access(kind: type, who: Identity, relation: Relation) -> Access:
+    return RULES[kind, who.role, relation]
+
+
+def conversation_access(
+    kind: type,
+    who: Identity,
+    conv: Conversation,
+    members: Mapping[str, MemberRole],
+    *,
+    new_state: ConvState | None = None,
+    new_agent: str | None = None,
+) -> bool:
+    """The verdict on a request about ``conv``: the table entry, and its condition."""
+    rule = _BY_ROLE[kind][who.role._value_][_conversation_index(who, conv, members)]
+    if rule is _ALLOW:
+        return True
+    if rule is _DENY:
         return False
-    if conv.kind is ConvKind.GROUP:
-        return who.user in members
-    return conv.agent == who.user or conv.state in _OPEN_TO_AGENTS
+    if rule is Access.OPEN:
+        return conv.kind is ConvKind.DIRECT and conv.state in _OPEN_TO_AGENTS
+    if rule is Access.CLAIM:
+        return (
+            conv.kind is ConvKind.DIRECT
+            and conv.state in _OPEN_TO_AGENTS
+            and new_state is ConvState.ASSIGNED
+            and new_agent == who.user
+        )
+    if rule is Access.GROUP_ADMIN:
+        return conv.kind is ConvKind.GROUP and members.get(who.user) in (
+            MemberRole.OWNER,
+            MemberRole.ADMIN,
+        )
+    return False
 
 
-def can_send(who: Identity, conv: Conversation, members: dict[str, MemberRole]) -> bool:
-    if who.role in _SHOP_WIDE:
-        return who.in_shop(conv.shop)
-    if conv.kind is ConvKind.GROUP:
-        return who.user in members and (who.role is Role.CUSTOMER or who.in_shop(conv.shop))
-    if who.role is Role.CUSTOMER:
-        return conv.customer == who.user
-    return who.in_shop(conv.shop) and conv.agent == who.user and conv.state is ConvState.ASSIGNED
+def shop_access(kind: type, who: Identity, shop: str, *, topics: Collection[Topic] = ()) -> bool:
+    rule = RULES[kind, who.role, shop_relation(who, shop)]
+    if rule is Access.QUEUE_TOPICS:
+        return Topic.MESSAGES not in topics
+    return rule is Access.ALLOW
 
 
-def can_manage_members(who: Identity, conv: Conversation, members: dict[str, MemberRole]) -> bool:
-    if conv.kind is not ConvKind.GROUP:
-        return False
-    if who.role in _SHOP_WIDE:
-        return who.in_shop(conv.shop)
-    return who.in_shop(conv.shop) and members.get(who.user) in (MemberRole.OWNER, MemberRole.ADMIN)
+def self_access(kind: type, who: Identity, *, plugin: str = "") -> bool:
+    rule = RULES[kind, who.role, home_relation(who)]
+    if rule is Access.OWN_PLUGIN:
+        return bool(who.plugin) and plugin == who.plugin
+    return rule is Access.ALLOW
+
+
+def user_access(kind: type, who: Identity, related: bool) -> bool:
+    return RULES[kind, who.role, user_relation(who, related)] is Access.ALLOW
+
+
+# ------------------------------------------- the verdicts by their old names
+
+
+def can_read(who: Identity, conv: Conversation, members: Mapping[str, MemberRole]) -> bool:
+    return conversation_access(History, who, conv, members)
+
+
+def can_send(who: Identity, conv: Conversation, members: Mapping[str, MemberRole]) -> bool:
+    return conversation_access(Send, who, conv, members)
+
+
+def can_manage_members(
+    who: Identity, conv: Conversation, members: Mapping[str, MemberRole]
+) -> bool:
+    return conv.kind is ConvKind.GROUP and conversation_access(UpdateMembers, who, conv, members)
 
 
 def can_create_group(who: Identity, shop: str) -> bool:
-    return who.is_staff and who.in_shop(shop)
+    return shop_access(CreateGroup, who, shop)
 
 
 def can_subscribe(who: Identity, topic: Topic, shop: str) -> bool:
-    """Agents may watch their shop's conversations (the queue) and agents, not
-    every message; supervisors, workers and admins may watch everything."""
-    if not who.in_shop(shop):
-        return False
-    if who.role is Role.AGENT:
-        return topic is not Topic.MESSAGES
-    return who.role in _SHOP_WIDE
+    return shop_access(Subscribe, who, shop, topics=(topic,))
 
 
 # Allowed state changes of a direct conversation, and who may make them.
-# (from, to) -> roles; "self" rules for agents are checked in ``can_update``.
+# (from, to) -> roles; checked after the table allowed the update.
 STATE_TRANSITIONS: Final[dict[tuple[ConvState, ConvState], frozenset[Role]]] = {
     (ConvState.BOT, ConvState.QUEUED): frozenset(
         {Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN}
@@ -117,25 +427,56 @@ STATE_TRANSITIONS: Final[dict[tuple[ConvState, ConvState], frozenset[Role]]] = {
 
 
 def check_update(
-    who: Identity, conv: Conversation, new_state: ConvState | None, new_agent: str | None
+    who: Identity,
+    conv: Conversation,
+    new_state: ConvState | None,
+    new_agent: str | None,
+    members: Mapping[str, MemberRole] | None = None,
 ) -> str | None:
-    """None if ``who`` may make this update, else the reason it is forbidden."""
-    if not who.is_staff or not who.in_shop(conv.shop):
+    """None if ``who`` may make this update, else the reason it is forbidden.
+    (That the new agent is an agent of the shop is the store's to know: the
+    actor checks it.)"""
+    if not conversation_access(
+        UpdateConversation, who, conv, members or {}, new_state=new_state, new_agent=new_agent
+    ):
+        if who.role is Role.AGENT and who.in_shop(conv.shop):
+            return "agents may only claim open conversations or change their own"
         return "not staff of this conversation's shop"
     if conv.kind is not ConvKind.DIRECT:
         return "only direct conversations are routed"
-    if who.role is Role.AGENT:
-        mine = conv.agent == who.user
-        claiming = (
-            new_state is ConvState.ASSIGNED
-            and new_agent == who.user
-            and conv.state in _OPEN_TO_AGENTS
-        )
-        if not (mine or claiming):
-            return "agents may only claim open conversations or change their own"
     if (new_state is not None and new_state is not conv.state) or new_state is ConvState.ASSIGNED:
         target = new_state if new_state is not None else conv.state
         roles = STATE_TRANSITIONS.get((conv.state, target))
         if roles is None or who.role not in roles:
             return f"cannot go from {conv.state} to {target}"
     return None
+
+
+def markdown_table() -> str:
+    """The table for docs/SECURITY.md (``python -m imserver.policy``): one row per
+    request kind, one column per role, the four relations in each cell."""
+    names = {
+        Access.ALLOW: "Y",
+        Access.DENY: "-",
+        Access.OPEN: "O",
+        Access.CLAIM: "C",
+        Access.GROUP_ADMIN: "G",
+        Access.OWN_PLUGIN: "P",
+        Access.QUEUE_TOPICS: "Q",
+    }
+    rows = [
+        "| request (`t`) | target | " + " | ".join(role.value for role in _ROLES) + " |",
+        "|---|---|" + "---|" * len(_ROLES),
+    ]
+    for kind in KINDS:
+        cells = [
+            "`" + "".join(names[RULES[kind, role, rel]] for rel in _RELATIONS) + "`"
+            for role in _ROLES
+        ]
+        tag = kind.__struct_config__.tag
+        rows.append(f"| `{tag}` | {TARGETS[kind].value} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -159,6 +159,8 @@ class ServerConfig:
     outbound_buffer_bytes: int = OUTBOUND_BUFFER_BYTES
     close_send_timeout_s: float = CLOSE_SEND_TIMEOUT_S
     close_linger_s: float = CLOSE_LINGER_S
+    shops: tuple[str, ...] = ()
+    """Shops registered at start (more with ``imserver shop add``)."""
     extra: dict[str, str] = field(default_factory=dict)
     jwks: dict[str, str] = field(default_factory=dict)
     """shop -> its JWKS: a file path or an http(s) URL (besides DATA/jwks/SHOP.json)."""
@@ -189,6 +191,8 @@ class Server:
         self.shards: LocalShards | None = None
         self.store: WatchedSqliteStore | None = None
         self.dispatcher: WorkerDispatcher | None = None
+        self.worker_health: Callable[[], tuple[bool, bytes]] | None = None
+        """Set by ``serve --workers``: (all well, one line per worker) for ``/healthz``."""
         self._root: trio.Nursery | None = None
         self._reviving = False
         self._spare: int | None = None
@@ -272,6 +276,7 @@ class Server:
                 read_mux=(read_mux := ReadMux()),
             )
             self.ctx = ctx
+            await ctx.register_shops(list(config.shops))
             root.start_soon(read_mux.run)
             root.start_soon(self._shop_keys.run)  # shops' JWKS URLs, if any
             # Single-use tokens used before a restart stay refused.
@@ -463,6 +468,9 @@ class Server:
             reason = self.health()
             if reason is not None:
                 return 503, "text/plain", f"{reason}\n".encode()
+            if self.worker_health is not None:  # the server serves; a worker may be failing
+                well, lines = self.worker_health()
+                return 200, "text/plain", (b"ok\n" if well else b"degraded\n") + lines
             return 200, "text/plain", b"ok\n"
         return None
 

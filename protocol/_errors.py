@@ -15,6 +15,8 @@ class ErrorCode(enum.StrEnum):
     FORBIDDEN = "forbidden"
     """Authenticated, but this user may not do this (another shop's conversation...)."""
     NOT_FOUND = "not_found"
+    UNKNOWN_SHOP = "unknown_shop"
+    """The request names a shop that is not registered on this server."""
     TOO_LARGE = "too_large"
     """A field is over its limit (text length, page size, member count)."""
     RATE_LIMITED = "rate_limited"

@@ -18,6 +18,13 @@ from imserver.server import Server, ServerConfig
 
 SECRET = b"test-secret-0123456789abcdef-0123456"
 
+SHOPS = (
+    *(f"shop{i}" for i in range(1, 40)),
+    *("shop-1", "shop-2", "s", "s1", "s2", "s3", "t", "shopx", "elsewhere"),
+)
+"""The shops every test server registers (conversations need a registered shop).
+A test that needs another one registers it (``imserver.store.add_shops``)."""
+
 # The suite runs on shared 2-core machines: a neighbour's load must not fail a
 # property test through Hypothesis' timing checks (deadline, "input generation
 # is slow"). What the properties assert is unaffected.
@@ -46,15 +53,20 @@ class RunningServer:
         *,
         device: str | None = None,
         resume: dict[str, int] | None = None,
+        **claims: object,
     ) -> AbstractAsyncContextManager[Client]:
+        """``claims``: more token claims (``plugin`` for workers)."""
         return connect(
-            self.url, self.token(user, role, shop), device=device or f"{user}-dev", resume=resume
+            self.url,
+            self.token(user, role, shop, **claims),
+            device=device or f"{user}-dev",
+            resume=resume,
         )
 
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
-    config = ServerConfig(data_dir=tmp_path / "data", secret=SECRET, port=0)
+    config = ServerConfig(data_dir=tmp_path / "data", secret=SECRET, port=0, shops=SHOPS)
     srv = Server(config)
     async with trio.open_nursery() as nursery:
         url = await nursery.start(srv.serve)
@@ -106,6 +118,8 @@ async def start_server_process(data_dir: Path, nursery: trio.Nursery) -> ServerP
                 SECRET.decode(),
                 "--log-level",
                 "warning",
+                "--shops",
+                ",".join(SHOPS),
             ],
             stdout=subprocess.PIPE,
             check=False,

@@ -1,5 +1,5 @@
 """Sharded, acked, at-least-once delivery of events to worker plugins."""
 
-from ._dispatcher import Instance, WorkerDispatcher, WorkerPeer
+from ._dispatcher import Instance, WorkerDispatcher, WorkerPeer, group_key
 
-__all__ = ["Instance", "WorkerDispatcher", "WorkerPeer"]
+__all__ = ["Instance", "WorkerDispatcher", "WorkerPeer", "group_key"]

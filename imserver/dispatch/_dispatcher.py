@@ -24,6 +24,14 @@ pauses and the plugin is caught up from the log instead.
 Delivery is at least once, never exactly once: plugins act with idempotency
 keys derived from ``event_id`` (the SDK does this), so a repeat is harmless.
 Agent status events are best effort and go to every instance.
+
+Tenants. A plugin group is a plugin name *and* a shop scope: the instances of
+``crm`` whose tokens are for every shop (``*``) form one group, those of a
+shop2-only ``crm`` another. A group is only ever given events of its scope
+(``event.shop``), and instances of one group never take the shards of
+another, so a shop's worker neither sees another shop's events nor starves
+the real plugin of them. Which plugin a connection may join at all is the
+gateway's to check (the token's ``plugin`` claim).
 """
 
 from __future__ import annotations
@@ -76,11 +84,25 @@ class WorkerPeer(Protocol):
     def send_frame(self, frame: ServerFrameType) -> None: ...
 
 
+ALL_SHOPS = "*"
+
+
+def group_key(plugin: str, shop: str) -> str:
+    """The group (and its saved cursor) of ``plugin`` for the shop scope ``shop``.
+    The every-shop group keeps the plain plugin name; ids cannot hold control
+    characters, so the separator makes keys unambiguous."""
+    return plugin if shop == ALL_SHOPS else f"{plugin}\x1f{shop}"
+
+
 @dataclass(eq=False)
 class Instance:
     peer: WorkerPeer
     plugin: str
     kinds: frozenset[WorkerEventKind]
+    shop: str = ALL_SHOPS
+    """The shop scope of the instance's token (``*``: every shop)."""
+    group: str = ""
+    """Its group's key (``group_key``)."""
     id: str = field(default_factory=lambda: secrets.token_hex(4))
     shards: list[int] = field(default_factory=list)
 
@@ -96,6 +118,8 @@ class _InFlight:
 @dataclass(eq=False)
 class PluginGroup:
     name: str
+    """The group key (``group_key``): the plugin and its shop scope."""
+    shop: str = ALL_SHOPS
     instances: list[Instance] = field(default_factory=list)
     owner: dict[int, Instance] = field(default_factory=dict)
     inflight: dict[int, _InFlight] = field(default_factory=dict)
@@ -109,6 +133,10 @@ class PluginGroup:
 
     users: set[str] = field(default_factory=set)
     """The user ids the plugin's instances connect as."""
+
+    def in_scope(self, stored: StoredEvent) -> bool:
+        """An event of a shop this group may see."""
+        return self.shop == ALL_SHOPS or stored.event.shop == self.shop
 
     def is_own(self, stored: StoredEvent) -> bool:
         """A message the plugin sent itself: it is not told about it (that would
@@ -145,15 +173,22 @@ class WorkerDispatcher:
     # ------------------------------------------------------------ membership
 
     async def join(
-        self, peer: WorkerPeer, plugin: str, kinds: Iterable[WorkerEventKind]
+        self,
+        peer: WorkerPeer,
+        plugin: str,
+        kinds: Iterable[WorkerEventKind],
+        *,
+        shop: str = ALL_SHOPS,
     ) -> Instance:
-        """Add an instance; on a plugin's first join, load its watermark and
-        replay what the log holds beyond it."""
-        group = self.groups.get(plugin)
+        """Add an instance to the group of ``plugin`` for the shop scope ``shop``;
+        on the group's first join, load its watermark and replay what the log
+        holds beyond it."""
+        key = group_key(plugin, shop)
+        group = self.groups.get(key)
         if group is None:
-            group = PluginGroup(name=plugin)
-            self.groups[plugin] = group
-            saved = await self.store.worker_cursor(plugin)
+            group = PluginGroup(name=key, shop=shop)
+            self.groups[key] = group
+            saved = await self.store.worker_cursor(key)
             if saved is None:  # a new plugin starts from now, not from the dawn of time
                 group.watermark = await self.store.last_event_id()
             else:
@@ -161,11 +196,11 @@ class WorkerDispatcher:
                 group.needs_replay = True
             group.saved_watermark = group.watermark
             group.highest_seen = group.replay_cursor = group.watermark
-        instance = Instance(peer=peer, plugin=plugin, kinds=frozenset(kinds))
+        instance = Instance(peer=peer, plugin=plugin, kinds=frozenset(kinds), shop=shop, group=key)
         self._kinds_ever |= instance.kinds
         if group.saved_watermark == group.watermark and not self._known_plugins:
             # Remember the plugin durably at once: from now on events are logged for it.
-            await self.store.write([PutCursor(plugin=plugin, event_id=group.watermark)])
+            await self.store.write([PutCursor(plugin=key, event_id=group.watermark)])
             self._known_plugins = True
         group.instances.append(instance)
         group.users.add(peer.user)
@@ -176,7 +211,7 @@ class WorkerDispatcher:
         event(
             log,
             "worker_joined",
-            plugin=plugin,
+            plugin=key,
             instance=instance.id,
             shards=len(instance.shards),
             instances=len(group.instances),
@@ -187,14 +222,14 @@ class WorkerDispatcher:
         instance = self._by_peer.pop(peer.id, None)
         if instance is None:
             return
-        group = self.groups[instance.plugin]
+        group = self.groups[instance.group]
         group.instances.remove(instance)
         self._rebalance(group, announce_to=None)
         self._announce_membership()
         event(
             log,
             "worker_left",
-            plugin=instance.plugin,
+            plugin=instance.group,
             instance=instance.id,
             instances=len(group.instances),
         )
@@ -226,7 +261,7 @@ class WorkerDispatcher:
     def publish(self, stored: StoredEvent) -> None:
         """A committed event: deliver it to each interested plugin's shard owner."""
         for group in self.groups.values():
-            if stored.kind not in group.kinds:
+            if stored.kind not in group.kinds or not group.in_scope(stored):
                 continue
             group.highest_seen = max(group.highest_seen, stored.id)
             if stored.id <= group.watermark or stored.id in group.inflight:
@@ -247,9 +282,12 @@ class WorkerDispatcher:
                 self._deliver(group, flight, owner)
 
     def broadcast(self, kind: WorkerEventKind, frame: WorkerEvent) -> None:
-        """Best-effort events (agent status) to every instance that wants them."""
+        """Best-effort events (agent status) to every instance that wants them
+        and may see ``frame.shop``."""
         data = binary_frame(encode(frame))
         for group in self.groups.values():
+            if group.shop != ALL_SHOPS and group.shop != frame.shop:
+                continue
             for instance in group.instances:
                 if kind in instance.kinds:
                     instance.peer.push_event("", 0, data)
@@ -270,7 +308,7 @@ class WorkerDispatcher:
         instance = self._by_peer.get(peer.id)
         if instance is None:
             return
-        group = self.groups[instance.plugin]
+        group = self.groups[instance.group]
         for event_id in ids:
             group.inflight.pop(event_id, None)
         self._advance(group)
@@ -324,6 +362,7 @@ class WorkerDispatcher:
                 if (
                     stored.kind in group.kinds
                     and stored.id not in group.inflight
+                    and group.in_scope(stored)
                     and not group.is_own(stored)
                 ):
                     group.inflight[stored.id] = _InFlight(stored=stored)

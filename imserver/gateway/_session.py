@@ -124,6 +124,7 @@ from ..limits import (
     MAX_FRAME_BYTES,
     MAX_HISTORY_PAGE,
     MAX_INFLIGHT_REQUESTS,
+    MAX_OPEN_CONVERSATIONS_PER_CUSTOMER,
     MAX_SERVER_FRAME_BYTES,
     MAX_TEXT_CHARS,
     MAX_WATCHED_USERS,
@@ -154,9 +155,10 @@ from ..shards import (
     UpdateCmd,
     customer_view,
 )
-from ..store import PageRead, PutAgent, PutUsedToken, Scope, Store
+from ..store import PageRead, PutAgent, PutShop, PutStaff, PutUsedToken, Scope, Store
 from ._frame import binary_frame, ends_on_frame_boundary, split_plain_frames
 from ._ids import direct_conversation_id, group_conversation_id
+from ._opens import OpenRate
 from ._readmux import ReadMux
 from ._websocket import Outbox
 
@@ -185,6 +187,23 @@ class GatewayContext:
     close_linger_s: float = CLOSE_LINGER_S
     draining: bool = False
     sessions: set[Session] = field(default_factory=set)
+    known_shops: set[str] = field(default_factory=set)
+    """Shops seen registered (a shop is never unregistered); others are looked up."""
+    open_rate: OpenRate = field(default_factory=OpenRate)
+
+    async def shop_registered(self, shop: str) -> bool:
+        if shop in self.known_shops:
+            return True
+        if await self.store.shop_exists(shop):
+            self.known_shops.add(shop)
+            return True
+        return False
+
+    async def register_shops(self, shops: list[str]) -> None:
+        """Register ``shops`` (``serve --shops``); known ones change nothing."""
+        if shops:
+            await self.store.write([PutShop(name=shop, ts=now_ms()) for shop in shops])
+            self.known_shops.update(shops)
 
 
 class Session:
@@ -549,6 +568,16 @@ class Session:
                     )
                 )
                 return
+            assert self.identity is not None
+            if not policy.may_attempt(type(ev.request), self.identity):
+                self.send_frame(
+                    Error(
+                        code=ErrorCode.FORBIDDEN,
+                        id=ev.request.id,
+                        message=f"a {self.identity.role} may not {ev.request.__struct_config__.tag}",
+                    )
+                )
+                return
             try:
                 _REQUEST_HANDLERS[type(ev.request)](self, ev.request)
             except Exception as exc:  # a bug must not take the connection down
@@ -585,11 +614,14 @@ class Session:
             shop=claims.shop,
             session=self.id,
             device=hello.device,
+            plugin=claims.plugin,
         )
         self.identity = who
         assert self._nursery is not None
         if claims.once:  # refused from memory from now on; stored for after a restart
             self._nursery.start_soon(self._store_used_token, claims.jti, claims.exp)
+        if who.role in (Role.AGENT, Role.SUPERVISOR):  # the shop's agents (assignees)
+            self._nursery.start_soon(self._store_staff, who)
         if who.role in (Role.WORKER, Role.ADMIN):
             self.conn.set_rate(WORKER_FRAMES_PER_SECOND, WORKER_FRAMES_BURST, trio.current_time())
         if who.role is Role.WORKER:
@@ -651,6 +683,14 @@ class Session:
             await self.ctx.store.write([PutUsedToken(jti=jti, exp=exp)])
         except Exception as exc:  # the in-memory refusal still holds until a restart
             event(log, "used_token_not_stored", level=logging.ERROR, error=repr(exc))
+
+    async def _store_staff(self, who: policy.Identity) -> None:
+        try:
+            await self.ctx.store.write(
+                [PutStaff(shop=who.shop, user=who.user, role=who.role, ts=now_ms())]
+            )
+        except Exception as exc:
+            event(log, "staff_not_stored", level=logging.ERROR, error=repr(exc))
 
     async def _resume(self, points: dict[str, int]) -> None:
         who = self.identity
@@ -740,7 +780,12 @@ class Session:
         try:
             reply = await handler(request)
         except _Refuse as refusal:
-            reply = Error(code=refusal.code, message=refusal.message, id=request.id)
+            reply = Error(
+                code=refusal.code,
+                message=refusal.message,
+                id=request.id,
+                retry_after_ms=refusal.retry_after_ms,
+            )
         except Exception as exc:
             event(
                 log,
@@ -801,6 +846,62 @@ class Session:
     def _spawn_notify(self, r: Notify) -> None:
         self._spawn(r, self._notify)
 
+    def _spawn_open(self, r: OpenConversation) -> None:
+        self._spawn_submit(r, self._open)
+
+    def _spawn_create_group(self, r: CreateGroup) -> None:
+        self._spawn_submit(r, self._create_group)
+
+    def _spawn_subscribe(self, r: Subscribe) -> None:
+        self._spawn(r, self._subscribe)
+
+    def _spawn_watch(self, r: WatchPresence) -> None:
+        self._spawn(r, self._watch)
+
+    def _spawn_submit(
+        self, request: Request, check: Callable[[Any], Awaitable[AnyCommand]]
+    ) -> None:
+        """Checks that need the store, then a command for an actor (which replies)."""
+        assert self._nursery is not None
+        self._nursery.start_soon(self._check_then_submit, request, check)
+
+    async def _check_then_submit(
+        self, request: Request, check: Callable[[Any], Awaitable[AnyCommand]]
+    ) -> None:
+        try:
+            cmd = await check(request)
+        except _Refuse as refusal:
+            self.send_frame(
+                Error(
+                    code=refusal.code,
+                    message=refusal.message,
+                    id=request.id,
+                    retry_after_ms=refusal.retry_after_ms,
+                )
+            )
+            return
+        except Exception as exc:
+            event(
+                log,
+                "request_failed",
+                level=logging.ERROR,
+                request=type(request).__name__,
+                error=repr(exc),
+            )
+            self.send_frame(Error(code=ErrorCode.INTERNAL, message="internal error", id=request.id))
+            return
+        if not self.ctx.shards.submit(cmd):
+            try:
+                await self.ctx.shards.put(cmd)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):  # stopping
+                self.send_frame(
+                    Error(code=ErrorCode.UNAVAILABLE, message="server stopping", id=request.id)
+                )
+
+    async def _registered(self, shop: str) -> None:
+        if not await self.ctx.shop_registered(shop):
+            raise _Refuse(ErrorCode.UNKNOWN_SHOP, f"no shop {shop!r} is registered here")
+
     def _ping(self, request: PingRequest) -> None:
         self.send_frame(Pong(id=request.id, server_time=now_ms()))
 
@@ -811,45 +912,46 @@ class Session:
             )
         )
 
-    def _open(self, request: OpenConversation) -> None:
+    async def _open(self, request: OpenConversation) -> AnyCommand:
         who = self.identity
         assert who is not None
-        if who.role is not Role.CUSTOMER:
-            self.send_frame(
-                Error(
-                    code=ErrorCode.FORBIDDEN,
-                    id=request.id,
-                    message="only customers open direct conversations",
-                )
+        if not policy.shop_access(OpenConversation, who, request.shop):
+            raise _Refuse(ErrorCode.FORBIDDEN, "only customers open direct conversations")
+        wait = self.ctx.open_rate.take(who.user, trio.current_time())
+        if wait:
+            raise _Refuse(
+                ErrorCode.RATE_LIMITED,
+                "opening conversations too fast",
+                retry_after_ms=int(wait * 1000) + 1,
             )
-            return
+        await self._registered(request.shop)
         conv = direct_conversation_id(request.shop, who.user)
-        self._submit(
-            OpenDirectCmd(
-                conv=conv, shop=request.shop, channel=request.channel, **self._origin(request)
+        store = self.ctx.store
+        if await store.find_open_direct(request.shop, who.user) is None and (
+            await store.count_open_direct(who.user, MAX_OPEN_CONVERSATIONS_PER_CUSTOMER)
+            >= MAX_OPEN_CONVERSATIONS_PER_CUSTOMER
+        ):
+            raise _Refuse(
+                ErrorCode.RATE_LIMITED,
+                f"{MAX_OPEN_CONVERSATIONS_PER_CUSTOMER} conversations are open already:"
+                " close one first",
             )
+        return OpenDirectCmd(
+            conv=conv, shop=request.shop, channel=request.channel, **self._origin(request)
         )
 
-    def _create_group(self, request: CreateGroup) -> None:
+    async def _create_group(self, request: CreateGroup) -> AnyCommand:
         who = self.identity
         assert who is not None
         if not policy.can_create_group(who, request.shop):
-            self.send_frame(
-                Error(
-                    code=ErrorCode.FORBIDDEN,
-                    id=request.id,
-                    message="only staff of the shop create groups",
-                )
-            )
-            return
-        self._submit(
-            CreateGroupCmd(
-                conv=group_conversation_id(),
-                shop=request.shop,
-                title=request.title,
-                members=request.members,
-                **self._origin(request),
-            )
+            raise _Refuse(ErrorCode.FORBIDDEN, "only staff of the shop create groups")
+        await self._registered(request.shop)
+        return CreateGroupCmd(
+            conv=group_conversation_id(),
+            shop=request.shop,
+            title=request.title,
+            members=request.members,
+            **self._origin(request),
         )
 
     async def _history(self, request: History) -> ServerFrameType:
@@ -911,8 +1013,7 @@ class Session:
         shop = request.shop or who.shop
         if shop in ("", "*"):
             raise _Refuse(ErrorCode.BAD_FRAME, "name the shop")
-        # Agent statuses are what the shop's ``agents`` topic shows: the same rule.
-        if not policy.can_subscribe(who, Topic.AGENTS, shop):
+        if not policy.shop_access(ListAgents, who, shop):
             raise _Refuse(ErrorCode.FORBIDDEN, f"you may not list the agents of {shop}")
         records = await self.ctx.store.list_agents(shop)
         records.sort(key=lambda r: r.agent)
@@ -946,55 +1047,50 @@ class Session:
             ),
         )
 
-    def _watch(self, request: WatchPresence) -> None:
+    async def _watch(self, request: WatchPresence) -> ServerFrameType:
         who = self.identity
         assert who is not None
-        if not who.is_staff:
-            self.send_frame(
-                Error(
-                    code=ErrorCode.FORBIDDEN,
-                    id=request.id,
-                    message="customers see their agent through conversation events",
-                )
-            )
-            return
         if self.ctx.hub.watched_count(self) + len(request.users) > MAX_WATCHED_USERS:
-            self.send_frame(
-                Error(
-                    code=ErrorCode.TOO_LARGE,
-                    id=request.id,
-                    message=f"more than {MAX_WATCHED_USERS} watched users",
-                )
+            raise _Refuse(ErrorCode.TOO_LARGE, f"more than {MAX_WATCHED_USERS} watched users")
+        users = list(dict.fromkeys(request.users))
+        related = set() if who.all_shops else await self._shop_users(who.shop, users)
+        strangers = [u for u in users if not policy.user_access(WatchPresence, who, u in related)]
+        if strangers:
+            raise _Refuse(
+                ErrorCode.FORBIDDEN, f"not users of your shop: {', '.join(strangers)[:200]}"
             )
-            return
-        self.send_frame(
-            PresenceList(id=request.id, presences=self.ctx.hub.watch(self, request.users))
-        )
+        return PresenceList(id=request.id, presences=self.ctx.hub.watch(self, users))
 
-    def _subscribe(self, request: Subscribe) -> None:
+    async def _shop_users(self, shop: str, users: list[str]) -> set[str]:
+        """Those of ``users`` who belong to ``shop``: connected now as its staff
+        (their login's record may not be committed yet), or known to the store."""
+        online = {
+            user
+            for user in users
+            for peer in self.ctx.hub.by_user.get(user, {}).values()
+            if isinstance(peer, Session)
+            and peer.identity is not None
+            and peer.identity.is_staff
+            and peer.identity.shop == shop
+        }
+        rest = [user for user in users if user not in online]
+        return online | (await self.ctx.store.shop_users(shop, rest) if rest else set())
+
+    async def _subscribe(self, request: Subscribe) -> ServerFrameType:
         who = self.identity
         assert who is not None
         shop = request.shop or who.shop
-        if shop in ("", "*"):
-            self.send_frame(
-                Error(
-                    code=ErrorCode.BAD_FRAME, id=request.id, message="name the shop to subscribe to"
-                )
+        if shop in ("", policy.ALL_SHOPS):
+            raise _Refuse(ErrorCode.BAD_FRAME, "name the shop to subscribe to")
+        if not policy.shop_access(Subscribe, who, shop, topics=request.topics):
+            raise _Refuse(
+                ErrorCode.FORBIDDEN,
+                f"you may not subscribe to {', '.join(request.topics)} of {shop}",
             )
-            return
-        for topic in request.topics:
-            if not policy.can_subscribe(who, topic, shop):
-                self.send_frame(
-                    Error(
-                        code=ErrorCode.FORBIDDEN,
-                        id=request.id,
-                        message=f"you may not subscribe to {topic} of {shop}",
-                    )
-                )
-                return
+        await self._registered(shop)
         for topic in request.topics:
             self.ctx.hub.subscribe(self, shop, topic)
-        self.send_frame(Ok(id=request.id))
+        return Ok(id=request.id)
 
     def _unwatch(self, request: Unwatch) -> None:
         self.ctx.hub.unwatch(self, request.users)
@@ -1013,6 +1109,14 @@ class Session:
     def _notice(self, notice: ClientFrameType) -> None:
         who = self.identity
         assert who is not None
+        if not policy.may_attempt(type(notice), who):
+            self.send_frame(
+                Error(
+                    code=ErrorCode.FORBIDDEN,
+                    message=f"a {who.role} may not send {type(notice).__name__}",
+                )
+            )
+            return
         if isinstance(notice, Typing):
             self._submit(TypingCmd(conv=notice.conv, who=who))
         elif isinstance(notice, Delivered):
@@ -1025,11 +1129,18 @@ class Session:
     async def _worker_join(self, request: WorkerJoin) -> ServerFrameType:
         who = self.identity
         assert who is not None
-        if who.role is not Role.WORKER:
-            raise _Refuse(ErrorCode.FORBIDDEN, "only worker connections join plugins")
+        if not policy.self_access(WorkerJoin, who, plugin=request.plugin):
+            raise _Refuse(
+                ErrorCode.FORBIDDEN,
+                f"this token may join plugin {who.plugin!r} only"
+                if who.plugin
+                else "this token names no plugin to join",
+            )
         if self._worker is not None:
             raise _Refuse(ErrorCode.CONFLICT, "this connection already joined a plugin")
-        self._worker = await self.ctx.dispatcher.join(self, request.plugin, request.kinds)
+        self._worker = await self.ctx.dispatcher.join(
+            self, request.plugin, request.kinds, shop=who.shop
+        )
         return WorkerJoined(
             id=request.id,
             instance=self._worker.id,
@@ -1040,24 +1151,31 @@ class Session:
     async def _notify(self, request: Notify) -> ServerFrameType:
         who = self.identity
         assert who is not None
-        if who.role not in (Role.WORKER, Role.ADMIN):
-            raise _Refuse(ErrorCode.FORBIDDEN, "only workers send plugin events")
         targets = [t for t in (request.conv, request.user, request.shop) if t is not None]
         if len(targets) != 1:
             raise _Refuse(ErrorCode.BAD_FRAME, "name exactly one of conv, user, shop")
         plugin = self._worker.plugin if self._worker else who.user
         frame = PluginEvent(plugin=plugin, kind=request.kind, data=request.data, conv=request.conv)
         hub = self.ctx.hub
+        store = self.ctx.store
         if request.conv is not None:
-            conv = await self.ctx.store.get_conversation(request.conv)
-            if conv is None or not who.in_shop(conv.shop):
+            conv = await store.get_conversation(request.conv)
+            members = await store.get_members(request.conv) if conv is not None else {}
+            if conv is None or not policy.can_read(who, conv, members):
                 raise _Refuse(ErrorCode.NOT_FOUND, f"no conversation {request.conv!r}")
-            hub.publish(conv, await self.ctx.store.get_members(conv.id), frame, topic=None)
+            if not policy.conversation_access(Notify, who, conv, members):
+                raise _Refuse(ErrorCode.FORBIDDEN, "you may not notify this conversation")
+            hub.publish(conv, members, frame, topic=None)
         elif request.user is not None:
+            related = who.all_shops or request.user in await self._shop_users(
+                who.shop, [request.user]
+            )
+            if not policy.user_access(Notify, who, related):
+                raise _Refuse(ErrorCode.FORBIDDEN, "not a user of your shop")
             hub.send_to_user(request.user, frame)
         else:
             assert request.shop is not None
-            if not who.in_shop(request.shop):
+            if not policy.shop_access(Notify, who, request.shop):
                 raise _Refuse(ErrorCode.FORBIDDEN, "not a worker of that shop")
             hub.broadcast_shop(request.shop, Topic.DASHBOARD, frame)
         return Ok(id=request.id)
@@ -1089,10 +1207,11 @@ def _readable(who: policy.Identity, page: PageRead) -> bool:
 
 
 class _Refuse(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, *, retry_after_ms: int = 0) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_ms = retry_after_ms
 
 
 # Request type -> handler. One table for every session (a per-session table of
@@ -1103,16 +1222,16 @@ _REQUEST_HANDLERS: dict[type, Callable[[Session, Any], None]] = {
     Recall: Session._recall,
     Read: Session._read,
     GetConversation: Session._get,
-    OpenConversation: Session._open,
-    CreateGroup: Session._create_group,
+    OpenConversation: Session._spawn_open,
+    CreateGroup: Session._spawn_create_group,
     UpdateMembers: Session._members,
     UpdateConversation: Session._update,
     History: Session._spawn_history,
     ListConversations: Session._spawn_list,
     SetAgentStatus: Session._spawn_agent_status,
     ListAgents: Session._spawn_list_agents,
-    WatchPresence: Session._watch,
-    Subscribe: Session._subscribe,
+    WatchPresence: Session._spawn_watch,
+    Subscribe: Session._spawn_subscribe,
     Unwatch: Session._unwatch,
     Unsubscribe: Session._unsubscribe,
     WorkerJoin: Session._spawn_worker_join,

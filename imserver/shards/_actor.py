@@ -46,12 +46,17 @@ from protocol import (
     ConversationInfo,
     ConvKind,
     ConvState,
+    Delivered,
     Error,
     ErrorCode,
+    GetConversation,
     MemberRole,
     Message,
     MessageEvent,
     Ok,
+    OpenConversation,
+    Read,
+    Recall,
     RecallBody,
     ReceiptEvent,
     ReceiptKind,
@@ -60,6 +65,7 @@ from protocol import (
     ServerFrameType,
     SystemBody,
     Topic,
+    Typing,
     TypingEvent,
     WorkerEvent,
     WorkerEventKind,
@@ -73,6 +79,7 @@ from ..limits import (
     APPLIED_KEYS_WINDOW,
     DEDUP_WINDOW,
     MAX_GROUP_MEMBERS,
+    MAX_OPEN_CONVERSATIONS_PER_CUSTOMER,
     MAX_TAGS,
     RECALL_WINDOW_MS,
 )
@@ -281,11 +288,15 @@ class ConversationActor:
             METRICS.errors.labels(code=code.value).inc()
             self.hub.reply(cmd.reply, Error(code=code, message=message, id=cmd.reply.request))
 
-    def _existing(self, cmd: AnyCommand) -> Conversation:
+    def _existing(self, cmd: AnyCommand, kind: type | None = None) -> Conversation:
+        """The conversation, if ``cmd.who`` may read it and (``kind``) make this
+        request about it: the authorization table (``policy``) decides."""
         conv = self.conversation
         if conv is None or not policy.can_read(cmd.who, conv, self.members):
             # The same answer for "absent" and "not yours": ids are not an oracle.
             raise Refusal(ErrorCode.NOT_FOUND, f"no conversation {cmd.conv!r}")
+        if kind is not None and not policy.conversation_access(kind, cmd.who, conv, self.members):
+            raise Refusal(ErrorCode.FORBIDDEN, f"a {cmd.who.role} may not {kind.__name__} here")
         return conv
 
     def _publish_conversation(
@@ -427,7 +438,17 @@ class ConversationActor:
 
     # ------------------------------------------------------------ commands
 
-    def _send(self, cmd: SendCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
+    async def _is_agent_of(self, shop: str, user: str, who: policy.Identity) -> bool:
+        """Whether ``user`` may be given a conversation of ``shop``: an agent or
+        supervisor of it (the requester, by their token, or one the store knows:
+        logged in there, or with an agent status)."""
+        if user == who.user and who.role in (Role.AGENT, Role.SUPERVISOR) and who.shop == shop:
+            return True
+        return await self.store.is_shop_agent(shop, user)
+
+    def _send(
+        self, cmd: SendCmd, ops: list[WriteOp], effects: list[Effect]
+    ) -> Awaitable[None] | None:
         conv = self._existing(cmd)
         who = cmd.who
         if not policy.can_send(who, conv, self.members):
@@ -452,16 +473,38 @@ class ConversationActor:
                     ),
                 )
             )
-            return
+            return None
         if (
             conv.kind is ConvKind.DIRECT
             and conv.state is ConvState.CLOSED
             and who.role is Role.CUSTOMER
         ):
-            # A customer writing into a closed conversation opens a new service session.
-            self.conversation = replace(conv, state=ConvState.BOT, agent=None, priority=0)
-            ops.append(PutConversation(conversation=self.conversation))
-            effects.append(self._publish_conversation(ops, self.conversation, "reopened"))
+            return self._reopen_then_send(cmd, ops, effects)
+        self._store_sent(cmd, ops, effects, conv)
+        return None
+
+    async def _reopen_then_send(
+        self, cmd: SendCmd, ops: list[WriteOp], effects: list[Effect]
+    ) -> None:
+        """A customer writing into a closed conversation opens a new service
+        session: within their cap on open conversations, as an open request."""
+        cap = MAX_OPEN_CONVERSATIONS_PER_CUSTOMER
+        if await self.store.count_open_direct(cmd.who.user, cap) >= cap:
+            raise Refusal(
+                ErrorCode.RATE_LIMITED,
+                f"{cap} conversations are open already: wait for one to close",
+            )
+        conv = self.conversation
+        assert conv is not None
+        self.conversation = conv = replace(conv, state=ConvState.BOT, agent=None, priority=0)
+        ops.append(PutConversation(conversation=conv))
+        effects.append(self._publish_conversation(ops, conv, "reopened"))
+        self._store_sent(cmd, ops, effects, conv)
+
+    def _store_sent(
+        self, cmd: SendCmd, ops: list[WriteOp], effects: list[Effect], conv: Conversation
+    ) -> None:
+        who = cmd.who
         message = self._append(ops, effects, who, cmd.cmid, cmd.body, exclude_session=who.session)
         self._raise_read_point(ops, who.user, message.seq)
         effects.append(
@@ -479,7 +522,7 @@ class ConversationActor:
         )
 
     async def _recall(self, cmd: RecallCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
-        conv = self._existing(cmd)
+        conv = self._existing(cmd, Recall)
         request_id = cmd.reply.request if cmd.reply else 0
         cmid = f"recall:{cmd.seq}"
         original = self.recent.get((cmd.who.user, cmid))
@@ -535,7 +578,7 @@ class ConversationActor:
         )
 
     def _read(self, cmd: ReadCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
-        conv = self._existing(cmd)
+        conv = self._existing(cmd, Read)
         seq = min(cmd.seq, conv.last_seq)
         if self._raise_read_point(ops, cmd.who.user, seq):
             members = self.members  # never mutated in place: see _members
@@ -548,7 +591,7 @@ class ConversationActor:
         effects.append(_bind(self._reply, cmd, Ok(id=cmd.reply.request if cmd.reply else 0)))
 
     def _delivered(self, cmd: DeliveredCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
-        conv = self._existing(cmd)
+        conv = self._existing(cmd, Delivered)
         frame = ReceiptEvent(
             conv=conv.id,
             user=cmd.who.user,
@@ -563,9 +606,7 @@ class ConversationActor:
         )
 
     def _typing(self, cmd: TypingCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
-        conv = self._existing(cmd)
-        if not policy.can_send(cmd.who, conv, self.members):
-            raise Refusal(ErrorCode.FORBIDDEN, "you may not type in this conversation")
+        conv = self._existing(cmd, Typing)
         frame = TypingEvent(conv=conv.id, user=cmd.who.user)
         members = self.members  # never mutated in place: see _members
         # Typing reaches participants only (not topic watchers): it is ephemeral chatter.
@@ -580,7 +621,7 @@ class ConversationActor:
         )
 
     async def _get(self, cmd: GetCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
-        conv = self._existing(cmd)
+        conv = self._existing(cmd, GetConversation)
         read_seq = await self._read_point(cmd.who.user)
         effects.append(_bind(self._reply, cmd, self._info(cmd, conv, read_seq)))
 
@@ -600,7 +641,7 @@ class ConversationActor:
         self, cmd: OpenDirectCmd, ops: list[WriteOp], effects: list[Effect]
     ) -> None:
         who = cmd.who
-        if who.role is not Role.CUSTOMER:
+        if not policy.shop_access(OpenConversation, who, cmd.shop):
             raise Refusal(ErrorCode.FORBIDDEN, "only customers open direct conversations")
         conv = self.conversation
         now = now_ms()
@@ -700,7 +741,7 @@ class ConversationActor:
             )
         effects.append(_bind(self._reply, cmd, Ok(id=cmd.reply.request if cmd.reply else 0)))
 
-    def _update(self, cmd: UpdateCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
+    async def _update(self, cmd: UpdateCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
         conv = self._existing(cmd)
         ok = Ok(id=cmd.reply.request if cmd.reply else 0)
         if cmd.key and cmd.key in self.applied_keys:
@@ -717,7 +758,7 @@ class ConversationActor:
         state = cmd.state
         if cmd.agent is not None and state is None:
             state = ConvState.ASSIGNED
-        reason = policy.check_update(cmd.who, conv, state, cmd.agent)
+        reason = policy.check_update(cmd.who, conv, state, cmd.agent, self.members)
         if reason is not None:
             raise Refusal(ErrorCode.FORBIDDEN, reason)
         agent = conv.agent
@@ -725,6 +766,10 @@ class ConversationActor:
             agent = cmd.agent or conv.agent
             if agent is None:
                 raise Refusal(ErrorCode.BAD_FRAME, "assigning needs an agent")
+            if agent != conv.agent and not await self._is_agent_of(conv.shop, agent, cmd.who):
+                raise Refusal(
+                    ErrorCode.FORBIDDEN, f"{agent!r} is not an agent of shop {conv.shop!r}"
+                )
         elif state is not None:
             agent = None
         tags = [t for t in conv.tags if t not in cmd.tags_remove]

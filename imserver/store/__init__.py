@@ -17,6 +17,8 @@ from ._base import (
     PutCursor,
     PutEvent,
     PutMessage,
+    PutShop,
+    PutStaff,
     PutUsedToken,
     Scope,
     ScopeKind,
@@ -29,6 +31,7 @@ from ._base import (
 from ._export import ExportFormat, export_conversation, export_shop
 from ._health import WRITER_DEAD, DatabaseCorrupt, WatchedSqliteStore, prepare_database
 from ._schema import SCHEMA_VERSION, SchemaError
+from ._shops import add_shops, read_shops
 from ._sqlite import SqliteStore
 
 __all__ = [
@@ -46,6 +49,8 @@ __all__ = [
     "PutCursor",
     "PutEvent",
     "PutMessage",
+    "PutShop",
+    "PutStaff",
     "PutUsedToken",
     "SchemaError",
     "Scope",
@@ -57,7 +62,9 @@ __all__ = [
     "StoredEvent",
     "WatchedSqliteStore",
     "WriteOp",
+    "add_shops",
     "export_conversation",
     "export_shop",
     "prepare_database",
+    "read_shops",
 ]

@@ -115,6 +115,23 @@ class PutUsedToken(msgspec.Struct, kw_only=True, tag="used_token", gc=False):
     exp: int
 
 
+class PutShop(msgspec.Struct, kw_only=True, tag="shop", gc=False):
+    """Register a shop (a tenant); registering it again changes nothing."""
+
+    name: str
+    ts: int
+
+
+class PutStaff(msgspec.Struct, kw_only=True, tag="staff", gc=False):
+    """``user`` logged in as staff (``role``) of ``shop``: from now on one of its
+    agents (an assignee) and one of its users (presence, plugin notices)."""
+
+    shop: str
+    user: str
+    role: Role
+    ts: int
+
+
 WriteOp = (
     PutConversation
     | PutMessage
@@ -126,6 +143,8 @@ WriteOp = (
     | PutEvent
     | PutCursor
     | PutUsedToken
+    | PutShop
+    | PutStaff
 )
 
 
@@ -189,7 +208,9 @@ class Scope(msgspec.Struct, kw_only=True, frozen=True):
             return cls(kind=ScopeKind.CUSTOMER, user=user)
         if role is Role.AGENT:
             return cls(kind=ScopeKind.AGENT, user=user, shop=shop)
-        if shop in ("", "*"):
+        # Only the explicit "*" is every shop: an empty shop (a token minted without
+        # one) is a shop scope that matches nothing, never all of them.
+        if shop == "*":
             return cls(kind=ScopeKind.ALL, user=user)
         return cls(kind=ScopeKind.SHOP, user=user, shop=shop)
 
@@ -265,6 +286,24 @@ class Store(Protocol):
     async def read_point(self, conv: str, user: str) -> int: ...
 
     async def list_agents(self, shop: str) -> list[AgentRecord]: ...
+
+    async def shop_exists(self, shop: str) -> bool:
+        """Whether ``shop`` is registered."""
+
+    async def list_shops(self) -> list[str]:
+        """Every registered shop, by name."""
+
+    async def shop_users(self, shop: str, users: Sequence[str]) -> set[str]:
+        """Those of ``users`` who belong to ``shop``: its staff (logged in, or with
+        an agent status) and its customers (a conversation with it, or a group of it)."""
+
+    async def is_shop_agent(self, shop: str, user: str) -> bool:
+        """Whether ``user`` is an agent (or supervisor) of ``shop``: logged in as
+        one, or has an agent status there."""
+
+    async def count_open_direct(self, customer: str, limit: int) -> int:
+        """How many direct conversations of ``customer`` are not closed (counted up
+        to ``limit``)."""
 
     async def worker_cursor(self, plugin: str) -> int | None:
         """The saved watermark of ``plugin``, or None if it never saved one."""

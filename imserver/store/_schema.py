@@ -177,10 +177,29 @@ CREATE TABLE used_tokens (
 CREATE INDEX used_tokens_by_exp ON used_tokens(exp);
 """
 
+_V4_SQL: Final = """
+-- Registered shops (tenants): conversations, groups and subscriptions name one.
+CREATE TABLE shops (
+    name        TEXT    NOT NULL PRIMARY KEY,
+    created_at  INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Staff (agents, supervisors) seen logging in to a shop: the shop's agents
+-- (who may be assigned its conversations) and users (presence, notices).
+CREATE TABLE staff (
+    shop  TEXT    NOT NULL,
+    user  TEXT    NOT NULL,
+    role  TEXT    NOT NULL,
+    ts    INTEGER NOT NULL,
+    PRIMARY KEY (shop, user)
+) WITHOUT ROWID;
+"""
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "initial schema", _V1_SQL),
     Migration(2, "worker event log", _V2_SQL),
     Migration(3, "used single-use tokens", _V3_SQL),
+    Migration(4, "registered shops and their staff", _V4_SQL),
 )
 
 SCHEMA_VERSION: Final = MIGRATIONS[-1].version

@@ -138,6 +138,8 @@ from ._base import (
     PutCursor,
     PutEvent,
     PutMessage,
+    PutShop,
+    PutStaff,
     PutUsedToken,
     Scope,
     ScopeKind,
@@ -156,6 +158,7 @@ from ._schema import (
     tags_decoder,
     tags_encoder,
 )
+from ._shops import SQL_LIST_SHOPS, SQL_PUT_SHOP
 from ._writer import PruneWork, WireWork, WriterProcess
 
 __all__ = ["SqliteStore"]
@@ -186,6 +189,8 @@ _OP_TYPES: Final = (
     PutEvent,
     PutCursor,
     PutUsedToken,
+    PutShop,
+    PutStaff,
 )
 
 OnCommit = Callable[[float, int, int], None]
@@ -355,6 +360,11 @@ ON CONFLICT (plugin) DO UPDATE SET event_id = MAX(event_id, excluded.event_id)
 _SQL_PUT_USED_TOKEN: Final = """
 INSERT INTO used_tokens (jti, exp) VALUES (?, ?) ON CONFLICT (jti) DO NOTHING
 """
+_SQL_PUT_STAFF: Final = """
+INSERT INTO staff (shop, user, role, ts) VALUES (?, ?, ?, ?)
+ON CONFLICT (shop, user) DO UPDATE SET role = excluded.role, ts = excluded.ts
+WHERE excluded.ts >= staff.ts
+"""
 _SQL_USED_TOKENS: Final = "SELECT jti, exp FROM used_tokens WHERE exp > ? ORDER BY exp DESC LIMIT ?"
 
 _SQL_PRUNE: Final = {
@@ -398,6 +408,25 @@ ORDER BY c.updated_at DESC, c.id DESC LIMIT 1
 """
 SQL_READ_POINT: Final = "SELECT seq FROM read_points WHERE conv = ? AND user = ?"
 SQL_LIST_AGENTS: Final = "SELECT shop, agent, status, ts FROM agents WHERE shop = ? ORDER BY agent"
+SQL_SHOP_EXISTS: Final = "SELECT 1 FROM shops WHERE name = ?"
+# A customer has at most one direct conversation per shop, so walking theirs
+# (conv_by_customer) is short; memberships walk members_by_user.
+SQL_SHOP_USER: Final = """
+SELECT EXISTS (SELECT 1 FROM staff WHERE shop = :shop AND user = :user)
+    OR EXISTS (SELECT 1 FROM agents WHERE shop = :shop AND agent = :user)
+    OR EXISTS (SELECT 1 FROM conversations AS c WHERE c.customer = :user AND c.shop = :shop)
+    OR EXISTS (SELECT 1 FROM members AS m CROSS JOIN conversations AS c ON c.id = m.conv
+               WHERE m.user = :user AND c.shop = :shop)
+"""
+SQL_SHOP_AGENT: Final = """
+SELECT EXISTS (SELECT 1 FROM staff WHERE shop = :shop AND user = :user
+               AND role IN ('agent', 'supervisor'))
+    OR EXISTS (SELECT 1 FROM agents WHERE shop = :shop AND agent = :user)
+"""
+SQL_COUNT_OPEN_DIRECT: Final = """
+SELECT COUNT(*) FROM (SELECT 1 FROM conversations AS c
+                      WHERE c.customer = ? AND c.kind = 'direct' AND c.state <> 'closed' LIMIT ?)
+"""
 SQL_WORKER_CURSOR: Final = "SELECT event_id FROM worker_cursors WHERE plugin = ?"
 SQL_WORKER_PLUGINS: Final = "SELECT plugin FROM worker_cursors ORDER BY plugin"
 # The highest id ever committed, so it stays right after the newest rows are pruned.
@@ -695,6 +724,10 @@ def _apply_ops(rows: _Rows, ops: list[WriteOp]) -> None:
             cur.execute(_SQL_PUT_CURSOR, (op.plugin, op.event_id))
         elif isinstance(op, PutUsedToken):
             cur.execute(_SQL_PUT_USED_TOKEN, (op.jti, op.exp))
+        elif isinstance(op, PutShop):
+            cur.execute(SQL_PUT_SHOP, (op.name, op.ts))
+        elif isinstance(op, PutStaff):
+            cur.execute(_SQL_PUT_STAFF, (op.shop, op.user, op.role.value, op.ts))
         else:  # pragma: no cover - write() checks types before enqueueing
             raise TypeError(f"not a store write op: {op!r}")
 
@@ -890,6 +923,18 @@ def _q_list_agents(conn: sqlite3.Connection, shop: str) -> list[AgentRecord]:
         AgentRecord(shop=s, agent=a, status=AgentStatus(st), ts=ts)
         for s, a, st, ts in conn.execute(SQL_LIST_AGENTS, (shop,))
     ]
+
+
+def _q_shop_users(conn: sqlite3.Connection, shop: str, users: Sequence[str]) -> set[str]:
+    return {
+        user
+        for user in users
+        if conn.execute(SQL_SHOP_USER, {"shop": shop, "user": user}).fetchone()[0]
+    }
+
+
+def _q_shop_agent(conn: sqlite3.Connection, shop: str, user: str) -> bool:
+    return bool(conn.execute(SQL_SHOP_AGENT, {"shop": shop, "user": user}).fetchone()[0])
 
 
 def _q_worker_cursor(conn: sqlite3.Connection, plugin: str) -> int | None:
@@ -1301,6 +1346,25 @@ class SqliteStore:
 
     async def list_agents(self, shop: str) -> list[AgentRecord]:
         return await self._read(lambda c: _q_list_agents(c, shop))
+
+    async def shop_exists(self, shop: str) -> bool:
+        return await self._read(
+            lambda c: c.execute(SQL_SHOP_EXISTS, (shop,)).fetchone() is not None
+        )
+
+    async def list_shops(self) -> list[str]:
+        return await self._read(lambda c: [str(n) for (n,) in c.execute(SQL_LIST_SHOPS)])
+
+    async def shop_users(self, shop: str, users: Sequence[str]) -> set[str]:
+        return await self._read(lambda c: _q_shop_users(c, shop, users))
+
+    async def is_shop_agent(self, shop: str, user: str) -> bool:
+        return await self._read(lambda c: _q_shop_agent(c, shop, user))
+
+    async def count_open_direct(self, customer: str, limit: int) -> int:
+        return await self._read(
+            lambda c: int(c.execute(SQL_COUNT_OPEN_DIRECT, (customer, limit)).fetchone()[0])
+        )
 
     async def worker_cursor(self, plugin: str) -> int | None:
         return await self._read(lambda c: _q_worker_cursor(c, plugin))

@@ -25,7 +25,7 @@ from imserver.client import ServerError, connect
 from imserver.limits import JWKS_RECHECK_S, MAX_TOKEN_TTL_S, TOKEN_CLOCK_SKEW_S
 from imserver.server import Server, ServerConfig
 from protocol import ErrorCode, OpenConversation, Role
-from tests.conftest import SECRET
+from tests.conftest import SECRET, SHOPS
 
 NOW = 1_800_000_000
 LENIENT: Final[jwt.types.Options] = {"verify_exp": False, "verify_iat": False}
@@ -667,11 +667,18 @@ def test_serve_refuses_a_broken_jwks_in_one_line(tmp_path: Path) -> None:
 
 async def test_a_shop_signed_buyer_connects_and_a_foreign_one_is_refused(tmp_path: Path) -> None:
     """Real server, real sockets: shop1's backend signs its buyer's token with its
-    own key; the same key cannot get a buyer of shop2 in."""
+    own key; that buyer deals with shop1 only, and the same key cannot get a
+    buyer of shop2 in."""
     key = ed25519.Ed25519PrivateKey.generate()
     path = _write_jwks(tmp_path / "shop1.json", _jwk(key, "k1"))
     server = Server(
-        ServerConfig(data_dir=tmp_path / "data", secret=SECRET, port=0, jwks={"shop1": str(path)})
+        ServerConfig(
+            data_dir=tmp_path / "data",
+            secret=SECRET,
+            port=0,
+            shops=SHOPS,
+            jwks={"shop1": str(path)},
+        )
     )
     t = int(time.time())  # the server verifies against its own clock
     async with trio.open_nursery() as nursery:
@@ -681,6 +688,9 @@ async def test_a_shop_signed_buyer_connects_and_a_foreign_one_is_refused(tmp_pat
             assert (client.welcome.user, client.welcome.shop) == ("shop1:alice", "shop1")
             info = await client.request(OpenConversation(id=0, shop="shop1"))
             assert info.conversation.customer == "shop1:alice"
+            with pytest.raises(ServerError) as elsewhere:  # a buyer of shop1 only
+                await client.request(OpenConversation(id=0, shop="shop2"))
+            assert elsewhere.value.code == ErrorCode.FORBIDDEN
         foreign = _shop_token(
             key, "k1", "EdDSA", iat=t, exp=t + 60, shop="shop2", sub="shop2:alice", jti="j-2"
         )

@@ -17,7 +17,7 @@ from imserver.auth import TokenVerifier
 from imserver.client import connect
 from imserver.server import Server, ServerConfig
 from protocol import OpenConversation, Role
-from tests.conftest import SECRET, RunningServer
+from tests.conftest import SECRET, SHOPS, RunningServer
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -68,7 +68,7 @@ async def test_tls(tmp_path: Path) -> None:
     cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
     cert.private_key_pem.write_to_path(str(key_file))
     config = ServerConfig(
-        data_dir=tmp_path / "d", secret=SECRET, port=0, cert=cert_file, key=key_file
+        data_dir=tmp_path / "d", secret=SECRET, port=0, shops=SHOPS, cert=cert_file, key=key_file
     )
     srv = Server(config)
     async with trio.open_nursery() as nursery:

@@ -7,23 +7,30 @@ systemd in the test environment); what can drift silently is checked instead.
 
 from __future__ import annotations
 
+import argparse
+import ast
 import configparser
+import importlib.metadata
+import os
 import re
 import shlex
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import yaml
 
-from imserver.cli import build_parser
+from imserver.cli import build_parser, env_var_of
 from imserver.limits import (
     CLOSE_LINGER_S,
     CLOSE_SEND_TIMEOUT_S,
     DRAIN_TIMEOUT_S,
     MAX_CONNECTIONS,
 )
+from imserver.metrics import METRICS
 from imserver.supervisor import STOP_GRACE_S
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,8 +110,93 @@ def test_commands_parse_with_the_real_cli() -> None:
     assert "/healthz" in dockerfile
 
 
+def _options(
+    parser: argparse.ArgumentParser, command: str = ""
+) -> Iterator[tuple[str, argparse.Action]]:
+    """Every option of every subcommand (not --help, --version or positionals)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, subparser in action.choices.items():
+                yield from _options(subparser, f"{command} {name}".strip())
+        elif action.option_strings and action.default != argparse.SUPPRESS:
+            yield command, action
+
+
+def test_every_flag_has_an_environment_variable_shown_in_help() -> None:
+    options = list(_options(build_parser()))
+    assert len(options) > 25  # the walk reaches every subcommand
+    missing = [(cmd, a.option_strings) for cmd, a in options if env_var_of(a) is None]
+    assert not missing, missing
+    per_command: dict[str, list[str]] = {}
+    for command, action in options:
+        per_command.setdefault(command, []).append(str(env_var_of(action)))
+    for command, names in per_command.items():  # one variable never sets two flags
+        assert len(names) == len(set(names)), command
+        help_text = _help(command)
+        assert all(name in help_text for name in names), command
+
+
+def _help(command: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "imserver", *command.split(), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    return out.stdout
+
+
+def test_environment_variables_set_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMSERVER_SHARDS", "4")
+    monkeypatch.setenv("IMSERVER_TOKEN_ONCE", "yes")
+    monkeypatch.setenv("IMSERVER_TOKEN_TTL", "60")
+    monkeypatch.setenv("IMSERVER_CHAT_SHOP", "shop9")
+    monkeypatch.setenv("IMSERVER_EXPORT_SHOP", "shop9")
+    parser = build_parser()
+    assert parser.parse_args(["serve"]).shards == 4
+    token = parser.parse_args(["token", "u1"])
+    assert token.once is True and token.ttl == 60
+    assert parser.parse_args(["token", "u1", "--ttl", "5"]).ttl == 5  # the flag wins
+    assert parser.parse_args(["chat", "u1"]).shop == "shop9"  # --shop was required
+    assert parser.parse_args(["export"]).shop == "shop9"  # one of --conv/--shop was required
+    monkeypatch.setenv("IMSERVER_TOKEN_ONCE", "0")
+    assert build_parser().parse_args(["token", "u1"]).once is False
+
+
+def test_plugin_dependencies_are_in_the_default_install() -> None:
+    """`pip install .` then `serve --workers bot,routing,crm`: every third-party module
+    the server and the shipped plugins import is a default dependency, not an extra."""
+    default = {
+        re.split(r"[\s\[<>=!~;]", req, maxsplit=1)[0].lower().replace("_", "-")
+        for req in PYPROJECT["project"]["dependencies"]
+    }
+    distributions = importlib.metadata.packages_distributions()
+    imported: set[str] = set()
+    for path in [*(ROOT / "workers").rglob("*.py"), *(ROOT / "imserver").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = {
+        dist.lower().replace("_", "-")
+        for module in imported - set(sys.stdlib_module_names) - {"protocol", "imserver", "workers"}
+        for dist in distributions.get(module, [module])
+    }
+    assert {"pyyaml", "jieba", "rapidfuzz", "simplemma", "uvloop"} <= third_party
+    assert third_party <= default, third_party - default
+
+
+def test_process_metrics_are_exported() -> None:
+    text = METRICS.render().decode()
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"):
+        assert re.search(rf"^{name} \d", text, re.MULTILINE), name
+
+
 def test_environment_variables_are_ones_the_cli_reads() -> None:
-    known = set(re.findall(r"IMSERVER_[A-Z_]+", (ROOT / "imserver" / "cli.py").read_text()))
+    known = {str(env_var_of(action)) for _, action in _options(build_parser())}
     for name in ("imserver.service", "Dockerfile", "compose.yaml"):
         used = set(re.findall(r"IMSERVER_[A-Z_]+", (DEPLOY / name).read_text(encoding="utf-8")))
         assert used and used <= known, (name, used - known)

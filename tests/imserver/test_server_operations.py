@@ -328,7 +328,7 @@ def _fill(path: Path) -> None:
 
 async def test_health_is_503_while_the_disk_is_full_and_recovers(tmp_path: Path) -> None:
     async with _tmpfs(tmp_path / "small", "4m") as data:
-        srv = Server(ServerConfig(data_dir=data, secret=SECRET, port=0))
+        srv = Server(ServerConfig(data_dir=data, secret=SECRET, port=0, shops=("shop1",)))
         async with trio.open_nursery() as nursery:
             url = await nursery.start(srv.serve)
             async with connect(

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from imserver.dispatch import WorkerDispatcher
-from imserver.store import PutEvent, SqliteStore, StoredEvent
+from imserver.dispatch import WorkerDispatcher, group_key
+from imserver.store import PutCursor, PutEvent, SqliteStore, StoredEvent
 from protocol import (
+    AgentStatus,
     Conversation,
     ConvKind,
     ConvState,
@@ -55,10 +56,10 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
 
 
 async def _log(
-    store: SqliteStore, shard: int, sender: str, role: Role = Role.CUSTOMER
+    store: SqliteStore, shard: int, sender: str, role: Role = Role.CUSTOMER, shop: str = "s"
 ) -> StoredEvent:
     conv = Conversation(
-        id=f"c{shard}", kind=ConvKind.DIRECT, shop="s", state=ConvState.BOT, customer="cust"
+        id=f"c{shard}{shop}", kind=ConvKind.DIRECT, shop=shop, state=ConvState.BOT, customer="cust"
     )
     message = Message(
         conv=conv.id,
@@ -79,6 +80,7 @@ async def _log(
             ts=1,
             conversation=conv,
             message=message,
+            shop=shop,
         ),
     )
     await store.write([op])
@@ -117,3 +119,45 @@ async def test_shards_split_acks_failover_and_own_messages(store: SqliteStore) -
         # everything is acked or was never due (its own reply): the watermark covers all
         assert group.watermark == own.id > max(e.event_id for e in a.events())
         nursery.cancel_scope.cancel()
+
+
+async def test_groups_are_per_plugin_and_shop_scope(store: SqliteStore) -> None:
+    """A shop's instance of a plugin is a group of its own: it gets its shop's
+    events only (live, broadcast and replayed) and takes no shards of the
+    every-shop group of the same name."""
+    kinds = [WorkerEventKind.MESSAGE, WorkerEventKind.AGENT]
+    dispatcher = WorkerDispatcher(store, shard_count=4)
+    everyone, shop2 = Recorder("g", "worker:crm"), Recorder("x", "shop2-crm")
+    joined = await dispatcher.join(everyone, "crm", kinds)
+    joined2 = await dispatcher.join(shop2, "crm", kinds, shop="s2")
+    assert joined.shards == joined2.shards == [0, 1, 2, 3]
+    assert not any(isinstance(f, WorkerAssignment) for f in everyone.frames)
+    for shard in range(4):
+        dispatcher.publish(await _log(store, shard, "cust", shop="s1"))
+        dispatcher.publish(await _log(store, shard, "cust", shop="s2"))
+    assert len(everyone.events()) == 8
+    assert [e.shop for e in shop2.events()] == ["s2"] * 4
+    for shop in ("s1", "s2"):
+        dispatcher.broadcast(
+            WorkerEventKind.AGENT,
+            WorkerEvent(
+                event_id=0,
+                shard=0,
+                kind=WorkerEventKind.AGENT,
+                ts=1,
+                agent=f"a-{shop}",
+                agent_status=AgentStatus.ONLINE,
+                shop=shop,
+            ),
+        )
+    assert [e.agent for e in everyone.events()[8:]] == ["a-s1", "a-s2"]
+    assert [e.agent for e in shop2.events()[4:]] == ["a-s2"]
+
+    # After a restart the shop's group replays its own shop's events only.
+    key = group_key("crm", "s2")
+    await store.write([PutCursor(plugin=key, event_id=0)])
+    restarted = WorkerDispatcher(store, shard_count=4)
+    again = Recorder("y", "shop2-crm")
+    await restarted.join(again, "crm", [WorkerEventKind.MESSAGE], shop="s2")
+    await restarted._replay(restarted.groups[key])
+    assert [e.shop for e in again.events()] == ["s2"] * 4

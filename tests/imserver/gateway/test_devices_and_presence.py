@@ -27,7 +27,7 @@ from protocol import (
     UpdateConversation,
     WatchPresence,
 )
-from tests.conftest import SECRET, RunningServer
+from tests.conftest import SECRET, SHOPS, RunningServer
 
 
 async def _next(client: Client, kind: type) -> object:
@@ -77,7 +77,14 @@ async def test_same_device_login_replaces_the_old_session(server: RunningServer)
         assert old.close_code == CloseCode.SESSION_REPLACED
 
 
+async def _customer_of(server: RunningServer, user: str, shop: str) -> None:
+    """Make ``user`` a customer of ``shop`` (staff may watch only their shop's users)."""
+    async with server.connect(user, device=f"{user}-setup") as customer:
+        await customer.request(OpenConversation(id=0, shop=shop))
+
+
 async def test_presence_and_typing(server: RunningServer) -> None:
+    await _customer_of(server, "lee", "shop1")
     async with server.connect("sup", "supervisor", "shop1") as sup:
         listing: PresenceList = await sup.request(WatchPresence(id=0, users=["lee"]))
         assert not listing.presences[0].online
@@ -100,7 +107,9 @@ async def test_presence_and_typing(server: RunningServer) -> None:
 
 
 async def test_idle_connection_is_closed(tmp_path: Path) -> None:
-    config = ServerConfig(data_dir=tmp_path / "d", secret=SECRET, port=0, idle_timeout_ms=300)
+    config = ServerConfig(
+        data_dir=tmp_path / "d", secret=SECRET, port=0, shops=SHOPS, idle_timeout_ms=300
+    )
     srv = Server(config)
     async with trio.open_nursery() as nursery:
         url = await nursery.start(srv.serve)
@@ -118,13 +127,17 @@ async def test_idle_connection_is_closed(tmp_path: Path) -> None:
 async def test_unwatch_and_unsubscribe_stop_the_events(server: RunningServer) -> None:
     from protocol import Ok, Subscribe, Synced, Topic, Unsubscribe, Unwatch
 
+    await _customer_of(server, "wes", "shop1")
+    await _customer_of(server, "vic", "shop1")
     async with server.connect("sup2", "supervisor", "shop1") as sup:
         await sup.request(WatchPresence(id=0, users=["wes", "vic"]))
         await sup.request(Subscribe(id=0, topics=[Topic.CONVERSATIONS]))
         assert isinstance(await sup.request(Unwatch(id=0, users=["wes"])), Ok)
         assert isinstance(await sup.request(Unsubscribe(id=0, topics=[Topic.CONVERSATIONS])), Ok)
-        async with server.connect("wes") as wes:
-            await wes.request(OpenConversation(id=0, shop="shop1"))  # no queue event any more
+        async with server.connect("wes"):  # no presence event any more
+            pass
+        async with server.connect("xan") as xan:
+            await xan.request(OpenConversation(id=0, shop="shop1"))  # no queue event any more
         async with server.connect("vic"):
             seen = []
             with trio.fail_after(10):

@@ -294,9 +294,11 @@ async def test_abuse_does_not_disturb_other_users(server: RunningServer) -> None
 
 async def test_slowloris_and_silent_websocket_are_cut_off(tmp_path: Path) -> None:
     from imserver.server import Server, ServerConfig
-    from tests.conftest import SECRET
+    from tests.conftest import SECRET, SHOPS
 
-    config = ServerConfig(data_dir=tmp_path / "d", secret=SECRET, port=0, handshake_timeout_s=0.3)
+    config = ServerConfig(
+        data_dir=tmp_path / "d", secret=SECRET, port=0, shops=SHOPS, handshake_timeout_s=0.3
+    )
     srv = Server(config)
     async with trio.open_nursery() as nursery:
         url = await nursery.start(srv.serve)
@@ -382,10 +384,10 @@ async def test_single_use_token_stays_used_across_a_restart(tmp_path: Path) -> N
     """A used single-use token is stored, so a restarted server still refuses it."""
     from imserver.auth import mint_token
     from imserver.server import Server, ServerConfig
-    from tests.conftest import SECRET
+    from tests.conftest import SECRET, SHOPS
 
     token = mint_token(SECRET, user="eve", role="customer", once=True)
-    config = ServerConfig(data_dir=tmp_path / "data", secret=SECRET, port=0)
+    config = ServerConfig(data_dir=tmp_path / "data", secret=SECRET, port=0, shops=SHOPS)
     for attempt in ("first use", "replay after restart"):
         server = Server(config)
         async with trio.open_nursery() as nursery:

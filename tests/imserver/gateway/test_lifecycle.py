@@ -39,7 +39,7 @@ from protocol import (
     WatchPresence,
     encode,
 )
-from tests.conftest import SECRET
+from tests.conftest import SECRET, SHOPS
 
 HANDSHAKE_S = 0.3
 IDLE_MS = 600
@@ -79,6 +79,7 @@ async def _server(tmp_path: Path, idle_ms: int = IDLE_MS) -> AsyncIterator[Serve
         data_dir=tmp_path / "data",
         secret=SECRET,
         port=0,
+        shops=SHOPS,
         handshake_timeout_s=HANDSHAKE_S,
         idle_timeout_ms=idle_ms,
         close_linger_s=LINGER_S,
@@ -269,6 +270,7 @@ async def test_drain_releases_silent_peers(tmp_path: Path) -> None:
         data_dir=tmp_path / "data",
         secret=SECRET,
         port=0,
+        shops=SHOPS,
         close_linger_s=LINGER_S,
         close_send_timeout_s=SEND_TIMEOUT_S,
     )

@@ -27,6 +27,9 @@ from tests.conftest import SECRET, RunningServer
 
 
 async def test_conditional_assign_is_refused_once_the_chat_moved_on(server: RunningServer) -> None:
+    for agent in ("a1", "a2"):  # assignees must be agents of the shop
+        async with server.connect(agent, "agent", "shop1") as client:
+            await client.request(SetAgentStatus(id=0, status=AgentStatus.ONLINE))
     async with server.connect("buyer") as buyer, server.connect("w", "worker", "shop1") as worker:
         conv = (await buyer.request(OpenConversation(id=0, shop="shop1"))).conversation.id
         await worker.request(UpdateConversation(id=0, conv=conv, state=ConvState.QUEUED))

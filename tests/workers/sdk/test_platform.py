@@ -178,7 +178,7 @@ async def test_serve_supervises_worker_processes(tmp_path: Path) -> None:
     import signal as _signal
     import sys as _sys
 
-    from tests.conftest import SECRET, ServerProcess
+    from tests.conftest import SECRET, SHOPS, ServerProcess
 
     plugin = "tests.workers.sdk.plugins:EchoPlugin"
     async with trio.open_nursery() as nursery:
@@ -200,6 +200,8 @@ async def test_serve_supervises_worker_processes(tmp_path: Path) -> None:
                     "warning",
                     "--workers",
                     plugin,
+                    "--shops",
+                    ",".join(SHOPS),
                 ],
                 stdout=subprocess.PIPE,
                 check=False,
