@@ -182,7 +182,9 @@ class BotPlugin(Plugin):
         now = datetime.now(UTC)
         if event.change in ("opened", "reopened"):
             customer = await self._customer(conv.customer, str(conv.channel))
-            reply = await self._call(engine.on_conversation_opened, conv.shop, conv.id, customer, now)
+            reply = await self._call(
+                engine.on_conversation_opened, conv.shop, conv.id, customer, now
+            )
             if reply is not None:
                 await ctx.reply(
                     conv.id, reply.text, quick_replies=reply.quick_replies or None, part="welcome"

@@ -99,17 +99,31 @@ class CrmPlugin(Plugin):
             try:
                 mtime = (await asyncio.to_thread(path.stat)).st_mtime
             except OSError as exc:
-                log_event(log, "import_failed", level=logging.ERROR, kind=key, path=str(path),
-                      error=f"{type(exc).__name__}: {exc.strerror}")
+                log_event(
+                    log,
+                    "import_failed",
+                    level=logging.ERROR,
+                    kind=key,
+                    path=str(path),
+                    error=f"{type(exc).__name__}: {exc.strerror}",
+                )
                 continue
             if self._imported.get(path) == mtime:
                 continue
             self._imported[path] = mtime
             report: ImportReport = await asyncio.to_thread(importer, repo, path)
-            log_event(log, "imported", kind=key, path=str(path), imported=report.imported,
-                  rejected=report.rejected, inserted=report.inserted, updated=report.updated,
-                  customers_created=report.customers_created,
-                  errors=[f"line {e.line}: {e.message}" for e in report.errors[:10]])
+            log_event(
+                log,
+                "imported",
+                kind=key,
+                path=str(path),
+                imported=report.imported,
+                rejected=report.rejected,
+                inserted=report.inserted,
+                updated=report.updated,
+                customers_created=report.customers_created,
+                errors=[f"line {e.line}: {e.message}" for e in report.errors[:10]],
+            )
 
     async def teardown(self) -> None:
         if self.repo is not None:
@@ -123,8 +137,7 @@ class CrmPlugin(Plugin):
         if event.change in ("opened", "reopened"):
             await asyncio.to_thread(repo.register_chat_user, conv.customer, str(conv.channel))
         elif event.change in ("assigned", "transferred") and conv.agent:
-            customer = await asyncio.to_thread(
-                repo.chat_customer, conv.customer, str(conv.channel))
+            customer = await asyncio.to_thread(repo.chat_customer, conv.customer, str(conv.channel))
             profile = await asyncio.to_thread(repo.profile, conv.shop, customer)
             if profile is not None:
                 data = msgspec.to_builtins(profile)
@@ -150,13 +163,20 @@ class CrmPlugin(Plugin):
         RfmScorer(repo).score_shop(shop, at)
         TagEngine(repo).apply_rules(shop, at)
 
-    async def _send_due(self, ctx: WorkerContext, repo: CrmRepository, broadcast: _Broadcast,
-                        now: datetime) -> None:
+    async def _send_due(
+        self, ctx: WorkerContext, repo: CrmRepository, broadcast: _Broadcast, now: datetime
+    ) -> None:
         planner = BroadcastPlanner(repo)
         plan = await asyncio.to_thread(
-            planner.plan_broadcast, broadcast.shop, broadcast.segment, broadcast.text, now,
-            window=broadcast.window, rate_per_minute=broadcast.rate_per_minute,
-            broadcast_id=broadcast.id)
+            planner.plan_broadcast,
+            broadcast.shop,
+            broadcast.segment,
+            broadcast.text,
+            now,
+            window=broadcast.window,
+            rate_per_minute=broadcast.rate_per_minute,
+            broadcast_id=broadcast.id,
+        )
         sent = 0
         for send in plan.sends:
             if send.send_at > now:
@@ -175,12 +195,17 @@ class CrmPlugin(Plugin):
                         raise
             await asyncio.to_thread(planner.mark_sent, broadcast.id, send.customer, now)
         if sent:  # supervisors follow the broadcast on their dashboard
-            await ctx.notify("broadcast_progress", {
-                "broadcast": broadcast.id, "segment": broadcast.segment,
-                "sent": len(plan.skipped_already_sent) + sent,
-                "remaining": len(plan.sends) - sent,
-                "skipped_opted_out": list(plan.skipped_opted_out),
-            }, shop=broadcast.shop)
+            await ctx.notify(
+                "broadcast_progress",
+                {
+                    "broadcast": broadcast.id,
+                    "segment": broadcast.segment,
+                    "sent": len(plan.skipped_already_sent) + sent,
+                    "remaining": len(plan.sends) - sent,
+                    "skipped_opted_out": list(plan.skipped_opted_out),
+                },
+                shop=broadcast.shop,
+            )
 
 
 __all__ = ["CrmPlugin", "crm_db_path"]
