@@ -21,8 +21,9 @@ same ``sqlite3`` exception class in the parent), the ids of its ``PutEvent``
 ops, and the stats of the committed transactions. No thread sits between
 the trio loop and the pipe: the answer wakes the loop through the same epoll
 set as a client socket (a thread cost a condition-variable wake, a GIL
-hand-over and a ``run_sync_soon`` wake-up socket per batch, 15-20 % of the
-store's server-side CPU at 1,000 msg/s). The child runs
+hand-over and a ``run_sync_soon`` wake-up socket per batch; without it the
+server used 5-18 % less CPU per message from 500 to 8,000 msg/s, measured
+in bench/RESULTS.md). The child runs
 ``_sqlite._transact`` (one transaction, and on failure each work alone) on
 its own connection with the same pragmas.
 
