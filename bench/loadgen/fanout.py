@@ -2,11 +2,12 @@
 
 Theory of operation
 -------------------
-Setup: every worker connects its share of the ``members`` (customers);
-worker 0 also connects the sender, an agent of the shop, who creates the
-group with ``CreateGroup`` (the first ``MAX_BATCH_IDS`` members) and adds
-the rest with ``UpdateMembers`` in chunks. Membership is by user id, so the
-group can be built while members are still connecting.
+Setup: every worker connects its share of the ``members`` (customers), each
+of whom opens a direct conversation with the shop: only users of a shop may
+be members of its groups. Then worker 0 connects the sender, an agent of the
+shop, who creates the group with ``CreateGroup`` (the first
+``MAX_BATCH_IDS`` members) and adds the rest with ``UpdateMembers`` in
+chunks.
 
 Run: from a common start instant the sender sends ``rate`` messages/s for
 ``duration_s`` seconds on a fixed schedule (send k at start + k/rate, so
@@ -37,6 +38,7 @@ from protocol import (
     CreateGroup,
     Error,
     Message,
+    OpenConversation,
     Send,
     Sent,
     ServerFrameType,
@@ -95,6 +97,13 @@ class Setup(msgspec.Struct, frozen=True):
 class SetupDone(msgspec.Struct, frozen=True):
     members: int
     errors: list[str]
+
+
+class BuildGroup(msgspec.Struct, frozen=True):
+    """After every worker's Setup: its members are users of the shop by then."""
+
+
+class GroupBuilt(msgspec.Struct, frozen=True):
     conv: str | None  # worker 0 only
 
 
@@ -135,6 +144,8 @@ class FanoutWorker:
     async def handle(self, command: object) -> object:
         if isinstance(command, Setup):
             return await self._setup()
+        if isinstance(command, BuildGroup):
+            return await self._build_group()
         if isinstance(command, Go):
             return await self._go(command)
         raise TypeError(f"unexpected command {command!r}")
@@ -173,6 +184,8 @@ class FanoutWorker:
     async def _connect_member(self, number: int) -> ImClient:
         client = ImClient(self.url, member(self.tag, number), self.secret, self)
         await client.connect()
+        shop = agent(self.tag, SENDER_INDEX).shop
+        await client.request(lambda rid: OpenConversation(id=rid, shop=shop))
         return client
 
     async def _setup(self) -> SetupDone:
@@ -181,6 +194,10 @@ class FanoutWorker:
             functools.partial(self._connect_member, i)
             for i in range(self.index, p.members, self.count))
         self.members = members
+        return SetupDone(members=len(members), errors=errors[:5])
+
+    async def _build_group(self) -> GroupBuilt:
+        p = self.params
         conv: str | None = None
         if self.index == 0:
             sender = self.sender = ImClient(self.url, agent(self.tag, SENDER_INDEX), self.secret, self)
@@ -197,7 +214,7 @@ class FanoutWorker:
                 chunk = rest[at:at + MAX_BATCH_IDS]
                 await sender.request(lambda rid, chunk=chunk: UpdateMembers(  # type: ignore[misc]
                     id=rid, conv=conv, add=chunk))
-        return SetupDone(members=len(members), errors=errors[:5], conv=conv)
+        return GroupBuilt(conv=conv)
 
     async def _go(self, cmd: Go) -> GoResult:
         p = self.params
@@ -268,10 +285,11 @@ def run(params: FanoutParams, url: str, secret: bytes, tag: str, probe: ServerPr
     with WorkerPool(factory, workers) as pool:
         t0 = time.monotonic()
         done = [r for r in pool.call(Setup(), SETUP_TIMEOUT_S) if isinstance(r, SetupDone)]
+        built = [r for r in pool.call(BuildGroup(), SETUP_TIMEOUT_S) if isinstance(r, GroupBuilt)]
         setup_s = time.monotonic() - t0
         connected = sum(d.members for d in done)
         setup_errors = [e for d in done for e in d.errors]
-        conv = done[0].conv
+        conv = built[0].conv
         assert conv is not None
         log(f"  fan-out: group of {params.members}, {connected} online, ready in {setup_s:.1f} s"
             + (f" ({setup_errors[0]})" if setup_errors else ""))

@@ -10,6 +10,7 @@ from protocol import (
     CreateGroup,
     Hello,
     MessageEvent,
+    OpenConversation,
     Send,
     Synced,
     TextBody,
@@ -24,6 +25,9 @@ PAYLOAD = "x" * 4000  # 24 MB in all: more than the outbox plus every kernel buf
 
 
 async def test_slow_consumer_is_cut_off_and_resumes_losslessly(server: RunningServer) -> None:
+    for name in ("slow", "fast"):  # group members are users of the shop: customers of it
+        async with server.connect(name) as client:
+            await client.request(OpenConversation(id=0, shop="shop1"))
     async with server.connect("owner", "agent", "shop1") as owner:
         info: ConversationInfo = await owner.request(
             CreateGroup(id=0, shop="shop1", title="flash sale", members=["slow", "fast"]))
