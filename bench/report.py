@@ -49,7 +49,12 @@ from bench.servers import ServerLog
 IMSERVER: Final = "imserver"
 PLOT_SIZE_IN: Final = (9.0, 5.5)
 PLOT_DPI: Final = 110
-COLOURS: Final = {"imserver": "tab:red", "trio_wsproto": "tab:blue", "websockets": "tab:green"}
+COLOURS: Final = {
+    "imserver": "tab:red",
+    "trio_wsproto": "tab:blue",
+    "trio_sansio": "tab:purple",
+    "websockets": "tab:green",
+}
 
 
 class ScenarioOutcome(msgspec.Struct, kw_only=True):
@@ -538,6 +543,28 @@ def steps_markdown(result: SuiteResult) -> str:
     return "\n".join(lines)
 
 
+def independent_markdown(result: SuiteResult) -> str:
+    """The independent client's points of every target as a Markdown table."""
+    lines = [
+        "| target | offered msg/s | delivered | p50 ms | p99 ms | p99.9 ms | max ms | "
+        "send->Sent p99 ms | server µs/msg | client % | others % | verdict |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for name, target in result.targets.items():
+        report = _report(target, "independent")
+        if not isinstance(report, IndependentReport):
+            continue
+        for s in report.points:
+            d = s.delivery
+            lines.append(
+                f"| {name} | {s.offered_msgs_per_s:,} | {s.delivered:,}/{s.sent:,} | "
+                f"{d.p50_ms:.1f} | {d.p99_ms:.1f} | {d.p999_ms:.1f} | {d.max_ms:.0f} | "
+                f"{s.ack.p99_ms:.1f} | {s.server_cpu_us_per_msg:.0f} | {s.loadgen_cpu_pct:.0f} | "
+                f"{s.foreign_cpu_pct:.0f} | {'pass' if s.passed else 'FAIL'}: {s.verdict} |"
+            )
+    return "\n".join(lines)
+
+
 def _ms(summary: LatencySummary) -> str:
     return (
         f"{summary.p50_ms:.1f} / {summary.p90_ms:.1f} / {summary.p99_ms:.1f} / {summary.max_ms:.0f}"
@@ -615,6 +642,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("```\n" + summary_table(result) + "\n```\n")
     print(steps_markdown(result))
+    print()
+    print(independent_markdown(result))
     print()
     print(bot_heavy_markdown(result))
     print()

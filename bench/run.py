@@ -69,7 +69,7 @@ from imserver.server import DB_FILE
 from imserver.store import add_shops
 
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
-DEFAULT_TARGETS: Final = ("imserver", "trio_wsproto", "websockets")
+DEFAULT_TARGETS: Final = ("imserver", "trio_wsproto", "trio_sansio", "websockets")
 PAUSE_BETWEEN_SCENARIOS_S: Final = 0.25
 """Lets the previous server's sockets and CPU settle."""
 QUIET_WINDOW_S: Final = 2.0

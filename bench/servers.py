@@ -76,8 +76,10 @@ def _imserver_missing() -> str | None:
     except (ImportError, ValueError) as exc:
         return f"imserver cannot be imported: {exc}"
     if spec is None:
-        return ("`python -m imserver serve` does not exist yet (no imserver/__main__.py); "
-                "imserver target skipped, no figures")
+        return (
+            "`python -m imserver serve` does not exist yet (no imserver/__main__.py); "
+            "imserver target skipped, no figures"
+        )
     return None
 
 
@@ -87,29 +89,80 @@ def _always() -> str | None:
 
 TARGETS: Final[dict[str, Target]] = {
     "imserver": Target(
-        "imserver", "imserver (trio + websockets sans-I/O framing, auth, SQLite store)",
-        lambda data, secret: [sys.executable, "-m", "imserver", "serve", "--data", data,
-                              "--host", HOST, "--port", "0", "--secret", secret],
-        _imserver_missing),
+        "imserver",
+        "imserver (trio + websockets sans-I/O framing, auth, SQLite store)",
+        lambda data, secret: [
+            sys.executable,
+            "-m",
+            "imserver",
+            "serve",
+            "--data",
+            data,
+            "--host",
+            HOST,
+            "--port",
+            "0",
+            "--secret",
+            secret,
+        ],
+        _imserver_missing,
+    ),
     "trio_wsproto": Target(
-        "trio_wsproto", "bare relay: trio + wsproto, coalesced writes",
-        lambda data, secret: [sys.executable, "-m", "bench.baselines.trio_wsproto_relay",
-                              "--port", "0"],
-        _always),
+        "trio_wsproto",
+        "bare relay: trio + wsproto, coalesced writes",
+        lambda data, secret: [
+            sys.executable,
+            "-m",
+            "bench.baselines.trio_wsproto_relay",
+            "--port",
+            "0",
+        ],
+        _always,
+    ),
+    "trio_sansio": Target(
+        "trio_sansio",
+        "bare relay: trio + websockets sans-I/O (imserver's I/O stack), coalesced writes",
+        lambda data, secret: [
+            sys.executable,
+            "-m",
+            "bench.baselines.trio_sansio_relay",
+            "--port",
+            "0",
+        ],
+        _always,
+    ),
     "websockets": Target(
-        "websockets", "bare relay: asyncio + uvloop + websockets",
+        "websockets",
+        "bare relay: asyncio + uvloop + websockets",
         lambda data, secret: [sys.executable, "-m", "bench.baselines.ws_relay", "--port", "0"],
-        _always),
+        _always,
+    ),
 }
 
 
 BOT_VARIANTS: Final[dict[str, Target]] = {
     "imserver": Target(
-        "imserver", "imserver + bot worker (serve --workers bot, example KB, seeded CRM)",
-        lambda data, secret: [sys.executable, "-m", "imserver", "serve", "--data", data,
-                              "--host", HOST, "--port", "0", "--secret", secret,
-                              "--workers", "bot"],
-        _imserver_missing, ready=WORKER_JOINED),
+        "imserver",
+        "imserver + bot worker (serve --workers bot, example KB, seeded CRM)",
+        lambda data, secret: [
+            sys.executable,
+            "-m",
+            "imserver",
+            "serve",
+            "--data",
+            data,
+            "--host",
+            HOST,
+            "--port",
+            "0",
+            "--secret",
+            secret,
+            "--workers",
+            "bot",
+        ],
+        _imserver_missing,
+        ready=WORKER_JOINED,
+    ),
 }
 """Targets that can run the bot-heavy scenario, by target name: the relays have no bot."""
 
@@ -207,8 +260,12 @@ class RunningServer:
             raise
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def start(self) -> None:
@@ -239,10 +296,14 @@ class RunningServer:
                 raise TargetUnavailable(self._why(f"exited with status {code} {what}"))
             time.sleep(POLL_S)
         if self.url and ready is not None:
-            raise TargetUnavailable(self._why(
-                f"listened but printed no {ready.pattern!r} line within {STARTUP_TIMEOUT_S:.0f} s"))
-        raise TargetUnavailable(self._why(
-            f"printed no 'listening on ws://...' line within {STARTUP_TIMEOUT_S:.0f} s"))
+            raise TargetUnavailable(
+                self._why(
+                    f"listened but printed no {ready.pattern!r} line within {STARTUP_TIMEOUT_S:.0f} s"
+                )
+            )
+        raise TargetUnavailable(
+            self._why(f"printed no 'listening on ws://...' line within {STARTUP_TIMEOUT_S:.0f} s")
+        )
 
     def _why(self, what: str) -> str:
         """One summary line (with the output's last line), then the output's tail."""
@@ -261,8 +322,9 @@ class RunningServer:
                 process.wait(5)
         if process is not None:
             with contextlib.suppress(OSError):
-                self.log = read_server_log(self._out.read_text(errors="replace"),
-                                           self._err.read_text(errors="replace"))
+                self.log = read_server_log(
+                    self._out.read_text(errors="replace"), self._err.read_text(errors="replace")
+                )
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
     @property

@@ -354,9 +354,13 @@ def _serve(args: argparse.Namespace) -> int:
 def _run_server(args: argparse.Namespace) -> int:
     logs.setup(args.log_level)
     _tune_gc()
+    try:
+        secret = _secret(args)
+    except OSError as exc:
+        raise StartupError(f"cannot read or create the secret in {args.data}: {exc}") from None
     config = ServerConfig(
         data_dir=args.data,
-        secret=_secret(args),
+        secret=secret,
         host=args.host,
         port=args.port,
         cert=args.cert,
@@ -372,6 +376,8 @@ def _run_server(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a shop's JWKS file: one line, not a traceback
         print(f"imserver: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the data dir is not one (the shops' keys are read from it)
+        raise StartupError(f"cannot use data directory {args.data}: {exc}") from None
 
     plugins = [name.strip() for name in args.workers.split(",") if name.strip()]
 

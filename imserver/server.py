@@ -208,14 +208,21 @@ class Server:
         fix (data dir in use, corrupt database, address in use) raise
         ``StartupError`` before anything is started."""
         config = self.config
-        prepare_data_dir(config.data_dir)
-        lock = lock_data_dir(config.data_dir)
+        try:
+            prepare_data_dir(config.data_dir)
+            lock = lock_data_dir(config.data_dir)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot use data directory {config.data_dir}: {exc.strerror or exc}"
+            ) from None
         self._spare = _open_spare()
         try:
             try:
                 await trio.to_thread.run_sync(prepare_database, config.data_dir / DB_FILE)
             except DatabaseCorrupt as exc:
                 raise StartupError(f"refusing a corrupt database: {exc}") from None
+            except OSError as exc:
+                raise StartupError(f"cannot open the database: {exc}") from None
             try:
                 listeners = await trio.open_tcp_listeners(config.port, host=config.host)
             except OSError as exc:

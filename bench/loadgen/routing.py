@@ -8,7 +8,8 @@ Usage::
 Theory of operation
 -------------------
 The scenario starts its own ``imserver serve`` (port 0, a temporary data
-directory, a random secret) and one ``imserver worker routing`` process. It
+directory, a random secret, the shop registered) and one ``imserver worker
+routing`` process. It
 opens ``handoffs`` buyer conversations of one shop beforehand (setup, not
 measured), puts ``agents`` agents online (``max_chats`` each, the routing
 default for agents it was not told about), and subscribes an observer to the
@@ -53,6 +54,7 @@ from typing import Final
 import msgspec
 import trio
 
+from bench.loadgen.sysstat import HostCpu, ServerProbe, foreign_cpu_pct
 from imserver.auth import mint_token
 from imserver.client import Client, ServerError, connect
 from protocol import (
@@ -111,6 +113,14 @@ class RoutingReport(msgspec.Struct, frozen=True, kw_only=True):
     refused_closes: int
     """Agents' closes refused because the chat had left them (moved by mistake): 0."""
     max_load: int
+    server_cpu_s: float
+    """CPU of the server process tree (its store writer included) from the burst to the end."""
+    routing_cpu_s: float
+    """CPU of the routing processes (the killed one up to its kill, then the new one)."""
+    generator_cpu_s: float
+    """CPU of this load generator (50 agents, the observer, the stand-in bot)."""
+    others_cpu_pct: float
+    """CPU used by everything else on the host meanwhile, % of one core (shared host)."""
     cpu_count: int
     load_average: tuple[float, float, float]
     """The host's 1/5/15-minute load average at the end (the machine is shared)."""
@@ -196,6 +206,8 @@ async def run(params: RoutingParams) -> RoutingReport:
             secret.decode(),
             "--log-level",
             "warning",
+            "--shops",
+            SHOP,
         ]
         async with trio.open_nursery() as nursery:
             server, line = await _start(server_cmd, b"listening on", nursery)
@@ -218,7 +230,9 @@ async def run(params: RoutingParams) -> RoutingReport:
                 "warning",
             ]
             try:
-                report = await _scenario(params, url, secret, worker_cmd, nursery)
+                report = await _scenario(
+                    params, url, secret, worker_cmd, nursery, ServerProbe(server.pid)
+                )
             finally:
                 server.send_signal(signal.SIGTERM)
                 nursery.cancel_scope.cancel()
@@ -226,7 +240,12 @@ async def run(params: RoutingParams) -> RoutingReport:
 
 
 async def _scenario(
-    params: RoutingParams, url: str, secret: bytes, worker_cmd: list[str], nursery: trio.Nursery
+    params: RoutingParams,
+    url: str,
+    secret: bytes,
+    worker_cmd: list[str],
+    nursery: trio.Nursery,
+    server: ServerProbe,
 ) -> RoutingReport:
     routing, _ = await _start(worker_cmd, b"joined as", nursery)
     # setup: every buyer opens their conversation (not measured)
@@ -348,6 +367,9 @@ async def _scenario(
             for ledger in (assigned, sent, assignments):
                 ledger.pop(warm_up)
             start = time.monotonic()
+            host0, server0, ours0 = HostCpu.sample(), server.cpu_s(), time.process_time()
+            routing_probe = ServerProbe(routing.pid)
+            routing_cpu = -routing_probe.cpu_s()
             async with trio.open_nursery() as burst:
                 for conv in convs:
                     burst.start_soon(hand_off, conv)
@@ -355,13 +377,20 @@ async def _scenario(
                 killed_at = params.handoffs - len(pending)
                 kill_time = time.monotonic()
                 if params.kill:
+                    routing_cpu += routing_probe.cpu_s()
                     routing.kill()  # SIGKILL, in the middle of the burst's service
                     await routing.wait()
-                    await _start(worker_cmd, b"joined as", nursery)
+                    again, _ = await _start(worker_cmd, b"joined as", nursery)
+                    routing_probe = ServerProbe(again.pid)
                 restarted.set()
             with trio.move_on_after(DEADLINE_S):
                 await done.wait()
             end = time.monotonic()
+            routing_cpu += routing_probe.cpu_s()
+            server_cpu, ours = server.cpu_s() - server0, time.process_time() - ours0
+            others = foreign_cpu_pct(
+                host0, HostCpu.sample(), server_cpu + routing_cpu + ours, end - start
+            )
             live.cancel_scope.cancel()
 
     waits = {c: assigned[c] - sent[c] for c in assigned if c in sent}
@@ -378,6 +407,10 @@ async def _scenario(
         double_assigned=sum(1 for n in assignments.values() if n > 1),
         refused_closes=len(refused),
         max_load=max_load,
+        server_cpu_s=round(server_cpu, 2),
+        routing_cpu_s=round(routing_cpu, 2),
+        generator_cpu_s=round(ours, 2),
+        others_cpu_pct=round(others, 1),
         cpu_count=os.cpu_count() or 0,
         load_average=os.getloadavg(),
     )

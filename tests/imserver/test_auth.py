@@ -180,6 +180,10 @@ def test_token_command_requires_a_shop_or_all_shops_for_workers(
     assert (claims.sub, claims.role, claims.shop, claims.plugin) == ("w1", Role.WORKER, "s2", "crm")
     code, token = _cli_token(tmp_path, capsys, "--role", "admin", "--all-shops", "root")
     assert code == 0 and verifier.verify(token).shop == "*"
+    code, token = _cli_token(tmp_path, capsys, "--shop", "s1", "c1")  # a buyer of s1 only
+    assert code == 0 and verifier.verify(token).shop == "s1"
+    code, token = _cli_token(tmp_path, capsys, "c1")
+    assert code == 0 and verifier.verify(token).shop == ""
 
 
 def test_the_secret_is_long_enough_for_hs256() -> None:

@@ -147,6 +147,7 @@ async def test_start_up_errors_are_one_line_not_a_traceback(tmp_path: Path) -> N
     _corrupt_database(tmp_path / "corrupt")
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / "imserver.db").write_bytes(os.urandom(20_000))
+    (tmp_path / "a-file").write_bytes(b"")
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
@@ -155,6 +156,7 @@ async def test_start_up_errors_are_one_line_not_a_traceback(tmp_path: Path) -> N
         "corrupt": ["--data", str(tmp_path / "corrupt")],
         "garbage": ["--data", str(tmp_path / "garbage")],
         "port in use": ["--data", str(tmp_path / "p"), "--port", str(taken.getsockname()[1])],
+        "not a dir": ["--data", str(tmp_path / "a-file" / "data")],
         "bad cert": [
             "--data",
             str(tmp_path / "c"),
@@ -178,6 +180,7 @@ async def test_start_up_errors_are_one_line_not_a_traceback(tmp_path: Path) -> N
     assert "corrupt" in lines["garbage"]
     assert "Address already in use" in lines["port in use"]
     assert "no.pem" in lines["bad cert"]
+    assert "a-file" in lines["not a dir"]
 
 
 # -- finding 7: private files, no secret on a command line

@@ -236,7 +236,7 @@ class BotPlugin(Plugin):
             await ctx.update(
                 conv.id,
                 state=ConvState.QUEUED,
-                priority=handoff.priority,
+                priority=max(conv.priority, handoff.priority),  # never lowers it
                 tags_add=tags,
                 note=handoff.note[:500],
                 part="handoff",

@@ -673,6 +673,28 @@ class Router:
             self._enqueue(state, c, since, head=head, reason=AssignReason.QUEUE)
             c.announce = announce  # else told when it entered; settle tells its position
 
+    def set_priority(self, conv: str, priority: int, now: float) -> list[Action]:
+        """``conv``'s priority changed (the bot escalated a waiting chat): a queued
+        conversation moves to its new place, keeping its band and time of entry."""
+        now = _check_now(now)
+        if not 0 <= priority <= MAX_PRIORITY:
+            raise RoutingError(f"priority must be in 0..{MAX_PRIORITY}")
+        c = self._convs.get(conv)
+        if c is None or c.priority == priority:
+            return []
+        c.priority = priority
+        if c.queue_key is None:
+            return []
+        state = self._shops[c.shop]
+        band, _, entered, seq, conv_id = c.queue_key
+        del state.queue[bisect_left(state.queue, c.queue_key)]
+        c.queue_key = (band, -priority, entered, seq, conv_id)
+        insort(state.queue, c.queue_key)
+        state.queue_changed = True
+        out: list[Action] = []
+        self._settle(state, now, out)
+        return out
+
     def settle(self, shop: str, now: float) -> list[Action]:
         """Dispatch ``shop``'s queue and tell queued customers their positions
         (after ``restore``)."""
@@ -845,6 +867,12 @@ class Router:
         """Queued conversations of ``shop`` in service order."""
         state = self._shops.get(shop)
         return [] if state is None else [key[-1] for key in state.queue]
+
+    def where(self, conv: str) -> tuple[str, str | None, float | None] | None:
+        """Cheaply: (shop, agent or ``None`` if queued, unanswered since) of a tracked
+        conversation, or ``None`` (``conversation`` also computes the queue position)."""
+        c = self._convs.get(conv)
+        return None if c is None else (c.shop, c.agent, c.unanswered_since)
 
     def conversation(self, conv: str) -> Placement | None:
         """Where ``conv`` is, or ``None`` if it is not tracked (bot, closed, rejected)."""

@@ -129,8 +129,8 @@ AGENT_GRACE_S: Final = 30.0
 SWEEP_EVERY_S: Final = 10.0
 """How often the store is re-read for shops and chats no live event announced."""
 DISCOVER_EVERY_S: Final = 1.0
-"""How often the newest queued chats are listed to find shops not heard of yet (a
-shop whose agents never set a status, and no configured agent)."""
+"""How often the newest queued and assigned chats are listed to find shops not heard
+of yet (no configured agent, no agent status change since this process started)."""
 POSITION_EVERY_S: Final = 5.0
 """A queued customer hears about a changed position at most this often."""
 HISTORY_PAGE: Final = 50
@@ -528,10 +528,10 @@ class RoutingPlugin(Plugin):
         elif isinstance(frame, AgentEvent):
             shop = frame.shop
         elif isinstance(frame, MessageEvent):
-            placement = self.router.conversation(frame.message.conv)
-            if placement is None:
+            found = self.router.where(frame.message.conv)
+            if found is None:
                 return
-            shop = placement.shop
+            shop = found[0]
         else:
             return
         phase = self._phase.get(shop)
@@ -556,14 +556,11 @@ class RoutingPlugin(Plugin):
             return []
         if not self._remember(conv):
             return []  # older than what is applied already
-        placement = self.router.conversation(conv.id)
+        found = self.router.where(conv.id)
+        holder = found[1] if found is not None else None
         if conv.state is ConvState.QUEUED:
-            if placement is not None:
-                if (
-                    placement.state is ConvState.ASSIGNED
-                    and placement.agent is not None
-                    and TAG_REQUEUED not in conv.tags
-                ):
+            if found is not None:
+                if holder is not None and change == "queued" and TAG_REQUEUED not in conv.tags:
                     # Someone put it back in the queue by hand: it was being served.
                     self.router.restore(
                         conv.id,
@@ -572,9 +569,11 @@ class RoutingPlugin(Plugin):
                         since=now,
                         customer=conv.customer,
                         head=True,
-                        previous_agent=placement.agent,
+                        previous_agent=holder,
                     )
                     return self.router.settle(conv.shop, now)
+                if holder is None:  # the bot may have escalated it (a complaint after 转人工)
+                    return self.router.set_priority(conv.id, self._classify(conv).priority, now)
                 return []
             actions = self.router.request(
                 conv.id, conv.shop, self._classify(conv), now, customer=conv.customer
@@ -583,7 +582,7 @@ class RoutingPlugin(Plugin):
                 return []  # told already when it entered; the sweep offers it again
             return actions
         if conv.state is ConvState.ASSIGNED and conv.agent:
-            if placement is not None and placement.agent == conv.agent:
+            if found is not None and holder == conv.agent:
                 return []
             # A person claimed or transferred it (or another decider won): follow.
             self._register(conv.agent, conv.shop)
@@ -594,7 +593,7 @@ class RoutingPlugin(Plugin):
                 since=now,
                 agent=conv.agent,
                 customer=conv.customer,
-                unanswered_since=placement.unanswered_since if placement else None,
+                unanswered_since=found[2] if found is not None else None,
             )
             return self.router.settle(conv.shop, now)
         self._positions.pop(conv.id, None)
@@ -691,15 +690,17 @@ class RoutingPlugin(Plugin):
                 self._spawn(self._quietly(ctx.notify("routing_dashboard", board, shop=shop)))
 
     async def _discover(self, ctx: WorkerContext) -> None:
-        """Learn the shops of the newest queued chats (one page)."""
-        try:
-            async with self._slots:
-                page: ConversationPage = await ctx.client.request(
-                    ListConversations(id=0, state=ConvState.QUEUED, limit=MAX_CONVERSATION_PAGE)
-                )
-        except (RequestFailed, Disconnected, TimeoutError):
-            return
-        if ctx is self._ctx:
+        """Learn the shops of the newest queued and assigned chats (a page of each)."""
+        for state in (ConvState.QUEUED, ConvState.ASSIGNED):
+            try:
+                async with self._slots:
+                    page: ConversationPage = await ctx.client.request(
+                        ListConversations(id=0, state=state, limit=MAX_CONVERSATION_PAGE)
+                    )
+            except (RequestFailed, Disconnected, TimeoutError):
+                return
+            if ctx is not self._ctx:
+                return
             for conv in page.conversations:
                 self._learn(conv.shop)
 
@@ -714,15 +715,12 @@ class RoutingPlugin(Plugin):
             return
         if ctx is not self._ctx:
             return
-        for conv in queued:
+        for conv in (*queued, *assigned):
             self._learn(conv.shop)
         now = time.time()
         listed = {c.id for c in queued} | {c.id for c in assigned}
         for conv in queued:
-            if (
-                self._phase.get(conv.shop) is _Phase.READY
-                and self.router.conversation(conv.id) is None
-            ):
+            if self._phase.get(conv.shop) is _Phase.READY and self.router.where(conv.id) is None:
                 self._submit(self._conversation(conv, "queued", now))
         stale = [
             conv
@@ -750,10 +748,8 @@ class RoutingPlugin(Plugin):
                     GetConversation(id=0, conv=conv_id)
                 )
         except RequestFailed as exc:
-            if exc.code == "not_found":
-                placement = self.router.conversation(conv_id)
-                if placement is not None:
-                    self._submit(self.router.closed(conv_id, time.time()))
+            if exc.code == "not_found" and self.router.where(conv_id) is not None:
+                self._submit(self.router.closed(conv_id, time.time()))
             return
         except Disconnected:
             return

@@ -9,6 +9,7 @@ conversation was assigned, the highest load any agent ever had.
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -25,6 +26,7 @@ from protocol import (
     ConvState,
     MessageEvent,
     OpenConversation,
+    PluginEvent,
     SetAgentStatus,
     Subscribe,
     TextBody,
@@ -37,16 +39,16 @@ from workers.handoff import HANDOFF_PRIORITY, HandoffReason, handoff_tags
 
 ROUTING_YAML = """
 routing:
-  sla_seconds: 600
+  sla_seconds: {sla}
   agent_grace_seconds: 600
   default_skills: [pre-sale]
   default_max_chats: {cap}
 """
 
 
-def config(tmp: Path, cap: int) -> Path:
+def config(tmp: Path, cap: int, sla: float = 600) -> Path:
     path = tmp / "workers.yaml"
-    path.write_text(ROUTING_YAML.format(cap=cap), encoding="utf-8")
+    path.write_text(ROUTING_YAML.format(cap=cap, sla=sla), encoding="utf-8")
     return path
 
 
@@ -281,3 +283,43 @@ async def test_a_burst_past_the_servers_request_bound_is_queued_on_one_connectio
                     if len(told) == len(convs):
                         break
         assert dispatcher.groups["routing"].instances == [instance]  # never disconnected
+
+
+async def test_an_sla_deadline_survives_a_restart(server: RunningServer, tmp_path: Path) -> None:
+    """The SLA clock runs from the customer's stored message, not from when a routing
+    process started: a deadline that passed while routing was down is a breach at once,
+    counted from the message."""
+    cfg = config(tmp_path, cap=1, sla=2)
+    ledger = Ledger(cap=1)
+    async with (
+        server.connect("observer", "supervisor", "shop1") as observer,
+        server.connect("bot", "worker", "*") as bot,
+        server.connect("buyer") as buyer,
+        online_agents(server, "shop1", ["a1", "a2"]),
+    ):
+        await observer.request(Subscribe(id=0, topics=[Topic.CONVERSATIONS, Topic.DASHBOARD]))
+        conv = (await buyer.request(OpenConversation(id=0, shop="shop1"))).conversation.id
+        async with worker_process(server, "routing", tmp_path, cfg) as first:
+            await bot.request(
+                UpdateConversation(
+                    id=0,
+                    conv=conv,
+                    state=ConvState.QUEUED,
+                    tags_add=handoff_tags(HandoffReason.REQUESTED, "pre-sale"),
+                )
+            )
+            await next_assignment(observer, ledger)
+            asked = await buyer.send_text(conv, "hello? anyone?")
+            first.kill()
+            await routing_gone(server)
+        # routing stays down past the deadline (the scenario, not a synchronisation)
+        await trio.sleep(2.5)
+        async with worker_process(server, "routing", tmp_path, cfg):
+            rejoined_ms = time.time() * 1000
+            with trio.fail_after(30):
+                async for frame in observer.events:
+                    if isinstance(frame, PluginEvent) and frame.kind == "sla_breach":
+                        waited = frame.data["waiting_seconds"]
+                        break
+    # counted from the stored message: longer than the routing process has existed
+    assert waited >= (rejoined_ms - asked.ts) / 1000 > 2.5

@@ -138,3 +138,21 @@ def test_durable_times_from_history() -> None:
     # routing told the customer their place after the entry
     told = [*history, _m(9, Role.WORKER, TextBody(text="you are number 2"), 7_002, "routing")]
     assert durable_times(told, ConvState.QUEUED, me="routing").told
+
+
+def test_an_escalated_chat_moves_up_keeping_its_time_of_entry() -> None:
+    r = make()
+    agent(r, "a", 0)
+    for i, conv in enumerate(("c0", "c1", "c2")):
+        r.request(conv, SHOP, PRE, float(i))
+    actions = r.set_priority("c2", 9, 5.0)  # a complaint after 转人工
+    assert r.queue(SHOP) == ["c2", "c0", "c1"]
+    assert {a.conv: a.position for a in actions if isinstance(a, QueuePosition)} == {
+        "c2": 1,
+        "c0": 2,
+        "c1": 3,
+    }
+    r.set_priority("c2", 0, 6.0)  # back to its old place: it entered last
+    assert r.queue(SHOP) == ["c0", "c1", "c2"]
+    assert r.set_priority("c0", 0, 7.0) == []
+    r.check_invariants()
