@@ -30,7 +30,8 @@ async def test_slow_consumer_is_cut_off_and_resumes_losslessly(server: RunningSe
             await client.request(OpenConversation(id=0, shop="shop1"))
     async with server.connect("owner", "agent", "shop1") as owner:
         info: ConversationInfo = await owner.request(
-            CreateGroup(id=0, shop="shop1", title="flash sale", members=["slow", "fast"]))
+            CreateGroup(id=0, shop="shop1", title="flash sale", members=["slow", "fast"])
+        )
         conv = info.conversation.id
     async with (
         raw_ws(server.url) as slow,
@@ -53,9 +54,12 @@ async def test_slow_consumer_is_cut_off_and_resumes_losslessly(server: RunningSe
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(fast_reader)
                 for start in range(0, MESSAGES, 200):
-                    pending = [await flooder.start_request(Send(
-                        id=0, conv=conv, cmid=f"m{i}", body=TextBody(text=PAYLOAD)))
-                        for i in range(start, start + 200)]
+                    pending = [
+                        await flooder.start_request(
+                            Send(id=0, conv=conv, cmid=f"m{i}", body=TextBody(text=PAYLOAD))
+                        )
+                        for i in range(start, start + 200)
+                    ]
                     for p in pending:
                         await p.result()
         assert fast_seqs == list(range(1, MESSAGES + 1))  # the fast reader was never stalled
