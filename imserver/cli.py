@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--role", choices=["customer", "agent", "supervisor"], default="customer")
     chat.add_argument("--shop", required=True, help="the shop to talk to (customer) or work for")
     chat.add_argument("--conv", default=None, help="agent: the conversation to claim and join")
+    from workers.crm.cli import add_crm_parser
+
+    add_crm_parser(sub)
     add_env_defaults(parser)
     return parser
 
@@ -257,7 +260,7 @@ def add_env_defaults(parser: argparse.ArgumentParser, command: str = "") -> None
         if env_var_of(action) is not None:
             continue
         option = max(action.option_strings, key=len).lstrip("-").upper().replace("-", "_")
-        prefix = "" if command == "serve" else f"{command.upper()}_"
+        prefix = "" if command == "serve" else f"{command.upper().replace('-', '_')}_"
         name = f"IMSERVER_{prefix}{option}"
         value = os.environ.get(name)
         if value is not None:
@@ -290,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, target in sorted(available().items()):
             print(f"{name}\t{target}")
         return 0
+    if args.command == "crm":
+        from workers.crm.cli import run_crm
+
+        return run_crm(args)
     if args.command == "chat":
         from .chat import run_chat
 

@@ -159,6 +159,13 @@ class BotPlugin(Plugin):
         if self.crm is not None:
             self.crm.close()
 
+    async def _customer(self, user: str, channel: str) -> str:
+        """The CRM customer the chat user is (whose orders the bot may discuss):
+        docs/CRM.md, "Who is the buyer"."""
+        crm = self.crm
+        assert crm is not None
+        return await self._call(crm.chat_customer, user, channel)
+
     def _engine_for(self, shop: str) -> BotEngine:
         engine = self.engine
         assert engine is not None and self.default_kb is not None
@@ -174,8 +181,9 @@ class BotPlugin(Plugin):
         engine = self._engine_for(conv.shop)
         now = datetime.now(UTC)
         if event.change in ("opened", "reopened"):
+            customer = await self._customer(conv.customer, str(conv.channel))
             reply = await self._call(
-                engine.on_conversation_opened, conv.shop, conv.id, conv.customer, now
+                engine.on_conversation_opened, conv.shop, conv.id, customer, now
             )
             if reply is not None:
                 await ctx.reply(
@@ -215,11 +223,12 @@ class BotPlugin(Plugin):
             await self._call(engine.resume_bot, conv.shop, conv.id)
         elif conv.state is not ConvState.BOT:
             return
+        customer = await self._customer(conv.customer, str(conv.channel))
         decision = await self._call(
             engine.on_customer_message,
             conv.shop,
             conv.id,
-            conv.customer,
+            customer,
             message.body.text,
             datetime.now(UTC),
         )

@@ -15,8 +15,10 @@ field           required notes
 shop            yes*     \\* or pass ``shop=`` for the whole file
 order_id        yes
 channel         yes      taobao, tmall, 1688, aliexpress, jd, web, app (or 淘宝, 天猫...)
-customer        one of   unified customer id (must exist) ...
+customer        one of   unified customer id (created if unknown) ...
 external_id     one of   ... or the buyer's id on ``channel`` (created if unknown)
+user            no       the chat user id the buyer chats as, when it is not
+                         ``external_id`` on ``channel`` (linked to the customer)
 display_name    no       used when a customer is created
 timezone        no       IANA name, used when a customer is created
 status          yes      canonical (paid, shipped...) or Taobao (交易成功, TRADE_FINISHED...)
@@ -31,8 +33,10 @@ updated_at      no       default ``created_at``
 =============== ======== ===========================================================
 
 Customer records: ``customer`` and/or ``channel`` + ``external_id``, and optionally
-``display_name``, ``timezone``, ``opt_out`` (1/0, true/false, yes/no, 是/否),
-``member_level``.
+``user`` (their chat user id), ``display_name``, ``timezone``, ``opt_out`` (1/0,
+true/false, yes/no, 是/否), ``member_level``.
+
+How a chat user finds these records, and the formats with examples: docs/CRM.md.
 
 Line numbers: CSV - the physical line a record starts on (the header is line 1);
 JSON Lines - the line; JSON array - the line the element starts on. A JSON array
@@ -65,6 +69,7 @@ from workers.crm.repository import (
     check_id,
     check_order,
     check_timezone,
+    customer_id_for,
 )
 
 #: Orders written per transaction.
@@ -79,47 +84,98 @@ Source = str | Path | TextIO
 
 #: Header / key aliases -> canonical field names (keys are compared case-insensitively).
 FIELD_ALIASES: Final[Mapping[str, str]] = {
-    "订单编号": "order_id", "订单号": "order_id", "order_no": "order_id", "tid": "order_id",
-    "店铺": "shop", "店铺名称": "shop", "shop_id": "shop",
-    "渠道": "channel", "平台": "channel", "platform": "channel",
-    "客户id": "customer", "customer_id": "customer",
-    "买家会员名": "external_id", "买家": "external_id", "buyer_nick": "external_id",
-    "buyer_id": "external_id", "buyer": "external_id",
-    "买家昵称": "display_name", "name": "display_name", "nickname": "display_name",
-    "时区": "timezone", "tz": "timezone",
+    "订单编号": "order_id",
+    "订单号": "order_id",
+    "order_no": "order_id",
+    "tid": "order_id",
+    "店铺": "shop",
+    "店铺名称": "shop",
+    "shop_id": "shop",
+    "渠道": "channel",
+    "平台": "channel",
+    "platform": "channel",
+    "客户id": "customer",
+    "customer_id": "customer",
+    "买家会员名": "external_id",
+    "买家": "external_id",
+    "buyer_nick": "external_id",
+    "buyer_id": "external_id",
+    "buyer": "external_id",
+    "买家昵称": "display_name",
+    "name": "display_name",
+    "nickname": "display_name",
+    "时区": "timezone",
+    "tz": "timezone",
+    "chat_user": "user",
+    "im_user": "user",
+    "聊天账号": "user",
     "订单状态": "status",
-    "买家实际支付金额": "amount", "实付金额": "amount", "payment": "amount",
-    "金额": "amount", "币种": "currency",
-    "宝贝标题": "items", "商品": "items",
-    "物流公司": "carrier", "快递公司": "carrier",
-    "物流单号": "tracking_no", "运单号": "tracking_no", "快递单号": "tracking_no",
+    "买家实际支付金额": "amount",
+    "实付金额": "amount",
+    "payment": "amount",
+    "金额": "amount",
+    "币种": "currency",
+    "宝贝标题": "items",
+    "商品": "items",
+    "物流公司": "carrier",
+    "快递公司": "carrier",
+    "物流单号": "tracking_no",
+    "运单号": "tracking_no",
+    "快递单号": "tracking_no",
     "预计送达": "eta",
-    "订单创建时间": "created_at", "下单时间": "created_at", "created": "created_at",
-    "更新时间": "updated_at", "modified": "updated_at",
-    "退订": "opt_out", "会员等级": "member_level", "level": "member_level",
+    "订单创建时间": "created_at",
+    "下单时间": "created_at",
+    "created": "created_at",
+    "更新时间": "updated_at",
+    "modified": "updated_at",
+    "退订": "opt_out",
+    "会员等级": "member_level",
+    "level": "member_level",
 }
 
 #: Platform status labels -> canonical statuses. Note 交易关闭 is mapped to
 #: ``cancelled``; Taobao's TRADE_CLOSED (closed after a full refund) to ``refunded``.
 STATUS_ALIASES: Final[Mapping[str, str]] = {
-    "pending": "pending_payment", "wait_buyer_pay": "pending_payment",
-    "等待买家付款": "pending_payment", "待付款": "pending_payment", "备货中": "processing",
-    "运输中": "in_transit", "派送中": "out_for_delivery",
-    "wait_seller_send_goods": "paid", "买家已付款": "paid", "等待卖家发货": "paid",
+    "pending": "pending_payment",
+    "wait_buyer_pay": "pending_payment",
+    "等待买家付款": "pending_payment",
+    "待付款": "pending_payment",
+    "备货中": "processing",
+    "运输中": "in_transit",
+    "派送中": "out_for_delivery",
+    "wait_seller_send_goods": "paid",
+    "买家已付款": "paid",
+    "等待卖家发货": "paid",
     "待发货": "paid",
-    "wait_buyer_confirm_goods": "shipped", "卖家已发货": "shipped", "已发货": "shipped",
+    "wait_buyer_confirm_goods": "shipped",
+    "卖家已发货": "shipped",
+    "已发货": "shipped",
     "等待买家确认收货": "shipped",
-    "trade_buyer_signed": "delivered", "已签收": "delivered",
-    "trade_finished": "completed", "交易成功": "completed", "已完成": "completed",
+    "trade_buyer_signed": "delivered",
+    "已签收": "delivered",
+    "trade_finished": "completed",
+    "交易成功": "completed",
+    "已完成": "completed",
     "退款中": "refunding",
-    "trade_closed": "refunded", "已退款": "refunded", "退款成功": "refunded",
-    "trade_closed_by_taobao": "cancelled", "交易关闭": "cancelled", "已取消": "cancelled",
+    "trade_closed": "refunded",
+    "已退款": "refunded",
+    "退款成功": "refunded",
+    "trade_closed_by_taobao": "cancelled",
+    "交易关闭": "cancelled",
+    "已取消": "cancelled",
 }
 
 #: Channel labels -> channels.
 CHANNEL_ALIASES: Final[Mapping[str, str]] = {
-    "淘宝": "taobao", "天猫": "tmall", "阿里巴巴": "1688", "alibaba": "1688",
-    "速卖通": "aliexpress", "京东": "jd", "官网": "web", "商城": "web", "小程序": "app",
+    "淘宝": "taobao",
+    "天猫": "tmall",
+    "阿里巴巴": "1688",
+    "alibaba": "1688",
+    "速卖通": "aliexpress",
+    "京东": "jd",
+    "官网": "web",
+    "商城": "web",
+    "小程序": "app",
 }
 
 _TRUE: Final = frozenset({"1", "true", "yes", "y", "是"})
@@ -223,8 +279,7 @@ def _read_csv(f: TextIO) -> Iterator[tuple[int, Record | RowError]]:
         if not any(cell.strip() for cell in row):
             continue
         if len(row) != len(keys):
-            yield start, RowError(line=start, message=f"{len(row)} fields, header has"
-                                                      f" {len(keys)}")
+            yield start, RowError(line=start, message=f"{len(row)} fields, header has {len(keys)}")
             continue
         yield start, dict(zip(keys, row, strict=True))
 
@@ -276,8 +331,12 @@ def _read_json_array(text: str) -> Iterator[tuple[int, Record | RowError]]:
         if pos < len(text) and text[pos] == "]":
             return
         line_no = line_of(pos)
-        yield line_no, RowError(line=line_no, message="malformed JSON array (expected ',' or"
-                                                      " ']'), rest skipped")
+        yield (
+            line_no,
+            RowError(
+                line=line_no, message="malformed JSON array (expected ',' or ']'), rest skipped"
+            ),
+        )
         return
 
 
@@ -399,8 +458,9 @@ def parse_items(value: object) -> tuple[OrderItem, ...]:
             raise _Rejected("items: malformed JSON") from None
     if isinstance(value, list):
         try:
-            decoded = _ITEMS_DECODER.decode(msgspec.json.encode(
-                [float(v) if isinstance(v, Decimal) else v for v in value]))
+            decoded = _ITEMS_DECODER.decode(
+                msgspec.json.encode([float(v) if isinstance(v, Decimal) else v for v in value])
+            )
         except msgspec.ValidationError as e:
             raise _Rejected(f"items: {e}") from None
         return tuple(_item_from_text(v) if isinstance(v, str) else v for v in decoded)
@@ -462,8 +522,12 @@ class _Counts:
     def report(self) -> ImportReport:
         imported = self.inserted + self.updated + self.unchanged + self.stale
         return ImportReport(
-            imported=imported, rejected=len(self.errors), inserted=self.inserted,
-            updated=self.updated, unchanged=self.unchanged, stale=self.stale,
+            imported=imported,
+            rejected=len(self.errors),
+            inserted=self.inserted,
+            updated=self.updated,
+            unchanged=self.unchanged,
+            stale=self.stale,
             customers_created=self.created,
             errors=tuple(sorted(self.errors, key=lambda e: e.line)),
         )
@@ -506,29 +570,56 @@ def _order_customer(store: CrmStore, rec: Record, channel: str, counts: _Counts)
     """Resolve (or create) the order's customer. Runs only for otherwise valid rows."""
     customer = _text(rec, "customer")
     external = _text(rec, "external_id")
+    user = _text(rec, "user")
     timezone = _timezone(rec)
-    if customer is not None:
-        if store.customer(customer) is None:
-            raise _Rejected(f"unknown customer {customer!r}")
-        if external is not None:
-            try:
-                store.link_identity(channel, _checked_id(external, "external_id"), customer)
-            except CrmError as e:
-                raise _Rejected(str(e)) from None
-        return customer
-    if external is None:
-        raise _Rejected("missing customer (or the buyer's external_id)")
-    customer, created = store.ensure_customer(
-        channel, _checked_id(external, "external_id"),
-        display_name=_text(rec, "display_name"), timezone=timezone)
-    counts.created += created
+    try:
+        if customer is not None:
+            customer = _checked_id(customer, "customer")
+            if store.customer(customer) is None:  # the shop's own id, before any chat
+                store.upsert_customer(
+                    customer, display_name=_text(rec, "display_name"), timezone=timezone
+                )
+                counts.created += 1
+            if external is not None:
+                _link(store, channel, _checked_id(external, "external_id"), customer)
+        elif external is not None:
+            customer, created = store.ensure_customer(
+                channel,
+                _checked_id(external, "external_id"),
+                display_name=_text(rec, "display_name"),
+                timezone=timezone,
+            )
+            counts.created += created
+        else:
+            raise _Rejected("missing customer (or the buyer's external_id)")
+        if user is not None:
+            store.link_chat_user(_checked_id(user, "user"), customer)
+    except CrmError as e:
+        raise _Rejected(str(e)) from None
     return customer
 
 
-def import_orders(store: CrmStore, source: Source, *, fmt: Format | None = None,
-                  shop: str | None = None, naive_timezone: str = DEFAULT_NAIVE_TIMEZONE,
-                  encoding: str = "utf-8-sig",
-                  batch_size: int = IMPORT_BATCH_SIZE) -> ImportReport:
+def _link(store: CrmStore, channel: str, external: str, customer: str) -> None:
+    """Attach an identity to the customer a file names. The placeholder customer an
+    earlier order import or chat created for that identity alone (its id derives from
+    it) is merged in: the file is the shop's word on who that buyer is. Any other
+    owner is a conflict (``IdentityConflictError``)."""
+    owner = store.resolve(channel, external)
+    store.link_identity(
+        channel, external, customer, merge=owner == customer_id_for(channel, external)
+    )
+
+
+def import_orders(
+    store: CrmStore,
+    source: Source,
+    *,
+    fmt: Format | None = None,
+    shop: str | None = None,
+    naive_timezone: str = DEFAULT_NAIVE_TIMEZONE,
+    encoding: str = "utf-8-sig",
+    batch_size: int = IMPORT_BATCH_SIZE,
+) -> ImportReport:
     """Import orders; see the module docstring for fields. ``shop`` is the default shop
     for records without one. Exports from Excel in GBK need ``encoding="gbk"``."""
     fmt = fmt or _format_of(source)
@@ -584,8 +675,9 @@ def _format_of(source: Source) -> Format:
 # ---------------------------------------------------------------- customer import
 
 
-def import_customers(store: CrmStore, source: Source, *, fmt: Format | None = None,
-                     encoding: str = "utf-8-sig") -> ImportReport:
+def import_customers(
+    store: CrmStore, source: Source, *, fmt: Format | None = None, encoding: str = "utf-8-sig"
+) -> ImportReport:
     """Import customers and their channel identities; see the module docstring."""
     fmt = fmt or _format_of(source)
     counts = _Counts()
@@ -629,17 +721,27 @@ def _import_customer(store: CrmStore, rec: Record) -> bool:
         created = store.customer(customer) is None
         if channel is not None and external is not None:
             owner = store.resolve(channel, external)
-            if owner not in (None, customer):
+            if owner not in (None, customer, customer_id_for(channel, external)):
                 raise _Rejected(f"{channel}:{external} belongs to {owner!r}, not {customer!r}")
         store.upsert_customer(customer, display_name=display_name, timezone=timezone)
         if channel is not None and external is not None:
-            store.link_identity(channel, external, customer)
+            try:
+                _link(store, channel, external, customer)
+            except CrmError as e:
+                raise _Rejected(str(e)) from None
     else:
         assert channel is not None and external is not None
-        customer, created = store.ensure_customer(channel, external,
-                                                  display_name=display_name, timezone=timezone)
+        customer, created = store.ensure_customer(
+            channel, external, display_name=display_name, timezone=timezone
+        )
         if not created:
             store.upsert_customer(customer, display_name=display_name, timezone=timezone)
+    user = _text(rec, "user")
+    if user is not None:
+        try:
+            store.link_chat_user(_checked_id(user, "user"), customer)
+        except CrmError as e:
+            raise _Rejected(str(e)) from None
     if opt_out is not None:
         store.set_opt_out(customer, opt_out)
     if level is not None:

@@ -1,7 +1,9 @@
 """The CRM worker plugin: customer context beside the chat, and segment broadcasts.
 
-* When a conversation opens, its customer is registered (one unified customer
-  across channels: the IM user id, linked to the channel it came from).
+* When a conversation opens, the chat user is registered as a CRM customer:
+  the customer already holding their identity ``(channel, user)`` (orders
+  imported before the first chat find them), or a new one (docs/CRM.md,
+  "Who is the buyer").
 * When a conversation is assigned or transferred, the agent gets the
   customer's profile as a ``PluginEvent`` of kind ``profile`` (the sidebar:
   level, VIP, points, tags, segment, recent orders, lifetime value).
@@ -12,7 +14,7 @@
 
 Configuration (``crm:`` in the workers YAML): ``db`` (path of the CRM
 database, shared with the bot), ``orders`` (a CSV / JSON file imported at
-start), ``broadcasts`` (a list of {id, shop, segment, text, window: [9, 21],
+start and again whenever it changes), ``customers`` (likewise), ``broadcasts`` (a list of {id, shop, segment, text, window: [9, 21],
 rate_per_minute}).
 """
 
@@ -28,11 +30,12 @@ from typing import ClassVar, Final
 import msgspec
 
 from imserver.gateway._ids import direct_conversation_id
+from imserver.logs import event as log_event
 from protocol import TextBody, WorkerEvent, WorkerEventKind
 from workers.sdk import Plugin, RequestFailed, WorkerContext
 
 from .broadcast import BroadcastPlanner
-from .importer import import_orders
+from .importer import ImportReport, import_customers, import_orders
 from .loyalty import LoyaltyEngine
 from .repository import CrmRepository
 from .rfm import RfmScorer
@@ -71,17 +74,56 @@ class CrmPlugin(Plugin):
         self.broadcasts: list[_Broadcast] = []
         self.shops: set[str] = set()
         self._scored_at: dict[str, float] = {}
+        self._imported: dict[Path, float] = {}
+        """Configured import files -> the mtime last imported."""
 
     async def setup(self, ctx: WorkerContext) -> None:
         path = crm_db_path(ctx)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.repo = await asyncio.to_thread(CrmRepository, path)
-        orders = ctx.config.get("orders")
-        if orders:
-            report = await asyncio.to_thread(import_orders, self.repo, Path(str(orders)))
-            log.info("imported orders: %s", report)
+        await self._import_changed(ctx)
         self.broadcasts = msgspec.convert(ctx.config.get("broadcasts", []), list[_Broadcast])
         self.shops.update(b.shop for b in self.broadcasts)
+
+    async def _import_changed(self, ctx: WorkerContext) -> None:
+        """Import the configured customers and orders files when new or changed since
+        the last import (orders pushed during a sale reach the bot within a tick;
+        ``imserver crm import-orders`` writes the database directly instead)."""
+        repo = self.repo
+        assert repo is not None
+        for key, importer in (("customers", import_customers), ("orders", import_orders)):
+            where = ctx.config.get(key)
+            if not where:
+                continue
+            path = Path(str(where))
+            try:
+                mtime = (await asyncio.to_thread(path.stat)).st_mtime
+            except OSError as exc:
+                log_event(
+                    log,
+                    "import_failed",
+                    level=logging.ERROR,
+                    kind=key,
+                    path=str(path),
+                    error=f"{type(exc).__name__}: {exc.strerror}",
+                )
+                continue
+            if self._imported.get(path) == mtime:
+                continue
+            self._imported[path] = mtime
+            report: ImportReport = await asyncio.to_thread(importer, repo, path)
+            log_event(
+                log,
+                "imported",
+                kind=key,
+                path=str(path),
+                imported=report.imported,
+                rejected=report.rejected,
+                inserted=report.inserted,
+                updated=report.updated,
+                customers_created=report.customers_created,
+                errors=[f"line {e.line}: {e.message}" for e in report.errors[:10]],
+            )
 
     async def teardown(self) -> None:
         if self.repo is not None:
@@ -93,24 +135,20 @@ class CrmPlugin(Plugin):
             return
         self.shops.add(conv.shop)
         if event.change in ("opened", "reopened"):
-            await asyncio.to_thread(self._register, repo, conv.customer, str(conv.channel))
+            await asyncio.to_thread(repo.register_chat_user, conv.customer, str(conv.channel))
         elif event.change in ("assigned", "transferred") and conv.agent:
-            profile = await asyncio.to_thread(repo.profile, conv.shop, conv.customer)
+            customer = await asyncio.to_thread(repo.chat_customer, conv.customer, str(conv.channel))
+            profile = await asyncio.to_thread(repo.profile, conv.shop, customer)
             if profile is not None:
                 data = msgspec.to_builtins(profile)
                 data["conv"] = conv.id
                 await ctx.notify("profile", data, user=conv.agent)
 
-    @staticmethod
-    def _register(repo: CrmRepository, customer: str, channel: str) -> None:
-        repo.upsert_customer(customer)
-        if repo.resolve(channel, customer) is None:
-            repo.link_identity(channel, customer, customer)
-
     async def on_tick(self, ctx: WorkerContext, now: float) -> None:
         repo = self.repo
         if repo is None:
             return
+        await self._import_changed(ctx)
         for shop in sorted(self.shops):
             if now - self._scored_at.get(shop, 0.0) >= SCORE_EVERY_S:
                 self._scored_at[shop] = now
@@ -125,33 +163,49 @@ class CrmPlugin(Plugin):
         RfmScorer(repo).score_shop(shop, at)
         TagEngine(repo).apply_rules(shop, at)
 
-    async def _send_due(self, ctx: WorkerContext, repo: CrmRepository, broadcast: _Broadcast,
-                        now: datetime) -> None:
+    async def _send_due(
+        self, ctx: WorkerContext, repo: CrmRepository, broadcast: _Broadcast, now: datetime
+    ) -> None:
         planner = BroadcastPlanner(repo)
         plan = await asyncio.to_thread(
-            planner.plan_broadcast, broadcast.shop, broadcast.segment, broadcast.text, now,
-            window=broadcast.window, rate_per_minute=broadcast.rate_per_minute,
-            broadcast_id=broadcast.id)
+            planner.plan_broadcast,
+            broadcast.shop,
+            broadcast.segment,
+            broadcast.text,
+            now,
+            window=broadcast.window,
+            rate_per_minute=broadcast.rate_per_minute,
+            broadcast_id=broadcast.id,
+        )
         sent = 0
         for send in plan.sends:
             if send.send_at > now:
                 break  # the plan is in time order; the rest is for later ticks
             sent += 1
-            conv = direct_conversation_id(broadcast.shop, send.customer)
-            keyed = dataclasses.replace(ctx, event_key=f"broadcast:{broadcast.id}:{send.customer}")
-            try:
-                await keyed.send(conv, TextBody(text=broadcast.text))
-            except RequestFailed as exc:
-                if exc.code != "not_found":  # never chatted with the shop: nothing to send into
-                    raise
+            # Into the chats of the customer's chat users (a customer known only from
+            # the shop's own ids may chat under that id).
+            users = await asyncio.to_thread(repo.chat_users_of, send.customer)
+            for user in users or [send.customer]:
+                conv = direct_conversation_id(broadcast.shop, user)
+                keyed = dataclasses.replace(ctx, event_key=f"broadcast:{broadcast.id}:{user}")
+                try:
+                    await keyed.send(conv, TextBody(text=broadcast.text))
+                except RequestFailed as exc:
+                    if exc.code != "not_found":  # never chatted with the shop: nothing to send
+                        raise
             await asyncio.to_thread(planner.mark_sent, broadcast.id, send.customer, now)
         if sent:  # supervisors follow the broadcast on their dashboard
-            await ctx.notify("broadcast_progress", {
-                "broadcast": broadcast.id, "segment": broadcast.segment,
-                "sent": len(plan.skipped_already_sent) + sent,
-                "remaining": len(plan.sends) - sent,
-                "skipped_opted_out": list(plan.skipped_opted_out),
-            }, shop=broadcast.shop)
+            await ctx.notify(
+                "broadcast_progress",
+                {
+                    "broadcast": broadcast.id,
+                    "segment": broadcast.segment,
+                    "sent": len(plan.skipped_already_sent) + sent,
+                    "remaining": len(plan.sends) - sent,
+                    "skipped_opted_out": list(plan.skipped_opted_out),
+                },
+                shop=broadcast.shop,
+            )
 
 
 __all__ = ["CrmPlugin", "crm_db_path"]

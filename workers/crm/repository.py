@@ -21,6 +21,19 @@ Identity unification
     move over; opt-out is OR-ed (never re-subscribe anyone by merging), the level
     is the max, points are the sum, and the absorbed customer row is deleted.
 
+Chat users
+    A buyer chats as an IM user id (the token's subject) through a channel (the
+    conversation's ``channel``). ``chat_customer(user, channel)`` is the customer
+    behind them, first hit wins: an explicit link in ``chat_users`` (``link_chat_user``:
+    the ``user`` column of an import, ``imserver crm link``), else the identity
+    ``(channel, user)`` (the chat user id *is* the buyer's id on that channel, e.g. a
+    Taobao nick), else a customer whose id is ``user`` (a shop whose own customer ids
+    are its chat ids), else ``customer_id_for(channel, user)`` - the id the first
+    import or chat of that identity creates, so the answer never depends on which
+    came first. ``register_chat_user`` (the CRM plugin, when a conversation opens)
+    makes that customer exist and records the link. An explicit link replaces a
+    placeholder customer created by an earlier chat by merging it in.
+
 Orders
     Keyed by ``(shop, order_id)``. ``upsert_orders`` is last-writer-wins on
     ``updated_at``: a row older than the stored one is counted ``stale`` and ignored,
@@ -95,7 +108,8 @@ BUSY_TIMEOUT_MS: Final = 5_000
 MAX_ID_LENGTH: Final = 128
 MAX_TAG_LENGTH: Final = 64
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+"""v2 added ``chat_users`` (created on open; v1 files upgrade in place)."""
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _US: Final = timedelta(microseconds=1)
@@ -116,8 +130,10 @@ class UnknownCustomerError(CrmError):
 
 class IdentityConflictError(CrmError):
     def __init__(self, channel: str, external_id: str, owner: str, wanted: str) -> None:
-        super().__init__(f"{channel}:{external_id} belongs to {owner!r}, not {wanted!r};"
-                         " pass merge=True if they are the same person")
+        super().__init__(
+            f"{channel}:{external_id} belongs to {owner!r}, not {wanted!r};"
+            " pass merge=True if they are the same person"
+        )
         self.owner = owner
         self.wanted = wanted
 
@@ -141,21 +157,32 @@ class CrmStore(OrderLookup, Protocol):
     """Everything the CRM business logic needs from storage."""
 
     # customers and identities
-    def upsert_customer(self, customer: str, *, display_name: str | None = None,
-                        timezone: str | None = None) -> Customer: ...
+    def upsert_customer(
+        self, customer: str, *, display_name: str | None = None, timezone: str | None = None
+    ) -> Customer: ...
 
     def customer(self, customer: str) -> Customer | None: ...
 
-    def ensure_customer(self, channel: str, external_id: str, *,
-                        display_name: str | None = None,
-                        timezone: str | None = None) -> tuple[str, bool]: ...
+    def ensure_customer(
+        self,
+        channel: str,
+        external_id: str,
+        *,
+        display_name: str | None = None,
+        timezone: str | None = None,
+    ) -> tuple[str, bool]: ...
 
-    def link_identity(self, channel: str, external_id: str, customer: str, *,
-                      merge: bool = False) -> str: ...
+    def link_identity(
+        self, channel: str, external_id: str, customer: str, *, merge: bool = False
+    ) -> str: ...
 
     def resolve(self, channel: str, external_id: str) -> str | None: ...
 
     def identities(self, customer: str) -> list[Identity]: ...
+
+    def chat_customer(self, user: str, channel: str) -> str: ...
+
+    def link_chat_user(self, user: str, customer: str, *, merge: bool = False) -> bool: ...
 
     def merge_customers(self, keep: str, absorb: str) -> None: ...
 
@@ -166,17 +193,20 @@ class CrmStore(OrderLookup, Protocol):
     # orders
     def upsert_orders(self, batch: Iterable[Order]) -> UpsertResult: ...
 
-    def recent_orders(self, shop: str, customer: str,
-                      limit: int = DEFAULT_RECENT_ORDERS) -> list[OrderInfo]: ...
+    def recent_orders(
+        self, shop: str, customer: str, limit: int = DEFAULT_RECENT_ORDERS
+    ) -> list[OrderInfo]: ...
 
     def shop_orders(self, shop: str) -> list[Order]: ...
 
     # tags
-    def add_tag(self, shop: str, customer: str, tag: str, *,
-                source: TagSource = "manual") -> bool: ...
+    def add_tag(
+        self, shop: str, customer: str, tag: str, *, source: TagSource = "manual"
+    ) -> bool: ...
 
-    def remove_tag(self, shop: str, customer: str, tag: str, *,
-                   source: TagSource | None = None) -> bool: ...
+    def remove_tag(
+        self, shop: str, customer: str, tag: str, *, source: TagSource | None = None
+    ) -> bool: ...
 
     def tags(self, shop: str, customer: str) -> list[Tag]: ...
 
@@ -185,17 +215,25 @@ class CrmStore(OrderLookup, Protocol):
     # membership
     def set_level(self, customer: str, level: int) -> None: ...
 
-    def add_points(self, customer: str, delta: int, *, kind: str = "manual",
-                   ref: str | None = None, at: datetime | None = None,
-                   allow_negative: bool = False) -> bool: ...
+    def add_points(
+        self,
+        customer: str,
+        delta: int,
+        *,
+        kind: str = "manual",
+        ref: str | None = None,
+        at: datetime | None = None,
+        allow_negative: bool = False,
+    ) -> bool: ...
 
     def points_entry(self, ref: str) -> PointsEntry | None: ...
 
     def qualifying_points(self, customer: str) -> int: ...
 
     # RFM
-    def save_rfm_scores(self, shop: str, scores: Iterable[RfmScore],
-                        scored_at: datetime) -> None: ...
+    def save_rfm_scores(
+        self, shop: str, scores: Iterable[RfmScore], scored_at: datetime
+    ) -> None: ...
 
     def rfm_score(self, shop: str, customer: str) -> RfmScore | None: ...
 
@@ -226,8 +264,7 @@ def from_us(us: int) -> datetime:
 
 def check_id(value: str, what: str) -> str:
     if not isinstance(value, str) or not value.strip() or value != value.strip():
-        raise ValueError(f"{what} must be a non-empty string without surrounding blanks:"
-                         f" {value!r}")
+        raise ValueError(f"{what} must be a non-empty string without surrounding blanks: {value!r}")
     if len(value) > MAX_ID_LENGTH:
         raise ValueError(f"{what} longer than {MAX_ID_LENGTH} characters")
     return value
@@ -249,8 +286,9 @@ def check_timezone(name: str) -> str:
 
 def check_tag(tag: str) -> str:
     if not tag or tag != tag.strip() or len(tag) > MAX_TAG_LENGTH:
-        raise ValueError(f"tag must be 1..{MAX_TAG_LENGTH} characters without surrounding"
-                         f" blanks: {tag!r}")
+        raise ValueError(
+            f"tag must be 1..{MAX_TAG_LENGTH} characters without surrounding blanks: {tag!r}"
+        )
     return tag
 
 
@@ -363,38 +401,65 @@ CREATE TABLE IF NOT EXISTS broadcast_log (
     PRIMARY KEY (broadcast_id, customer)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS broadcast_by_owner ON broadcast_log(customer);
+CREATE TABLE IF NOT EXISTS chat_users (
+    user       TEXT PRIMARY KEY,
+    customer   TEXT NOT NULL REFERENCES customers(id),
+    linked_at  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chat_users_by_customer ON chat_users(customer);
 """
 
-_ORDER_COLUMNS: Final = ("shop, order_id, customer, channel, status, amount_cents, currency,"
-                         " items, carrier, tracking_no, eta, created_at, updated_at")
+_ORDER_COLUMNS: Final = (
+    "shop, order_id, customer, channel, status, amount_cents, currency,"
+    " items, carrier, tracking_no, eta, created_at, updated_at"
+)
 
 
 def _order_from_row(row: sqlite3.Row) -> Order:
     eta: str | None = row["eta"]
     return Order(
-        shop=row["shop"], order_id=row["order_id"], customer=row["customer"],
-        channel=row["channel"], status=row["status"], amount_cents=row["amount_cents"],
-        currency=row["currency"], items=_ITEMS_DECODER.decode(row["items"]),
-        carrier=row["carrier"], tracking_no=row["tracking_no"],
+        shop=row["shop"],
+        order_id=row["order_id"],
+        customer=row["customer"],
+        channel=row["channel"],
+        status=row["status"],
+        amount_cents=row["amount_cents"],
+        currency=row["currency"],
+        items=_ITEMS_DECODER.decode(row["items"]),
+        carrier=row["carrier"],
+        tracking_no=row["tracking_no"],
         eta=date.fromisoformat(eta) if eta is not None else None,
-        created_at=from_us(row["created_at"]), updated_at=from_us(row["updated_at"]),
+        created_at=from_us(row["created_at"]),
+        updated_at=from_us(row["updated_at"]),
     )
 
 
 def _order_params(order: Order) -> tuple[Any, ...]:
     return (
-        order.shop, order.order_id, order.customer, order.channel, order.status,
-        order.amount_cents, order.currency, msgspec.json.encode(order.items).decode(),
-        order.carrier, order.tracking_no,
+        order.shop,
+        order.order_id,
+        order.customer,
+        order.channel,
+        order.status,
+        order.amount_cents,
+        order.currency,
+        msgspec.json.encode(order.items).decode(),
+        order.carrier,
+        order.tracking_no,
         order.eta.isoformat() if order.eta is not None else None,
-        to_us(order.created_at), to_us(order.updated_at),
+        to_us(order.created_at),
+        to_us(order.updated_at),
     )
 
 
 def _customer_from_row(row: sqlite3.Row) -> Customer:
     return Customer(
-        id=row["id"], display_name=row["display_name"], timezone=row["timezone"],
-        opt_out=bool(row["opt_out"]), member_level=row["member_level"], points=row["points"],
+        id=row["id"],
+        display_name=row["display_name"],
+        timezone=row["timezone"],
+        opt_out=bool(row["opt_out"]),
+        member_level=row["member_level"],
+        points=row["points"],
         created_at=from_us(row["created_at"]),
     )
 
@@ -405,9 +470,15 @@ def _tag_from_row(row: sqlite3.Row) -> Tag:
 
 def _rfm_from_row(row: sqlite3.Row) -> RfmScore:
     return RfmScore(
-        customer=row["customer"], recency_days=row["recency_days"], frequency=row["frequency"],
-        monetary_cents=row["monetary_cents"], currency=row["currency"], r=row["r"], f=row["f"],
-        m=row["m"], segment=Segment(row["segment"]),
+        customer=row["customer"],
+        recency_days=row["recency_days"],
+        frequency=row["frequency"],
+        monetary_cents=row["monetary_cents"],
+        currency=row["currency"],
+        r=row["r"],
+        f=row["f"],
+        m=row["m"],
+        segment=Segment(row["segment"]),
     )
 
 
@@ -417,8 +488,7 @@ def _rfm_from_row(row: sqlite3.Row) -> RfmScore:
 class CrmRepository:
     """``CrmStore`` on one SQLite file. See the module docstring."""
 
-    def __init__(self, path: str | Path, *,
-                 clock: Callable[[], datetime] = _utcnow) -> None:
+    def __init__(self, path: str | Path, *, clock: Callable[[], datetime] = _utcnow) -> None:
         self._path = Path(path)
         self._clock = clock
         self._lock = threading.RLock()
@@ -432,8 +502,9 @@ class CrmRepository:
             with self._tx() as db:
                 version = db.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
-                    raise CrmError(f"{self._path} has schema v{version}; this code knows"
-                                   f" v{SCHEMA_VERSION}")
+                    raise CrmError(
+                        f"{self._path} has schema v{version}; this code knows v{SCHEMA_VERSION}"
+                    )
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
@@ -479,15 +550,17 @@ class CrmRepository:
     @staticmethod
     def _require_customer(db: sqlite3.Connection, customer: str) -> sqlite3.Row:
         row: sqlite3.Row | None = db.execute(
-            "SELECT * FROM customers WHERE id = ?", (customer,)).fetchone()
+            "SELECT * FROM customers WHERE id = ?", (customer,)
+        ).fetchone()
         if row is None:
             raise UnknownCustomerError(customer)
         return row
 
     # -------------------------------------------------------------- customers
 
-    def upsert_customer(self, customer: str, *, display_name: str | None = None,
-                        timezone: str | None = None) -> Customer:
+    def upsert_customer(
+        self, customer: str, *, display_name: str | None = None, timezone: str | None = None
+    ) -> Customer:
         """Create ``customer`` or update the fields given (``None`` leaves a field alone)."""
         check_id(customer, "customer")
         if timezone is not None:
@@ -496,21 +569,19 @@ class CrmRepository:
             db.execute(
                 "INSERT INTO customers (id, display_name, timezone, created_at)"
                 " VALUES (?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
-                (customer, display_name or "", timezone or DEFAULT_TIMEZONE,
-                 self._now_us()),
+                (customer, display_name or "", timezone or DEFAULT_TIMEZONE, self._now_us()),
             )
             if display_name is not None:
-                db.execute("UPDATE customers SET display_name = ? WHERE id = ?",
-                           (display_name, customer))
+                db.execute(
+                    "UPDATE customers SET display_name = ? WHERE id = ?", (display_name, customer)
+                )
             if timezone is not None:
-                db.execute("UPDATE customers SET timezone = ? WHERE id = ?",
-                           (timezone, customer))
+                db.execute("UPDATE customers SET timezone = ? WHERE id = ?", (timezone, customer))
             return _customer_from_row(self._require_customer(db, customer))
 
     def customer(self, customer: str) -> Customer | None:
         with self._lock:
-            row = self._db.execute("SELECT * FROM customers WHERE id = ?",
-                                   (customer,)).fetchone()
+            row = self._db.execute("SELECT * FROM customers WHERE id = ?", (customer,)).fetchone()
         return _customer_from_row(row) if row is not None else None
 
     def set_opt_out(self, customer: str, opt_out: bool = True) -> None:
@@ -531,20 +602,30 @@ class CrmRepository:
         with self._lock:
             row = self._db.execute(
                 "SELECT customer FROM identities WHERE channel = ? AND external_id = ?",
-                (channel, external_id)).fetchone()
+                (channel, external_id),
+            ).fetchone()
         return row["customer"] if row is not None else None
 
     def identities(self, customer: str) -> list[Identity]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT channel, external_id, customer FROM identities WHERE customer = ?"
-                " ORDER BY channel, external_id", (customer,)).fetchall()
-        return [Identity(channel=r["channel"], external_id=r["external_id"],
-                         customer=r["customer"]) for r in rows]
+                " ORDER BY channel, external_id",
+                (customer,),
+            ).fetchall()
+        return [
+            Identity(channel=r["channel"], external_id=r["external_id"], customer=r["customer"])
+            for r in rows
+        ]
 
-    def ensure_customer(self, channel: str, external_id: str, *,
-                        display_name: str | None = None,
-                        timezone: str | None = None) -> tuple[str, bool]:
+    def ensure_customer(
+        self,
+        channel: str,
+        external_id: str,
+        *,
+        display_name: str | None = None,
+        timezone: str | None = None,
+    ) -> tuple[str, bool]:
         """Resolve ``(channel, external_id)``, creating and linking a customer if unknown.
 
         Returns ``(customer id, created)``. An existing customer is not modified.
@@ -556,15 +637,17 @@ class CrmRepository:
             if existing is not None:
                 return existing, False
             customer = customer_id_for(channel, external_id)
-            created = db.execute("SELECT 1 FROM customers WHERE id = ?",
-                                 (customer,)).fetchone() is None
+            created = (
+                db.execute("SELECT 1 FROM customers WHERE id = ?", (customer,)).fetchone() is None
+            )
             if created:
                 self.upsert_customer(customer, display_name=display_name, timezone=timezone)
             self.link_identity(channel, external_id, customer)
             return customer, created
 
-    def link_identity(self, channel: str, external_id: str, customer: str, *,
-                      merge: bool = False) -> str:
+    def link_identity(
+        self, channel: str, external_id: str, customer: str, *, merge: bool = False
+    ) -> str:
         """Attach ``(channel, external_id)`` to ``customer`` and return ``customer``.
 
         If the identity already belongs to another customer: with ``merge=True`` that
@@ -583,9 +666,88 @@ class CrmRepository:
                     raise IdentityConflictError(channel, external_id, owner, customer)
                 self.merge_customers(keep=customer, absorb=owner)
                 return customer
-            db.execute("INSERT INTO identities (channel, external_id, customer, linked_at)"
-                       " VALUES (?, ?, ?, ?)", (channel, external_id, customer, self._now_us()))
+            db.execute(
+                "INSERT INTO identities (channel, external_id, customer, linked_at)"
+                " VALUES (?, ?, ?, ?)",
+                (channel, external_id, customer, self._now_us()),
+            )
             return customer
+
+    # -------------------------------------------------------------- chat users
+
+    def chat_customer(self, user: str, channel: str) -> str:
+        """The customer behind chat user ``user`` on ``channel`` (see "Chat users");
+        read only: the id may not exist yet (then it has no orders)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT customer FROM chat_users WHERE user = ?", (user,)
+            ).fetchone()
+            if row is not None:
+                linked: str = row["customer"]
+                return linked
+            if channel in CHANNELS:
+                owner = self.resolve(channel, user)
+                if owner is not None:
+                    return owner
+            if self.customer(user) is not None:
+                return user
+        return customer_id_for(channel, user)
+
+    def register_chat_user(self, user: str, channel: str) -> str:
+        """Make the customer behind a chatting user exist (with the identity
+        ``(channel, user)`` when ``channel`` is a sales channel) and record the link."""
+        check_id(user, "user")
+        with self._tx() as db:
+            customer = self.chat_customer(user, channel)
+            self.upsert_customer(customer)
+            if channel in CHANNELS and self.resolve(channel, user) is None:
+                self.link_identity(channel, user, customer)
+            db.execute(
+                "INSERT OR IGNORE INTO chat_users (user, customer, linked_at) VALUES (?, ?, ?)",
+                (user, customer, self._now_us()),
+            )
+            return customer
+
+    def link_chat_user(self, user: str, customer: str, *, merge: bool = False) -> bool:
+        """Chat user ``user`` is ``customer`` (created if unknown); returns whether the
+        link changed. A customer the user was linked to before is merged in when it was
+        only their placeholder (created by their first chat, no other identity) or when
+        ``merge`` says so; otherwise ``IdentityConflictError``."""
+        check_id(user, "user")
+        check_id(customer, "customer")
+        with self._tx() as db:
+            self.upsert_customer(customer)
+            row = db.execute("SELECT customer FROM chat_users WHERE user = ?", (user,)).fetchone()
+            old: str | None = row["customer"] if row is not None else None
+            if old == customer:
+                return False
+            if old is not None:
+                if not (merge or self._placeholder_of(old, user)):
+                    raise IdentityConflictError("chat", user, old, customer)
+                self.merge_customers(keep=customer, absorb=old)
+            db.execute(
+                "INSERT OR REPLACE INTO chat_users (user, customer, linked_at) VALUES (?, ?, ?)",
+                (user, customer, self._now_us()),
+            )
+            return True
+
+    def _placeholder_of(self, customer: str, user: str) -> bool:
+        """Was ``customer`` created for chat user ``user`` alone (its only identities are
+        ``user`` on some channel and its id derives from one of them)?"""
+        identities = self.identities(customer)
+        return (
+            bool(identities)
+            and all(i.external_id == user for i in identities)
+            and any(customer_id_for(i.channel, user) == customer for i in identities)
+        )
+
+    def chat_users_of(self, customer: str) -> list[str]:
+        """The chat users linked to ``customer`` (where to send it a message)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT user FROM chat_users WHERE customer = ? ORDER BY user", (customer,)
+            ).fetchall()
+        return [r["user"] for r in rows]
 
     def merge_customers(self, keep: str, absorb: str) -> None:
         """Fold ``absorb`` into ``keep`` (see "Identity unification") and delete ``absorb``."""
@@ -595,6 +757,7 @@ class CrmRepository:
             kept = self._require_customer(db, keep)
             gone = self._require_customer(db, absorb)
             db.execute("UPDATE identities SET customer = ? WHERE customer = ?", (keep, absorb))
+            db.execute("UPDATE chat_users SET customer = ? WHERE customer = ?", (keep, absorb))
             db.execute("UPDATE orders SET customer = ? WHERE customer = ?", (keep, absorb))
             db.execute(
                 "INSERT INTO tags (shop, customer, tag, source, created_at)"
@@ -603,27 +766,35 @@ class CrmRepository:
                 "   source = CASE WHEN tags.source = 'manual' OR excluded.source = 'manual'"
                 "            THEN 'manual' ELSE 'rule' END,"
                 "   created_at = min(tags.created_at, excluded.created_at)",
-                (keep, absorb))
+                (keep, absorb),
+            )
             db.execute("DELETE FROM tags WHERE customer = ?", (absorb,))
             db.execute("UPDATE points_ledger SET customer = ? WHERE customer = ?", (keep, absorb))
             # Scores of shops where only the absorbed customer was scored carry over until
             # the next scoring run; where both were scored, keep's row stays.
-            db.execute("UPDATE OR IGNORE rfm_scores SET customer = ? WHERE customer = ?",
-                       (keep, absorb))
+            db.execute(
+                "UPDATE OR IGNORE rfm_scores SET customer = ? WHERE customer = ?", (keep, absorb)
+            )
             db.execute("DELETE FROM rfm_scores WHERE customer = ?", (absorb,))
             # A broadcast either of them received counts as received by the merged person.
-            db.execute("UPDATE OR IGNORE broadcast_log SET customer = ? WHERE customer = ?",
-                       (keep, absorb))
+            db.execute(
+                "UPDATE OR IGNORE broadcast_log SET customer = ? WHERE customer = ?", (keep, absorb)
+            )
             db.execute("DELETE FROM broadcast_log WHERE customer = ?", (absorb,))
             db.execute(
                 "UPDATE customers SET"
                 " display_name = ?, opt_out = ?, member_level = ?, created_at = ?,"
                 " points = (SELECT coalesce(sum(delta), 0) FROM points_ledger WHERE customer = ?)"
                 " WHERE id = ?",
-                (kept["display_name"] or gone["display_name"],
-                 max(kept["opt_out"], gone["opt_out"]),
-                 max(kept["member_level"], gone["member_level"]),
-                 min(kept["created_at"], gone["created_at"]), keep, keep))
+                (
+                    kept["display_name"] or gone["display_name"],
+                    max(kept["opt_out"], gone["opt_out"]),
+                    max(kept["member_level"], gone["member_level"]),
+                    min(kept["created_at"], gone["created_at"]),
+                    keep,
+                    keep,
+                ),
+            )
             db.execute("DELETE FROM customers WHERE id = ?", (absorb,))
 
     # -------------------------------------------------------------- orders
@@ -639,9 +810,10 @@ class CrmRepository:
             for order in batch:
                 check_order(order)
                 self._require_customer(db, order.customer)
-                row = db.execute(f"SELECT {_ORDER_COLUMNS} FROM orders"
-                                 " WHERE shop = ? AND order_id = ?",
-                                 (order.shop, order.order_id)).fetchone()
+                row = db.execute(
+                    f"SELECT {_ORDER_COLUMNS} FROM orders WHERE shop = ? AND order_id = ?",
+                    (order.shop, order.order_id),
+                ).fetchone()
                 if row is not None:
                     old = _order_from_row(row)
                     if old == order:
@@ -653,17 +825,19 @@ class CrmRepository:
                     updated += 1
                 else:
                     inserted += 1
-                db.execute(f"INSERT OR REPLACE INTO orders ({_ORDER_COLUMNS})"
-                           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           _order_params(order))
-        return UpsertResult(inserted=inserted, updated=updated, unchanged=unchanged,
-                            stale=stale)
+                db.execute(
+                    f"INSERT OR REPLACE INTO orders ({_ORDER_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    _order_params(order),
+                )
+        return UpsertResult(inserted=inserted, updated=updated, unchanged=unchanged, stale=stale)
 
     def full_order(self, shop: str, order_id: str) -> Order | None:
         with self._lock:
-            row = self._db.execute(f"SELECT {_ORDER_COLUMNS} FROM orders"
-                                   " WHERE shop = ? AND order_id = ?",
-                                   (shop, order_id)).fetchone()
+            row = self._db.execute(
+                f"SELECT {_ORDER_COLUMNS} FROM orders WHERE shop = ? AND order_id = ?",
+                (shop, order_id),
+            ).fetchone()
         return _order_from_row(row) if row is not None else None
 
     def order(self, shop: str, order_id: str) -> OrderInfo | None:
@@ -682,8 +856,9 @@ class CrmRepository:
         orders = self.recent_orders(shop, customer, 1)
         return orders[0] if orders else None
 
-    def recent_orders(self, shop: str, customer: str,
-                      limit: int = DEFAULT_RECENT_ORDERS) -> list[OrderInfo]:
+    def recent_orders(
+        self, shop: str, customer: str, limit: int = DEFAULT_RECENT_ORDERS
+    ) -> list[OrderInfo]:
         """Newest first (by ``created_at``, then ``order_id``)."""
         if limit < 1:
             raise ValueError("limit must be >= 1")
@@ -691,21 +866,22 @@ class CrmRepository:
             rows = self._db.execute(
                 f"SELECT {_ORDER_COLUMNS} FROM orders WHERE shop = ? AND customer = ?"
                 " ORDER BY created_at DESC, order_id DESC LIMIT ?",
-                (shop, customer, limit)).fetchall()
+                (shop, customer, limit),
+            ).fetchall()
         return [_order_from_row(r).info() for r in rows]
 
     def shop_orders(self, shop: str) -> list[Order]:
         """Every order of ``shop`` (oldest first) - the input of RFM, rules and points."""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_ORDER_COLUMNS} FROM orders WHERE shop = ?"
-                " ORDER BY created_at, order_id", (shop,)).fetchall()
+                f"SELECT {_ORDER_COLUMNS} FROM orders WHERE shop = ? ORDER BY created_at, order_id",
+                (shop,),
+            ).fetchall()
         return [_order_from_row(r) for r in rows]
 
     # -------------------------------------------------------------- tags
 
-    def add_tag(self, shop: str, customer: str, tag: str, *,
-                source: TagSource = "manual") -> bool:
+    def add_tag(self, shop: str, customer: str, tag: str, *, source: TagSource = "manual") -> bool:
         """Tag ``customer`` in ``shop``; returns whether anything changed.
 
         A manual tag wins: adding it manually over a rule tag turns it manual (rules
@@ -717,21 +893,28 @@ class CrmRepository:
             raise ValueError(f"unknown tag source {source!r}")
         with self._tx() as db:
             self._require_customer(db, customer)
-            row = db.execute("SELECT source FROM tags WHERE shop = ? AND customer = ? AND tag = ?",
-                             (shop, customer, tag)).fetchone()
+            row = db.execute(
+                "SELECT source FROM tags WHERE shop = ? AND customer = ? AND tag = ?",
+                (shop, customer, tag),
+            ).fetchone()
             if row is None:
-                db.execute("INSERT INTO tags (shop, customer, tag, source, created_at)"
-                           " VALUES (?, ?, ?, ?, ?)",
-                           (shop, customer, tag, source, self._now_us()))
+                db.execute(
+                    "INSERT INTO tags (shop, customer, tag, source, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (shop, customer, tag, source, self._now_us()),
+                )
                 return True
             if row["source"] == "rule" and source == "manual":
-                db.execute("UPDATE tags SET source = 'manual'"
-                           " WHERE shop = ? AND customer = ? AND tag = ?", (shop, customer, tag))
+                db.execute(
+                    "UPDATE tags SET source = 'manual' WHERE shop = ? AND customer = ? AND tag = ?",
+                    (shop, customer, tag),
+                )
                 return True
             return False
 
-    def remove_tag(self, shop: str, customer: str, tag: str, *,
-                   source: TagSource | None = None) -> bool:
+    def remove_tag(
+        self, shop: str, customer: str, tag: str, *, source: TagSource | None = None
+    ) -> bool:
         """Remove a tag (only if it has ``source``, when given); returns whether it existed.
 
         Removing a rule tag by hand lasts until the rule next matches.
@@ -748,7 +931,9 @@ class CrmRepository:
         with self._lock:
             rows = self._db.execute(
                 "SELECT tag, source, created_at FROM tags WHERE shop = ? AND customer = ?"
-                " ORDER BY tag", (shop, customer)).fetchall()
+                " ORDER BY tag",
+                (shop, customer),
+            ).fetchall()
         return [_tag_from_row(r) for r in rows]
 
     def shop_tags(self, shop: str) -> dict[str, list[Tag]]:
@@ -756,7 +941,9 @@ class CrmRepository:
         with self._lock:
             rows = self._db.execute(
                 "SELECT customer, tag, source, created_at FROM tags WHERE shop = ?"
-                " ORDER BY customer, tag", (shop,)).fetchall()
+                " ORDER BY customer, tag",
+                (shop,),
+            ).fetchall()
         result: dict[str, list[Tag]] = {}
         for r in rows:
             result.setdefault(r["customer"], []).append(_tag_from_row(r))
@@ -766,7 +953,8 @@ class CrmRepository:
         with self._lock:
             rows = self._db.execute(
                 "SELECT customer FROM tags WHERE shop = ? AND tag = ? ORDER BY customer",
-                (shop, tag)).fetchall()
+                (shop, tag),
+            ).fetchall()
         return [r["customer"] for r in rows]
 
     # -------------------------------------------------------------- membership
@@ -778,9 +966,16 @@ class CrmRepository:
             self._require_customer(db, customer)
             db.execute("UPDATE customers SET member_level = ? WHERE id = ?", (level, customer))
 
-    def add_points(self, customer: str, delta: int, *, kind: str = "manual",
-                   ref: str | None = None, at: datetime | None = None,
-                   allow_negative: bool = False) -> bool:
+    def add_points(
+        self,
+        customer: str,
+        delta: int,
+        *,
+        kind: str = "manual",
+        ref: str | None = None,
+        at: datetime | None = None,
+        allow_negative: bool = False,
+    ) -> bool:
         """Append a ledger entry and adjust the balance.
 
         ``ref`` makes the entry idempotent: a second call with the same ``ref`` changes
@@ -791,26 +986,36 @@ class CrmRepository:
             raise ValueError(f"unknown points kind {kind!r}")
         with self._tx() as db:
             row = self._require_customer(db, customer)
-            if ref is not None and db.execute("SELECT 1 FROM points_ledger WHERE ref = ?",
-                                              (ref,)).fetchone() is not None:
+            if (
+                ref is not None
+                and db.execute("SELECT 1 FROM points_ledger WHERE ref = ?", (ref,)).fetchone()
+                is not None
+            ):
                 return False
             balance = row["points"] + delta
             if balance < 0 and not allow_negative:
                 raise InsufficientPointsError(
-                    f"{customer!r} has {row['points']} points, cannot apply {delta}")
-            db.execute("INSERT INTO points_ledger (customer, delta, kind, ref, at)"
-                       " VALUES (?, ?, ?, ?, ?)", (customer, delta, kind, ref, self._now_us(at)))
+                    f"{customer!r} has {row['points']} points, cannot apply {delta}"
+                )
+            db.execute(
+                "INSERT INTO points_ledger (customer, delta, kind, ref, at) VALUES (?, ?, ?, ?, ?)",
+                (customer, delta, kind, ref, self._now_us(at)),
+            )
             db.execute("UPDATE customers SET points = ? WHERE id = ?", (balance, customer))
             return True
 
     def points_entry(self, ref: str) -> PointsEntry | None:
         with self._lock:
-            row = self._db.execute("SELECT * FROM points_ledger WHERE ref = ?",
-                                   (ref,)).fetchone()
+            row = self._db.execute("SELECT * FROM points_ledger WHERE ref = ?", (ref,)).fetchone()
         if row is None:
             return None
-        return PointsEntry(customer=row["customer"], delta=row["delta"], kind=row["kind"],
-                           ref=row["ref"], at=from_us(row["at"]))
+        return PointsEntry(
+            customer=row["customer"],
+            delta=row["delta"],
+            kind=row["kind"],
+            ref=row["ref"],
+            at=from_us(row["at"]),
+        )
 
     def qualifying_points(self, customer: str) -> int:
         """Points that count towards the level (grants minus reversals)."""
@@ -819,14 +1024,14 @@ class CrmRepository:
             row = self._db.execute(
                 "SELECT coalesce(sum(delta), 0) AS total FROM points_ledger"
                 f" WHERE customer = ? AND kind IN ({', '.join('?' * len(kinds))})",
-                (customer, *kinds)).fetchone()
+                (customer, *kinds),
+            ).fetchone()
         total: int = row["total"]
         return total
 
     # -------------------------------------------------------------- RFM
 
-    def save_rfm_scores(self, shop: str, scores: Iterable[RfmScore],
-                        scored_at: datetime) -> None:
+    def save_rfm_scores(self, shop: str, scores: Iterable[RfmScore], scored_at: datetime) -> None:
         """Replace all stored scores of ``shop`` (a scoring run is a snapshot)."""
         at = to_us(scored_at)
         with self._tx() as db:
@@ -835,13 +1040,29 @@ class CrmRepository:
                 "INSERT INTO rfm_scores (shop, customer, recency_days, frequency,"
                 " monetary_cents, currency, r, f, m, segment, scored_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(shop, s.customer, s.recency_days, s.frequency, s.monetary_cents, s.currency,
-                  s.r, s.f, s.m, str(s.segment), at) for s in scores])
+                [
+                    (
+                        shop,
+                        s.customer,
+                        s.recency_days,
+                        s.frequency,
+                        s.monetary_cents,
+                        s.currency,
+                        s.r,
+                        s.f,
+                        s.m,
+                        str(s.segment),
+                        at,
+                    )
+                    for s in scores
+                ],
+            )
 
     def rfm_score(self, shop: str, customer: str) -> RfmScore | None:
         with self._lock:
-            row = self._db.execute("SELECT * FROM rfm_scores WHERE shop = ? AND customer = ?",
-                                   (shop, customer)).fetchone()
+            row = self._db.execute(
+                "SELECT * FROM rfm_scores WHERE shop = ? AND customer = ?", (shop, customer)
+            ).fetchone()
         return _rfm_from_row(row) if row is not None else None
 
     def customers_in_segment(self, shop: str, segment: Segment | str) -> list[str]:
@@ -849,16 +1070,18 @@ class CrmRepository:
         seg = parse_segment(segment)
         with self._lock:
             rows = self._db.execute(
-                "SELECT customer FROM rfm_scores WHERE shop = ? AND segment = ?"
-                " ORDER BY customer", (shop, str(seg))).fetchall()
+                "SELECT customer FROM rfm_scores WHERE shop = ? AND segment = ? ORDER BY customer",
+                (shop, str(seg)),
+            ).fetchall()
         return [r["customer"] for r in rows]
 
     # -------------------------------------------------------------- broadcast log
 
     def sent_customers(self, broadcast_id: str) -> set[str]:
         with self._lock:
-            rows = self._db.execute("SELECT customer FROM broadcast_log WHERE broadcast_id = ?",
-                                    (broadcast_id,)).fetchall()
+            rows = self._db.execute(
+                "SELECT customer FROM broadcast_log WHERE broadcast_id = ?", (broadcast_id,)
+            ).fetchall()
         return {r["customer"] for r in rows}
 
     def mark_sent(self, broadcast_id: str, customer: str, sent_at: datetime) -> bool:
@@ -866,8 +1089,11 @@ class CrmRepository:
         check_id(broadcast_id, "broadcast_id")
         with self._tx() as db:
             self._require_customer(db, customer)
-            cur = db.execute("INSERT OR IGNORE INTO broadcast_log (broadcast_id, customer,"
-                             " sent_at) VALUES (?, ?, ?)", (broadcast_id, customer, to_us(sent_at)))
+            cur = db.execute(
+                "INSERT OR IGNORE INTO broadcast_log (broadcast_id, customer,"
+                " sent_at) VALUES (?, ?, ?)",
+                (broadcast_id, customer, to_us(sent_at)),
+            )
             return cur.rowcount > 0
 
     # -------------------------------------------------------------- sidebar
@@ -884,16 +1110,25 @@ class CrmRepository:
                 "SELECT currency, sum(amount_cents) AS total FROM orders"
                 " WHERE shop = ? AND customer = ?"
                 f" AND status IN ({', '.join('?' * len(statuses))})"
-                " GROUP BY currency ORDER BY currency", (shop, customer, *statuses)).fetchall()
-            count = db.execute("SELECT count(*) FROM orders WHERE shop = ? AND customer = ?",
-                               (shop, customer)).fetchone()[0]
+                " GROUP BY currency ORDER BY currency",
+                (shop, customer, *statuses),
+            ).fetchall()
+            count = db.execute(
+                "SELECT count(*) FROM orders WHERE shop = ? AND customer = ?", (shop, customer)
+            ).fetchone()[0]
             rfm = self.rfm_score(shop, customer)
             return CustomerProfile(
-                customer=customer, shop=shop, display_name=found.display_name,
-                timezone=found.timezone, opt_out=found.opt_out,
-                member_level=found.member_level, is_vip=is_vip(found.member_level),
-                points=found.points, tags=tuple(self.tags(shop, customer)),
-                segment=rfm.segment if rfm is not None else None, rfm=rfm,
+                customer=customer,
+                shop=shop,
+                display_name=found.display_name,
+                timezone=found.timezone,
+                opt_out=found.opt_out,
+                member_level=found.member_level,
+                is_vip=is_vip(found.member_level),
+                points=found.points,
+                tags=tuple(self.tags(shop, customer)),
+                segment=rfm.segment if rfm is not None else None,
+                rfm=rfm,
                 recent_orders=tuple(self.recent_orders(shop, customer, PROFILE_RECENT_ORDERS)),
                 order_count=count,
                 lifetime_value={r["currency"]: r["total"] for r in ltv_rows},

@@ -634,7 +634,7 @@ class RoutingPlugin(Plugin):
         vip = False
         if self.crm is not None and conv.customer:
             try:
-                vip = self.crm.is_vip(conv.customer)
+                vip = self.crm.is_vip(self.crm.chat_customer(conv.customer, str(conv.channel)))
             except Exception as exc:  # the CRM is an enrichment: route without it
                 log.warning("VIP lookup failed: %r", exc)
         return classification_for(conv, vip)

@@ -79,6 +79,26 @@ async def test_group_commit_batches_concurrent_writers(
     assert store.pending_ops == 0
 
 
+async def test_a_commit_window_gathers_the_writes_that_arrive_within_it(
+    make_store: StoreFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Virtual time: the sleeps below place arrivals at t, t + 0.5 and t + 2.5.
+    commits = Commits()
+    store = await make_store(on_commit=commits, commit_window_s=1.0)
+    await store.write([put_conv("c1"), put_conv("c2"), put_conv("c3")])
+    commits.clear()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.write, [put_msg("c1", 1)])
+        await trio.sleep(0.5)  # within the first write's window: joins its transaction
+        nursery.start_soon(store.write, [put_msg("c2", 1)])
+        await trio.sleep(2.0)  # long after it: a transaction of its own
+        nursery.start_soon(store.write, [put_msg("c3", 1)])
+    assert commits.callers == [2, 1]
+    for conv in ("c1", "c2", "c3"):
+        history, _ = await store.history(conv, before=None, after=None, limit=10)
+        assert [m.seq for m in history] == [1]
+
+
 async def test_batches_respect_max_batch_ops_without_splitting_a_call(
     make_store: StoreFactory, db_path: Path
 ) -> None:
@@ -310,9 +330,7 @@ async def test_lifecycle_errors(db_path: Path) -> None:
         await other.get_conversation("c")
 
 
-async def test_reads_do_not_wait_for_the_write_lock(
-    store: SqliteStore, db_path: Path
-) -> None:
+async def test_reads_do_not_wait_for_the_write_lock(store: SqliteStore, db_path: Path) -> None:
     await store.write([put_conv("c"), put_msg("c", 1)])
     writer = sqlite3.connect(db_path, isolation_level=None)
     try:
@@ -380,7 +398,9 @@ async def test_row_ops_of_one_transaction_keep_their_meaning(
         ).fetchone() == (count, 5_000 + count)
         points = dict(raw.execute("SELECT user, seq FROM read_points WHERE conv = ?", (conv,)))
         assert points == {"cust-1": count, "agent-1": count - 5}
-    assert raw.execute("SELECT recalled FROM messages WHERE conv = 'b' AND seq = 3").fetchone() == (1,)
+    assert raw.execute("SELECT recalled FROM messages WHERE conv = 'b' AND seq = 3").fetchone() == (
+        1,
+    )
     assert raw.execute("SELECT title FROM conversations WHERE id = 'c'").fetchone() == ("renamed",)
     # Event ids: consecutive, in op order, and what the rows hold.
     assert [op.id for op in events] == list(range(1, len(events) + 1))

@@ -33,14 +33,20 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 
 def test_csv_import_reports_bad_rows_by_line_and_keeps_the_rest(
-        repo: CrmRepository, tmp_path: Path) -> None:
+    repo: CrmRepository, tmp_path: Path
+) -> None:
     report = import_orders(repo, write(tmp_path, "orders.csv", ORDERS_CSV))
 
     assert (report.imported, report.rejected) == (3, 5)
     assert report.inserted == 3
     assert report.customers_created == 3
     assert [(e.line, e.key) for e in report.errors] == [
-        (3, "T1002"), (6, "T1004"), (7, ""), (10, "T1006"), (11, "T1007")]
+        (3, "T1002"),
+        (6, "T1004"),
+        (7, ""),
+        (10, "T1006"),
+        (11, "T1007"),
+    ]
     messages = [e.message for e in report.errors]
     assert "amount" in messages[0]
     assert "channel" in messages[1]
@@ -56,8 +62,11 @@ def test_csv_import_reports_bad_rows_by_line_and_keeps_the_rest(
     assert t1001.status == "completed"
     assert t1001.amount_cents == 19_900
     assert t1001.items == (OrderItem(title="Silk scarf", quantity=2), OrderItem(title="Gift box"))
-    assert (t1001.carrier, t1001.tracking_no, t1001.eta) == ("SF Express", "SF123",
-                                                             date(2024, 3, 7))
+    assert (t1001.carrier, t1001.tracking_no, t1001.eta) == (
+        "SF Express",
+        "SF123",
+        date(2024, 3, 7),
+    )
     assert t1001.created_at == datetime(2024, 3, 1, 2, 0, tzinfo=UTC), "naive = Beijing time"
 
     t1003 = repo.order("s1", "T1003")
@@ -76,8 +85,7 @@ def test_reimporting_the_same_file_changes_nothing(repo: CrmRepository, tmp_path
     path = write(tmp_path, "orders.csv", ORDERS_CSV)
     import_orders(repo, path)
     again = import_orders(repo, path)
-    assert (again.inserted, again.updated, again.unchanged, again.customers_created) == (
-        0, 0, 3, 0)
+    assert (again.inserted, again.updated, again.unchanged, again.customers_created) == (0, 0, 3, 0)
     assert again.rejected == 5
 
 
@@ -96,9 +104,12 @@ def test_json_array_import_with_a_bad_element(repo: CrmRepository, tmp_path: Pat
 ]"""
     report = import_orders(repo, write(tmp_path, "orders.json", text))
 
-    assert (report.imported, report.rejected) == (2, 2)
-    assert [(e.line, e.key) for e in report.errors] == [(6, "J2"), (8, "")]
-    assert "unknown customer" in report.errors[0].message
+    assert (report.imported, report.rejected) == (3, 1)
+    assert [(e.line, e.key) for e in report.errors] == [(8, "")]
+    # A customer id the CRM has not seen yet (the buyer never chatted) is created.
+    assert repo.customer("ghost") is not None and report.customers_created == 2
+    j2 = repo.order("s1", "J2")
+    assert j2 is not None and j2.customer == "ghost"
     j1 = repo.order("s1", "J1")
     assert j1 is not None
     assert (j1.currency, j1.amount_cents) == ("USD", 4_500)
@@ -111,10 +122,12 @@ def test_json_array_import_with_a_bad_element(repo: CrmRepository, tmp_path: Pat
 
 def test_json_array_syntax_error_stops_at_its_line(repo: CrmRepository, tmp_path: Path) -> None:
     add_customer(repo, "c1")
-    text = ('[{"shop": "s1", "order_id": "J1", "channel": "web", "customer": "c1",'
-            ' "status": "paid", "amount_cents": 1, "created_at": "2024-03-01T00:00:00Z"},\n'
-            ' {"shop": "s1", "order_id": oops},\n'
-            ' {"shop": "s1", "order_id": "J3"}]\n')
+    text = (
+        '[{"shop": "s1", "order_id": "J1", "channel": "web", "customer": "c1",'
+        ' "status": "paid", "amount_cents": 1, "created_at": "2024-03-01T00:00:00Z"},\n'
+        ' {"shop": "s1", "order_id": oops},\n'
+        ' {"shop": "s1", "order_id": "J3"}]\n'
+    )
     report = import_orders(repo, write(tmp_path, "orders.json", text))
     assert (report.imported, report.rejected) == (1, 1)
     assert report.errors[0].line == 2
@@ -126,7 +139,7 @@ def test_json_lines_import(repo: CrmRepository) -> None:
     stream = io.StringIO(
         '{"shop": "s1", "order_id": "L1", "channel": "web", "customer": "c1",'
         ' "status": "paid", "amount_cents": 100, "created_at": "2024-03-01T00:00:00Z"}\n'
-        '\n'
+        "\n"
         '{"shop": "s1", "order_id": "L2", "channel": "web", "customer": "c1", \n'
         '{"order_id": "L3", "channel": "web", "customer": "c1",'
         ' "status": "paid", "amount_cents": 100, "created_at": "2024-03-01T00:00:00Z"}\n'
@@ -142,11 +155,12 @@ def test_json_lines_import(repo: CrmRepository) -> None:
 
 
 def test_default_shop_and_taobao_export_headers(repo: CrmRepository, tmp_path: Path) -> None:
-    text = ("订单编号,买家会员名,平台,订单状态,买家实际支付金额,宝贝标题,物流公司,物流单号,订单创建时间\n"
-            "888001,小明,天猫,交易成功,88.00,保温杯 x1,中通,ZT001,2024/03/01 20:30:00\n"
-            "888002,小明,天猫,TRADE_CLOSED,66.00,雨伞,,,2024/03/02 20:30:00\n")
-    report = import_orders(repo, write(tmp_path, "taobao-export.csv", "\ufeff" + text),
-                           shop=SHOP)
+    text = (
+        "订单编号,买家会员名,平台,订单状态,买家实际支付金额,宝贝标题,物流公司,物流单号,订单创建时间\n"
+        "888001,小明,天猫,交易成功,88.00,保温杯 x1,中通,ZT001,2024/03/01 20:30:00\n"
+        "888002,小明,天猫,TRADE_CLOSED,66.00,雨伞,,,2024/03/02 20:30:00\n"
+    )
+    report = import_orders(repo, write(tmp_path, "taobao-export.csv", "\ufeff" + text), shop=SHOP)
     assert (report.imported, report.rejected) == (2, 0)
     xiaoming = repo.resolve("tmall", "小明")
     assert xiaoming is not None

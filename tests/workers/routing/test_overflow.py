@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -51,9 +52,9 @@ async def shop_workers(
         yield
 
 
-SEEN: dict[int, list[ConversationEvent]] = {}
-"""Conversation events a client received, by ``id(client)``, so that a later wait
-also finds an event that arrived while the test waited for another."""
+SEEN: weakref.WeakKeyDictionary[Client, list[ConversationEvent]] = weakref.WeakKeyDictionary()
+"""Conversation events a client received, so that a later wait also finds an event
+that arrived while the test waited for another."""
 
 
 async def conversation_event(
@@ -68,7 +69,7 @@ async def conversation_event(
             and (tag is None or tag in c.tags)
         )
 
-    seen = SEEN.setdefault(id(client), [])
+    seen = SEEN.setdefault(client, [])
     for i, frame in enumerate(seen):
         if wanted(frame):
             del seen[: i + 1]
@@ -127,7 +128,7 @@ async def test_queue_limit_2_with_5_buyers_serves_all_5_in_order(
         await text_from(buyers[4], "worker:bot", "发票")
         # the agent works through the queue: each chat is assigned in its turn
         served = [convs[0]]
-        SEEN.pop(id(sup), None)
+        SEEN.pop(sup, None)
         while len(served) < len(convs):
             await agent.request(UpdateConversation(id=0, conv=served[-1], state=ConvState.CLOSED))
             with trio.fail_after(30):
