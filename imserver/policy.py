@@ -47,13 +47,26 @@ found", whatever the request: ids are no oracle. Readable ones that the
 request may not touch are "forbidden". The state machine of routing
 (``STATE_TRANSITIONS``: which role may move a conversation from which state
 to which) is checked after the table, for updates only.
+
+Users of a shop. Some requests name users, and the table's relation to a user
+is "own shop" only for *users of the requester's shop* (``users_of_shop``):
+its staff -- connected now with a staff token of that shop, or known to the
+store (logged in there as agent or supervisor, or with an agent status) --
+and the customers who have a direct conversation with it. The same set bounds
+who may be made a group member (``member_strangers``: anyone else is refused,
+so no shop can pull another shop's customer into its groups), and its agents
+and supervisors are who may be assigned a conversation (``is_agent_of_shop``).
+Connected staff count because their login's record is written in the
+background: a transfer in the milliseconds after an agent's Welcome must not
+depend on that write. Fan-out, last, delivers a conversation's frames only to
+sessions that may read it (``can_read``), whatever the membership says.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Mapping
-from typing import Final
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Final, Protocol
 
 import msgspec
 
@@ -368,6 +381,69 @@ def self_access(kind: type, who: Identity, *, plugin: str = "") -> bool:
 
 def user_access(kind: type, who: Identity, related: bool) -> bool:
     return RULES[kind, who.role, user_relation(who, related)] is Access.ALLOW
+
+
+# ------------------------------------------------------- users of a shop
+
+STAFF_ROLES: Final = frozenset({Role.AGENT, Role.SUPERVISOR, Role.WORKER, Role.ADMIN})
+ASSIGNEE_ROLES: Final = frozenset({Role.AGENT, Role.SUPERVISOR})
+"""Who may be given a conversation: agents and supervisors."""
+
+
+class ConnectedStaff(Protocol):
+    """Who is connected now (the hub)."""
+
+    def staff_of(self, shop: str, users: Iterable[str], roles: Collection[Role]) -> set[str]:
+        """Those of ``users`` with a session whose token is a ``roles`` token of ``shop``."""
+        ...
+
+
+class KnownUsers(Protocol):
+    """What the store knows of a shop's users."""
+
+    async def shop_users(self, shop: str, users: Sequence[str]) -> set[str]:
+        """Staff (logged in, or with an agent status) and direct customers of ``shop``."""
+        ...
+
+    async def is_shop_agent(self, shop: str, user: str) -> bool: ...
+
+
+async def users_of_shop(
+    shop: str, users: Iterable[str], *, online: ConnectedStaff, known: KnownUsers
+) -> set[str]:
+    """Those of ``users`` who are users of ``shop`` (see "Users of a shop")."""
+    users = list(dict.fromkeys(users))
+    now = online.staff_of(shop, users, STAFF_ROLES) if shop else set()
+    rest = [user for user in users if user not in now]
+    return now | (await known.shop_users(shop, rest) if shop and rest else set())
+
+
+async def is_agent_of_shop(
+    shop: str, user: str, *, online: ConnectedStaff, known: KnownUsers
+) -> bool:
+    """Whether ``user`` may be assigned a conversation of ``shop``."""
+    if not shop:
+        return False
+    return bool(online.staff_of(shop, (user,), ASSIGNEE_ROLES)) or await known.is_shop_agent(
+        shop, user
+    )
+
+
+async def member_strangers(
+    who: Identity,
+    shop: str,
+    users: Iterable[str],
+    *,
+    online: ConnectedStaff,
+    known: KnownUsers,
+) -> list[str]:
+    """Those of ``users`` who may not be members of a group of ``shop``: all but
+    the users of that shop and the requester (whom the table let manage it)."""
+    others = [user for user in dict.fromkeys(users) if user != who.user]
+    if not others:
+        return []
+    shop_users = await users_of_shop(shop, others, online=online, known=known)
+    return [user for user in others if user not in shop_users]
 
 
 # ------------------------------------------- the verdicts by their old names

@@ -2,11 +2,12 @@
 
 Theory of operation
 -------------------
-Setup: every worker connects its share of the ``members`` (customers);
-worker 0 also connects the sender, an agent of the shop, who creates the
-group with ``CreateGroup`` (the first ``MAX_BATCH_IDS`` members) and adds
-the rest with ``UpdateMembers`` in chunks. Membership is by user id, so the
-group can be built while members are still connecting.
+Setup: every worker connects its share of the ``members`` (customers), each
+of whom opens a direct conversation with the shop: only users of a shop may
+be members of its groups. Then worker 0 connects the sender, an agent of the
+shop, who creates the group with ``CreateGroup`` (the first
+``MAX_BATCH_IDS`` members) and adds the rest with ``UpdateMembers`` in
+chunks.
 
 Run: from a common start instant the sender sends ``rate`` messages/s for
 ``duration_s`` seconds on a fixed schedule (send k at start + k/rate, so
@@ -37,6 +38,7 @@ from protocol import (
     CreateGroup,
     Error,
     Message,
+    OpenConversation,
     Send,
     Sent,
     ServerFrameType,
@@ -95,6 +97,13 @@ class Setup(msgspec.Struct, frozen=True):
 class SetupDone(msgspec.Struct, frozen=True):
     members: int
     errors: list[str]
+
+
+class BuildGroup(msgspec.Struct, frozen=True):
+    """After every worker's Setup: its members are users of the shop by then."""
+
+
+class GroupBuilt(msgspec.Struct, frozen=True):
     conv: str | None  # worker 0 only
 
 
@@ -117,8 +126,9 @@ class GoResult(msgspec.Struct, frozen=True):
 
 
 class FanoutWorker:
-    def __init__(self, params: FanoutParams, url: str, secret: bytes, tag: str,
-                 index: int, count: int) -> None:
+    def __init__(
+        self, params: FanoutParams, url: str, secret: bytes, tag: str, index: int, count: int
+    ) -> None:
         self.params, self.url, self.secret, self.tag = params, url, secret, tag
         self.index, self.count = index, count
         self.members: list[ImClient] = []
@@ -135,6 +145,8 @@ class FanoutWorker:
     async def handle(self, command: object) -> object:
         if isinstance(command, Setup):
             return await self._setup()
+        if isinstance(command, BuildGroup):
+            return await self._build_group()
         if isinstance(command, Go):
             return await self._go(command)
         raise TypeError(f"unexpected command {command!r}")
@@ -173,31 +185,44 @@ class FanoutWorker:
     async def _connect_member(self, number: int) -> ImClient:
         client = ImClient(self.url, member(self.tag, number), self.secret, self)
         await client.connect()
+        shop = agent(self.tag, SENDER_INDEX).shop
+        await client.request(lambda rid: OpenConversation(id=rid, shop=shop))
         return client
 
     async def _setup(self) -> SetupDone:
         p = self.params
         members, errors = await gather_bounded(
             functools.partial(self._connect_member, i)
-            for i in range(self.index, p.members, self.count))
+            for i in range(self.index, p.members, self.count)
+        )
         self.members = members
+        return SetupDone(members=len(members), errors=errors[:5])
+
+    async def _build_group(self) -> GroupBuilt:
+        p = self.params
         conv: str | None = None
         if self.index == 0:
-            sender = self.sender = ImClient(self.url, agent(self.tag, SENDER_INDEX), self.secret, self)
+            sender = self.sender = ImClient(
+                self.url, agent(self.tag, SENDER_INDEX), self.secret, self
+            )
             await sender.connect()
             ids = [member(self.tag, i).user for i in range(p.members)]
             shop = sender.identity.shop
             first, rest = ids[:MAX_BATCH_IDS], ids[MAX_BATCH_IDS:]
-            info = await sender.request(lambda rid: CreateGroup(
-                id=rid, shop=shop, title=GROUP_TITLE, members=first))
+            info = await sender.request(
+                lambda rid: CreateGroup(id=rid, shop=shop, title=GROUP_TITLE, members=first)
+            )
             if not isinstance(info, ConversationInfo):
                 raise RuntimeError(f"create_group: expected ConversationInfo, got {info!r}")
             conv = info.conversation.id
             for at in range(0, len(rest), MAX_BATCH_IDS):
-                chunk = rest[at:at + MAX_BATCH_IDS]
-                await sender.request(lambda rid, chunk=chunk: UpdateMembers(  # type: ignore[misc]
-                    id=rid, conv=conv, add=chunk))
-        return SetupDone(members=len(members), errors=errors[:5], conv=conv)
+                chunk = rest[at : at + MAX_BATCH_IDS]
+                await sender.request(
+                    lambda rid, chunk=chunk: UpdateMembers(  # type: ignore[misc]
+                        id=rid, conv=conv, add=chunk
+                    )
+                )
+        return GroupBuilt(conv=conv)
 
     async def _go(self, cmd: Go) -> GoResult:
         p = self.params
@@ -211,8 +236,14 @@ class FanoutWorker:
                 due = cmd.start_ns + k * interval
                 await sleep_until(due)
                 request_id = self.sender.next_id()
-                data = encode(Send(id=request_id, conv=cmd.conv, cmid=f"{self.sender.user}-{k}",
-                                   body=TextBody(text=make_text(k, due, p.payload_chars))))
+                data = encode(
+                    Send(
+                        id=request_id,
+                        conv=cmd.conv,
+                        cmid=f"{self.sender.user}-{k}",
+                        body=TextBody(text=make_text(k, due, p.payload_chars)),
+                    )
+                )
                 if self.sender.write(data):
                     self.inflight[request_id] = due
                     sent += 1
@@ -225,10 +256,15 @@ class FanoutWorker:
                 break
             await asyncio.sleep(DRAIN_POLL_S)
         return GoResult(
-            sent=sent, acked=self.acked, errors=dict(self.errors), deliveries=self.deliveries,
-            delivery=self.delivery.encode(), ack=self.ack.encode(),
+            sent=sent,
+            acked=self.acked,
+            errors=dict(self.errors),
+            deliveries=self.deliveries,
+            delivery=self.delivery.encode(),
+            ack=self.ack.encode(),
             per_message={k: (v[0], v[1]) for k, v in self.per_message.items()},
-            cpu_s=process_cpu_s() - cpu0, wall_s=time.monotonic() - wall0,
+            cpu_s=process_cpu_s() - cpu0,
+            wall_s=time.monotonic() - wall0,
         )
 
 
@@ -258,8 +294,15 @@ class FanoutReport(msgspec.Struct, frozen=True, kw_only=True, tag="fanout"):
     steal_pct: float
 
 
-def run(params: FanoutParams, url: str, secret: bytes, tag: str, probe: ServerProbe,
-        workers: int = 1, log: Callable[[str], None] = print) -> FanoutReport:
+def run(
+    params: FanoutParams,
+    url: str,
+    secret: bytes,
+    tag: str,
+    probe: ServerProbe,
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+) -> FanoutReport:
     params.validate()
 
     def factory(index: int, count: int) -> FanoutWorker:
@@ -268,22 +311,29 @@ def run(params: FanoutParams, url: str, secret: bytes, tag: str, probe: ServerPr
     with WorkerPool(factory, workers) as pool:
         t0 = time.monotonic()
         done = [r for r in pool.call(Setup(), SETUP_TIMEOUT_S) if isinstance(r, SetupDone)]
+        built = [r for r in pool.call(BuildGroup(), SETUP_TIMEOUT_S) if isinstance(r, GroupBuilt)]
         setup_s = time.monotonic() - t0
         connected = sum(d.members for d in done)
         setup_errors = [e for d in done for e in d.errors]
-        conv = done[0].conv
+        conv = built[0].conv
         assert conv is not None
-        log(f"  fan-out: group of {params.members}, {connected} online, ready in {setup_s:.1f} s"
-            + (f" ({setup_errors[0]})" if setup_errors else ""))
+        log(
+            f"  fan-out: group of {params.members}, {connected} online, ready in {setup_s:.1f} s"
+            + (f" ({setup_errors[0]})" if setup_errors else "")
+        )
         cpu0, host0, wall0 = probe.cpu_s(), HostCpu.sample(), time.monotonic()
         timeout = params.duration_s + params.drain_s + RUN_TIMEOUT_MARGIN_S
-        results = [r for r in pool.call(Go(conv=conv, start_ns=start_at()), timeout)
-                   if isinstance(r, GoResult)]
+        results = [
+            r
+            for r in pool.call(Go(conv=conv, start_ns=start_at()), timeout)
+            if isinstance(r, GoResult)
+        ]
         server_cpu = probe.cpu_s() - cpu0
         host1 = HostCpu.sample()
         steal = host1.steal_pct_since(host0)
-        foreign = foreign_cpu_pct(host0, host1, server_cpu + sum(r.cpu_s for r in results),
-                                  time.monotonic() - wall0)
+        foreign = foreign_cpu_pct(
+            host0, host1, server_cpu + sum(r.cpu_s for r in results), time.monotonic() - wall0
+        )
     completion = LatencyHistogram()
     incomplete = 0
     sent = sum(r.sent for r in results)
@@ -299,22 +349,34 @@ def run(params: FanoutParams, url: str, secret: bytes, tag: str, probe: ServerPr
         errors.update(r.errors)
     deliveries = sum(r.deliveries for r in results)
     report = FanoutReport(
-        params=params, workers=workers, members_connected=connected, setup_s=round(setup_s, 2),
-        setup_errors=setup_errors, sent=sent, acked=sum(r.acked for r in results),
-        errors=dict(errors), deliveries=deliveries, expected_deliveries=sent * connected,
+        params=params,
+        workers=workers,
+        members_connected=connected,
+        setup_s=round(setup_s, 2),
+        setup_errors=setup_errors,
+        sent=sent,
+        acked=sum(r.acked for r in results),
+        errors=dict(errors),
+        deliveries=deliveries,
+        expected_deliveries=sent * connected,
         deliveries_per_s=round(deliveries / params.duration_s, 1),
         delivery=LatencyHistogram.merged([r.delivery for r in results]).summary(),
-        completion=completion.summary(), incomplete_messages=incomplete,
+        completion=completion.summary(),
+        incomplete_messages=incomplete,
         ack=LatencyHistogram.merged([r.ack for r in results]).summary(),
         server_cpu_s=round(server_cpu, 3),
         server_cpu_us_per_delivery=round(1e6 * server_cpu / deliveries, 1) if deliveries else 0.0,
-        loadgen_cpu_pct=round(max(
-            (100 * r.cpu_s / r.wall_s for r in results if r.wall_s > 0), default=0.0), 1),
-        foreign_cpu_pct=foreign, steal_pct=steal,
+        loadgen_cpu_pct=round(
+            max((100 * r.cpu_s / r.wall_s for r in results if r.wall_s > 0), default=0.0), 1
+        ),
+        foreign_cpu_pct=foreign,
+        steal_pct=steal,
     )
-    log(f"  fan-out: {sent} msgs x {connected} members: {deliveries}/{sent * connected} "
+    log(
+        f"  fan-out: {sent} msgs x {connected} members: {deliveries}/{sent * connected} "
         f"deliveries ({report.deliveries_per_s:.0f}/s), p50 {report.delivery.p50_ms:.1f} ms, "
         f"p99 {report.delivery.p99_ms:.1f} ms, completion p99 {report.completion.p99_ms:.1f} ms, "
         f"incomplete {incomplete}, server {report.server_cpu_us_per_delivery:.0f} us/delivery, "
-        f"loadgen {report.loadgen_cpu_pct:.0f}% cpu, others {report.foreign_cpu_pct:.0f}% cpu")
+        f"loadgen {report.loadgen_cpu_pct:.0f}% cpu, others {report.foreign_cpu_pct:.0f}% cpu"
+    )
     return report

@@ -11,15 +11,17 @@ outbox is full is cut off as a slow consumer (it resumes losslessly), so one
 slow reader never delays the others.
 
 Recipients of a conversation frame are its participants (customer, assigned
-agent, group members) plus the sessions subscribed to the matching topic of
-the conversation's shop. A cluster engine replaces this class with one that
+agent, group members) -- those of their sessions whose token may read the
+conversation (``policy.can_read``: a member of another shop's group gets
+nothing) -- plus the sessions subscribed to the matching topic of the
+conversation's shop. A cluster engine replaces this class with one that
 also forwards to the other processes (Redis pub/sub) behind the same methods.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Protocol
 
 from protocol import (
@@ -27,6 +29,7 @@ from protocol import (
     MemberRole,
     Presence,
     PresenceEvent,
+    Role,
     ServerFrameType,
     Topic,
     encode,
@@ -34,6 +37,7 @@ from protocol import (
 
 from ..gateway._frame import binary_frame
 from ..metrics import METRICS
+from ..policy import Identity, can_read
 from ..shards._commands import ReplyTo
 
 
@@ -45,6 +49,9 @@ class Peer(Protocol):
 
     @property
     def user(self) -> str: ...
+
+    @property
+    def identity(self) -> Identity | None: ...
 
     def send_frame(self, frame: ServerFrameType) -> None:
         """Encode and queue one frame for this session only (replies)."""
@@ -136,6 +143,17 @@ class Hub:
     def watched_count(self, peer: Peer) -> int:
         return len(self._watched_by.get(peer.id, ()))
 
+    def staff_of(self, shop: str, users: Iterable[str], roles: Collection[Role]) -> set[str]:
+        """Those of ``users`` connected now with a ``roles`` token of ``shop``."""
+        return {
+            user
+            for user in users
+            if any(
+                (who := peer.identity) is not None and who.shop == shop and who.role in roles
+                for peer in self.by_user.get(user, {}).values()
+            )
+        }
+
     def presence(self, user: str) -> Presence:
         devices = len(self.by_user.get(user, ()))
         return Presence(
@@ -148,7 +166,9 @@ class Hub:
     def _presence_changed(self, user: str) -> None:
         watchers = self.watchers.get(user)
         if watchers:
-            self._push(watchers.values(), "", 0, encode(PresenceEvent(presence=self.presence(user))))
+            self._push(
+                watchers.values(), "", 0, encode(PresenceEvent(presence=self.presence(user)))
+            )
 
     # ------------------------------------------------------------ delivery
 
@@ -178,7 +198,10 @@ class Hub:
         recipients: dict[str, Peer] = {}
         for user in _participants(conv, members):
             if user != exclude_user and (devices := self.by_user.get(user)):
-                recipients.update(devices)
+                for session, peer in devices.items():
+                    # by its token: a user id may hold tokens of several shops
+                    if (who := peer.identity) is not None and can_read(who, conv, members):
+                        recipients[session] = peer
         if topic is not None and (subscribers := self.topics.get((conv.shop, topic))):
             recipients.update(subscribers)
         recipients.pop(exclude_session, None)

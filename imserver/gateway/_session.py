@@ -1062,19 +1062,8 @@ class Session:
         return PresenceList(id=request.id, presences=self.ctx.hub.watch(self, users))
 
     async def _shop_users(self, shop: str, users: list[str]) -> set[str]:
-        """Those of ``users`` who belong to ``shop``: connected now as its staff
-        (their login's record may not be committed yet), or known to the store."""
-        online = {
-            user
-            for user in users
-            for peer in self.ctx.hub.by_user.get(user, {}).values()
-            if isinstance(peer, Session)
-            and peer.identity is not None
-            and peer.identity.is_staff
-            and peer.identity.shop == shop
-        }
-        rest = [user for user in users if user not in online]
-        return online | (await self.ctx.store.shop_users(shop, rest) if rest else set())
+        """Those of ``users`` who belong to ``shop`` (``policy.users_of_shop``)."""
+        return await policy.users_of_shop(shop, users, online=self.ctx.hub, known=self.ctx.store)
 
     async def _subscribe(self, request: Subscribe) -> ServerFrameType:
         who = self.identity

@@ -440,11 +440,11 @@ class ConversationActor:
 
     async def _is_agent_of(self, shop: str, user: str, who: policy.Identity) -> bool:
         """Whether ``user`` may be given a conversation of ``shop``: an agent or
-        supervisor of it (the requester, by their token, or one the store knows:
-        logged in there, or with an agent status)."""
-        if user == who.user and who.role in (Role.AGENT, Role.SUPERVISOR) and who.shop == shop:
+        supervisor of it (the requester, by their token, or ``policy.is_agent_of_shop``:
+        connected now, logged in there before, or with an agent status)."""
+        if user == who.user and who.role in policy.ASSIGNEE_ROLES and who.shop == shop:
             return True
-        return await self.store.is_shop_agent(shop, user)
+        return await policy.is_agent_of_shop(shop, user, online=self.hub, known=self.store)
 
     def _send(
         self, cmd: SendCmd, ops: list[WriteOp], effects: list[Effect]
@@ -680,7 +680,19 @@ class ConversationActor:
         read_seq = 0 if change == "opened" else await self._read_point(who.user)
         effects.append(_bind(self._reply, cmd, self._info(cmd, conv, read_seq)))
 
-    def _create_group(self, cmd: CreateGroupCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
+    async def _check_members(self, who: policy.Identity, shop: str, users: list[str]) -> None:
+        strangers = await policy.member_strangers(
+            who, shop, users, online=self.hub, known=self.store
+        )
+        if strangers:
+            raise Refusal(
+                ErrorCode.FORBIDDEN,
+                f"not users of shop {shop!r}: {', '.join(strangers)[:200]}",
+            )
+
+    async def _create_group(
+        self, cmd: CreateGroupCmd, ops: list[WriteOp], effects: list[Effect]
+    ) -> None:
         if self.conversation is not None:
             raise Refusal(ErrorCode.CONFLICT, "conversation exists")
         if not policy.can_create_group(cmd.who, cmd.shop):
@@ -689,6 +701,7 @@ class ConversationActor:
         members[cmd.who.user] = MemberRole.OWNER
         if len(members) > MAX_GROUP_MEMBERS:
             raise Refusal(ErrorCode.TOO_LARGE, f"more than {MAX_GROUP_MEMBERS} members")
+        await self._check_members(cmd.who, cmd.shop, list(members))
         now = now_ms()
         conv = Conversation(
             id=self.conv_id,
@@ -706,11 +719,12 @@ class ConversationActor:
         effects.append(self._publish_conversation(ops, conv, "created"))
         effects.append(_bind(self._reply, cmd, self._info(cmd, conv, 0)))
 
-    def _members(self, cmd: MembersCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
+    async def _members(self, cmd: MembersCmd, ops: list[WriteOp], effects: list[Effect]) -> None:
         conv = self._existing(cmd)
         if not policy.can_manage_members(cmd.who, conv, self.members):
             raise Refusal(ErrorCode.FORBIDDEN, "you may not change this group's members")
         add = {u: cmd.role for u in cmd.add if self.members.get(u) != cmd.role}
+        await self._check_members(cmd.who, conv.shop, [u for u in add if u not in self.members])
         remove = [
             u for u in cmd.remove if u in self.members and self.members[u] is not MemberRole.OWNER
         ]

@@ -295,7 +295,8 @@ class Store(Protocol):
 
     async def shop_users(self, shop: str, users: Sequence[str]) -> set[str]:
         """Those of ``users`` who belong to ``shop``: its staff (logged in, or with
-        an agent status) and its customers (a conversation with it, or a group of it)."""
+        an agent status) and its customers (a direct conversation with it; being a
+        group member makes no one a user of the shop)."""
 
     async def is_shop_agent(self, shop: str, user: str) -> bool:
         """Whether ``user`` is an agent (or supervisor) of ``shop``: logged in as

@@ -415,9 +415,8 @@ SQL_SHOP_USER: Final = """
 SELECT EXISTS (SELECT 1 FROM staff WHERE shop = :shop AND user = :user)
     OR EXISTS (SELECT 1 FROM agents WHERE shop = :shop AND agent = :user)
     OR EXISTS (SELECT 1 FROM conversations AS c WHERE c.customer = :user AND c.shop = :shop)
-    OR EXISTS (SELECT 1 FROM members AS m CROSS JOIN conversations AS c ON c.id = m.conv
-               WHERE m.user = :user AND c.shop = :shop)
 """
+# (Group membership makes no one a user of the shop: members are chosen among its users.)
 SQL_SHOP_AGENT: Final = """
 SELECT EXISTS (SELECT 1 FROM staff WHERE shop = :shop AND user = :user
                AND role IN ('agent', 'supervisor'))

@@ -201,9 +201,12 @@ async def build_world(server: RunningServer, stack: AsyncExitStack) -> World:
         extra = {"plugin": "p1"} if role is Role.WORKER else {}
         await w.connect(name, role.value, shop, **extra)
     ag2 = await w.connect("ag2", "agent", "shop2")
-    for name in ("os", "cx1", "cx2", "cy"):
+    for name in ("os", "cx1", "cx2", "cy", "cz"):
         await w.connect(name)
     c = w.clients
+    # group members must be users of the group's shop: cy of shop1, cz of both
+    for name, shop in (("cy", "shop1"), ("cz", "shop1"), ("cz", "shop2")):
+        await _open(c[name], shop)
     # own conversations: cu's with shop1, assigned to ag; su's own; groups
     w.convs["cu_direct"] = await _open(c["cu"], "shop1")
     await c["ag"].request(UpdateConversation(id=0, conv=w.convs["cu_direct"], agent="ag"))
@@ -285,7 +288,7 @@ async def _notice_seen(w: World, who: str, notice: Any, conv: str, observer: str
     raise AssertionError("connection closed")
 
 
-_NOT_AUTHZ = ("author", "no message", "only direct", "already joined")
+_NOT_AUTHZ = ("author", "no message", "only direct", "already joined", "not users of shop ")
 """Refusals that are not the table's (the test must not mistake them for it)."""
 
 
@@ -318,7 +321,7 @@ async def attempt(w: World, kind: type, role: Role, relation: Relation) -> bool:
     if kind is CreateGroup:
         return await _answer(client, CreateGroup(id=0, shop=shop_target(relation), title="t"))
     if kind is UpdateMembers:
-        return await _answer(client, UpdateMembers(id=0, conv=conv, add=["zz"]))
+        return await _answer(client, UpdateMembers(id=0, conv=conv, add=["cz"]))
     if kind is Send:
         return await _answer(
             client, Send(id=0, conv=conv, cmid=f"m{next(w.fresh)}", body=TextBody(text="hi"))
@@ -434,7 +437,7 @@ async def _conditions_fail(world: World) -> None:
     assert refused.value.code == "forbidden"
     # group admin: a plain member may not change the members
     with pytest.raises(ServerError) as refused:
-        await c["ag"].request(UpdateMembers(id=0, conv=convs["ag_member"], add=["zz"]))
+        await c["ag"].request(UpdateMembers(id=0, conv=convs["ag_member"], add=["cz"]))
     assert refused.value.code == "forbidden"
     # queue topics: agents do not get every message of the shop
     with pytest.raises(ServerError) as refused:

@@ -12,8 +12,13 @@ later; after ``MAX_ATTEMPTS`` the event is acked anyway and logged as
 poison, so one bad event cannot wedge a conversation for ever. Handler
 actions carry idempotency keys derived from the event id (``WorkerContext``),
 which makes the redelivery harmless. If the connection drops, the runner
-reconnects with backoff and joins again; the server has meanwhile moved its
-shards (and their unacked events) to the surviving instances.
+reconnects and joins again; the server has meanwhile moved its shards (and
+their unacked events) to the surviving instances. Every reconnect waits an
+exponential backoff with jitter (``reconnect_delay``), reset only by a
+successful join: a server that refuses the join (a token without this
+plugin's claim, another shop's plugin) is retried at most every
+``RECONNECT_BACKOFF_MAX_S``, and a refusal that no retry can cure
+(``PERMANENT_REFUSALS``) is logged once as one JSON line, not on every retry.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,7 +61,22 @@ MAX_CONCURRENT_HANDLERS: Final = 64
 MAX_QUEUED_EVENTS: Final = 10_000
 """Events waiting in this process; beyond it the reader stops reading (backpressure)."""
 
-RECONNECT_BACKOFF_S: Final = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+RECONNECT_BACKOFF_BASE_S: Final = 0.1
+"""The first reconnect's delay; it doubles with every failed attempt ..."""
+RECONNECT_BACKOFF_MAX_S: Final = 5.0
+"""... up to this."""
+RECONNECT_JITTER: Final = 0.5
+"""A delay is drawn from [1 - this, 1] times the nominal one, so that the
+instances a restart disconnected together do not come back together."""
+PERMANENT_REFUSALS: Final = frozenset({"forbidden", "unauthorized"})
+"""Error codes of a refused join that retrying cannot cure (the token is wrong)."""
+
+
+def reconnect_delay(attempt: int, rng: random.Random | None = None) -> float:
+    """The wait before reconnect ``attempt`` (0 = right after a good session ended)."""
+    nominal = min(RECONNECT_BACKOFF_MAX_S, RECONNECT_BACKOFF_BASE_S * 2.0 ** min(attempt, 32))
+    draw = rng.random() if rng is not None else random.random()
+    return nominal * (1 - RECONNECT_JITTER * draw)
 
 
 class WorkerRunner:
@@ -85,14 +106,19 @@ class WorkerRunner:
         self._client: AsyncClient | None = None
         self._ctx: WorkerContext | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._refusal = ""
+        """The permanent refusal logged since the last good join (logged once)."""
 
     async def run(self) -> None:
         """Run until cancelled, reconnecting as needed."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        attempt = 0
+        attempt = -1  # failed attempts since the last join (none yet: no wait)
         setup_done = False
         try:
             while True:
+                if attempt >= 0:
+                    await asyncio.sleep(reconnect_delay(attempt))
+                attempt += 1
                 try:
                     client = await AsyncClient.connect(
                         self.url,
@@ -100,13 +126,12 @@ class WorkerRunner:
                         device=f"{self.plugin.name}-{os.getpid()}",
                         on_event=self._on_event,
                     )
-                except (TimeoutError, OSError, RequestFailed, Disconnected) as exc:
-                    delay = RECONNECT_BACKOFF_S[min(attempt, len(RECONNECT_BACKOFF_S) - 1)]
-                    attempt += 1
-                    log.warning("connect failed (%s); retrying in %.1fs", exc, delay)
-                    await asyncio.sleep(delay)
+                except RequestFailed as exc:
+                    self._refused(exc)
                     continue
-                attempt = 0
+                except (TimeoutError, OSError, Disconnected) as exc:
+                    log.warning("connect failed (%s); retrying with backoff", exc)
+                    continue
                 self._client = client
                 self._ctx = WorkerContext(
                     client=client,
@@ -121,6 +146,7 @@ class WorkerRunner:
                     joined: WorkerJoined = await client.request(
                         WorkerJoin(id=0, plugin=self.plugin.name, kinds=sorted(self.plugin.kinds))
                     )
+                    attempt, self._refusal = 0, ""
                     self.shards = joined.shards
                     self._ctx.shard_count = joined.shard_count
                     # One plain line on stdout, like the server's "listening on": supervisors
@@ -138,7 +164,9 @@ class WorkerRunner:
                     await client.closed
                     if ticker is not None:
                         ticker.cancel()
-                except (TimeoutError, Disconnected, RequestFailed) as exc:
+                except RequestFailed as exc:
+                    self._refused(exc)
+                except (TimeoutError, Disconnected) as exc:
                     log.warning("session ended: %s", exc)
                 finally:
                     self.connected.clear()
@@ -156,6 +184,25 @@ class WorkerRunner:
             for task in list(self._tasks):
                 task.cancel()
             await self.plugin.teardown()
+
+    def _refused(self, exc: RequestFailed) -> None:
+        """A refused Hello or join: a permanent refusal is one JSON line (the
+        ``imserver.worker`` logger's format), once until the next good join."""
+        if exc.code not in PERMANENT_REFUSALS:
+            log.warning("refused (%s); retrying with backoff", exc)
+        elif str(exc) != self._refusal:
+            self._refusal = str(exc)
+            log.error(
+                "worker_join_refused",
+                extra={
+                    "fields": {
+                        "plugin": self.plugin.name,
+                        "code": exc.code,
+                        "reason": exc.error.message,
+                        "retry_max_s": RECONNECT_BACKOFF_MAX_S,
+                    }
+                },
+            )
 
     # -- events
 

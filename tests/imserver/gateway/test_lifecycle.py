@@ -31,6 +31,7 @@ from protocol import (
     ConversationInfo,
     CreateGroup,
     Hello,
+    OpenConversation,
     Ping,
     PresenceEvent,
     PresenceList,
@@ -227,6 +228,9 @@ async def test_slow_consumer_that_never_reads_is_released(tmp_path: Path) -> Non
 
     async with _server(tmp_path, idle_ms=60_000) as srv:
         owner = mint_token(SECRET, user="owner", role="agent", shop="shop1")
+        sink_token = mint_token(SECRET, user="sink", role="customer", shop="")
+        async with connect(srv.url, sink_token, device="s") as sink_client:  # a user of shop1
+            await sink_client.request(OpenConversation(id=0, shop="shop1"))
         async with connect(srv.url, owner, device="o") as agent:
             info: ConversationInfo = await agent.request(
                 CreateGroup(id=0, shop="shop1", title="sale", members=["sink"])

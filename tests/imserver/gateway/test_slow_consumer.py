@@ -10,6 +10,7 @@ from protocol import (
     CreateGroup,
     Hello,
     MessageEvent,
+    OpenConversation,
     Send,
     Synced,
     TextBody,
@@ -24,9 +25,13 @@ PAYLOAD = "x" * 4000  # 24 MB in all: more than the outbox plus every kernel buf
 
 
 async def test_slow_consumer_is_cut_off_and_resumes_losslessly(server: RunningServer) -> None:
+    for name in ("slow", "fast"):  # group members are users of the shop: customers of it
+        async with server.connect(name) as client:
+            await client.request(OpenConversation(id=0, shop="shop1"))
     async with server.connect("owner", "agent", "shop1") as owner:
         info: ConversationInfo = await owner.request(
-            CreateGroup(id=0, shop="shop1", title="flash sale", members=["slow", "fast"]))
+            CreateGroup(id=0, shop="shop1", title="flash sale", members=["slow", "fast"])
+        )
         conv = info.conversation.id
     async with (
         raw_ws(server.url) as slow,
@@ -49,9 +54,12 @@ async def test_slow_consumer_is_cut_off_and_resumes_losslessly(server: RunningSe
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(fast_reader)
                 for start in range(0, MESSAGES, 200):
-                    pending = [await flooder.start_request(Send(
-                        id=0, conv=conv, cmid=f"m{i}", body=TextBody(text=PAYLOAD)))
-                        for i in range(start, start + 200)]
+                    pending = [
+                        await flooder.start_request(
+                            Send(id=0, conv=conv, cmid=f"m{i}", body=TextBody(text=PAYLOAD))
+                        )
+                        for i in range(start, start + 200)
+                    ]
                     for p in pending:
                         await p.result()
         assert fast_seqs == list(range(1, MESSAGES + 1))  # the fast reader was never stalled

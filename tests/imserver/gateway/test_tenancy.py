@@ -3,10 +3,14 @@ another shop's data (the findings of the security review, issue 10)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+import trio
 
 from imserver.client import Client, ServerError
 from imserver.limits import CUSTOMER_OPENS_BURST
+from imserver.store import PutShop
 from protocol import (
     AgentStatus,
     ConversationEvent,
@@ -23,6 +27,7 @@ from protocol import (
     TextBody,
     Topic,
     UpdateConversation,
+    UpdateMembers,
     WatchPresence,
     WorkerAssignment,
     WorkerEvent,
@@ -271,3 +276,126 @@ async def test_staff_who_logged_in_to_a_shop_are_its_agents(server: RunningServe
             "sup1",
         }
         assert not await store.is_shop_agent("shop2", "newbie")
+
+
+async def test_group_members_are_users_of_the_groups_shop(server: RunningServer) -> None:
+    """Staff of shop2 cannot pull shop1's customer (nor shop1's agent, nor a
+    stranger) into a shop2 group, by creating it or by adding members: that
+    would be a channel from shop2 into shop1's customers."""
+    store = server.server.store
+    assert store is not None
+    async with server.connect("old2", "agent", "shop2"):
+        pass
+    await store.write([PutShop(name="shop2", ts=0)])  # old2's login record is committed
+    async with (
+        server.connect("alice") as alice,
+        server.connect("bob") as bob,
+        server.connect("ag2", "agent", "shop2") as ag2,
+        server.connect("sup2", "supervisor", "shop2"),
+        server.connect("w2", "worker", "shop2", plugin="p"),
+        server.connect("a1", "agent", "shop1") as a1,
+    ):
+        alices = await _open(alice, "shop1")
+        await _open(bob, "shop2")
+        for stranger in ("alice", "a1", "nobody"):
+            create = CreateGroup(id=0, shop="shop2", title="deals", members=["bob", stranger])
+            reason = await _refused(ag2, create)
+            assert "not users of shop 'shop2'" in reason
+            assert stranger in reason and "bob" not in reason
+        # its users: a customer of it, its staff connected now (sup2, w2) or known (old2)
+        members = ["bob", "sup2", "w2", "old2"]
+        created = await ag2.request(CreateGroup(id=0, shop="shop2", title="deals", members=members))
+        group = created.conversation.id
+        reason = await _refused(ag2, UpdateMembers(id=0, conv=group, add=["alice"]))
+        assert "alice" in reason
+        sent = await ag2.send_text(group, "click http://evil")
+        async for frame in bob.events:
+            if isinstance(frame, MessageEvent) and frame.message.conv == group:
+                assert frame.message.seq == sent.seq
+                break
+        else:
+            raise AssertionError("bob's connection ended")
+        # nothing of the group reached alice: up to a message from her own shop
+        await a1.request(UpdateConversation(id=0, conv=alices, agent="a1"))
+        await a1.send_text(alices, "hello from shop1")
+        async for frame in alice.events:
+            if isinstance(frame, ConversationEvent):
+                assert frame.conversation.id != group
+            if isinstance(frame, MessageEvent):
+                assert frame.message.conv != group
+                if frame.message.sender == "a1":
+                    break
+        else:
+            raise AssertionError("alice's connection ended")
+
+
+async def test_fan_out_skips_a_member_session_that_may_not_read(server: RunningServer) -> None:
+    """One user id, two platform tokens: agent of shop2 (a member of a shop2
+    group) and agent of shop1. Fan-out goes by token, not by user id: the
+    shop1 session gets nothing of the shop2 group."""
+    async with (
+        server.connect("dual", "agent", "shop2", device="as-shop2") as dual2,
+        server.connect("dual", "agent", "shop1", device="as-shop1") as dual1,
+        server.connect("ag2", "agent", "shop2") as ag2,
+        server.connect("alice") as alice,
+    ):
+        group = (
+            await ag2.request(CreateGroup(id=0, shop="shop2", title="team", members=["dual"]))
+        ).conversation.id
+        sent = await ag2.send_text(group, "shop2 internal")  # fanned out before the ack
+        async for frame in dual2.events:
+            if isinstance(frame, MessageEvent) and frame.message.conv == group:
+                assert frame.message.seq == sent.seq
+                break
+        else:
+            raise AssertionError("the shop2 session's connection ended")
+        conv = await _open(alice, "shop1")
+        await dual1.request(UpdateConversation(id=0, conv=conv, agent="dual"))
+        await alice.send_text(conv, "hello shop1")
+        async for frame in dual1.events:
+            if isinstance(frame, MessageEvent):
+                assert frame.message.conv == conv, "the shop1 session got the shop2 group"
+                if frame.message.sender == "alice":
+                    break
+        else:
+            raise AssertionError("the shop1 session's connection ended")
+
+
+async def test_a_transfer_right_after_the_agents_welcome(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's login record is written in the background: with that write
+    held back (a slow disk), a transfer to them right after their Welcome goes
+    through, because they are connected as an agent of the shop now."""
+    from imserver.store import PutStaff
+
+    store = server.server.store
+    assert store is not None
+    release = trio.Event()
+    write = store.write
+
+    async def slow_staff_write(ops: Any) -> Any:
+        if any(isinstance(op, PutStaff) and op.user == "late" for op in ops):
+            await release.wait()
+        return await write(ops)
+
+    monkeypatch.setattr(store, "write", slow_staff_write)
+    async with (
+        server.connect("alice") as alice,
+        server.connect("sup1", "supervisor", "shop1") as sup1,
+    ):
+        conv = await _open(alice, "shop1")
+        async with server.connect("late", "agent", "shop1") as late:
+            assert not await store.is_shop_agent("shop1", "late")  # not committed
+            await sup1.request(UpdateConversation(id=0, conv=conv, agent="late"))
+            async for frame in late.events:
+                if isinstance(frame, ConversationEvent) and frame.conversation.id == conv:
+                    assert frame.conversation.agent == "late"
+                    break
+            else:
+                raise AssertionError("the agent's connection ended")
+        release.set()
+        # gone and its record not yet known: no longer an agent of the shop
+        # (until the store has it), and never one of another shop
+        reason = await _refused(sup1, UpdateConversation(id=0, conv=conv, agent="ghost"))
+        assert "ghost" in reason

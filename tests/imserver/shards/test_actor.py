@@ -70,6 +70,9 @@ async def test_twenty_concurrent_senders_get_gapless_ordered_seqs(server: Runnin
     senders = [f"member{i}" for i in range(20)]
     per_sender = 200
     total = len(senders) * per_sender
+    for name in senders:  # group members are users of the shop: customers of it here
+        async with server.connect(name) as client:
+            await client.request(OpenConversation(id=0, shop="shop1"))
     async with server.connect("owner", "agent", "shop1") as owner:
         info: ConversationInfo = await owner.request(
             CreateGroup(id=0, shop="shop1", title="fans", members=senders)
