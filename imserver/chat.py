@@ -28,6 +28,7 @@ import trio
 from protocol import (
     AgentStatus,
     AnyBody,
+    Channel,
     CloseCode,
     Conversation,
     ConversationEvent,
@@ -269,6 +270,7 @@ class ChatState:
     user: str
     role: str
     conv: str | None = None
+    channel: str = "web"
     seen: dict[str, int] = field(default_factory=dict)
     options: list[str] = field(default_factory=list)
     """The quick replies offered last (typing ``2`` sends the second)."""
@@ -370,7 +372,9 @@ async def _session(
     client: Client, state: ChatState, shop: str, lines: trio.MemoryReceiveChannel[str]
 ) -> None:
     if state.role == "customer":
-        info: ConversationInfo = await client.request(OpenConversation(id=0, shop=shop))
+        info: ConversationInfo = await client.request(
+            OpenConversation(id=0, shop=shop, channel=Channel(state.channel))
+        )
         state.conv = info.conversation.id
     else:
         await client.request(Subscribe(id=0, topics=[Topic.CONVERSATIONS]))
@@ -423,7 +427,7 @@ _FINAL_CLOSES: Final = frozenset({CloseCode.UNAUTHORIZED, CloseCode.UNSUPPORTED_
 
 async def _chat(args: argparse.Namespace, secret: bytes) -> None:
     shop = "" if args.role == "customer" else args.shop
-    state = ChatState(user=args.user, role=args.role, conv=args.conv)
+    state = ChatState(user=args.user, role=args.role, conv=args.conv, channel=args.channel)
     send, lines = trio.open_memory_channel[str](0)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_read_stdin, send)

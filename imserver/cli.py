@@ -19,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from protocol import Role
+from protocol import Channel, Role
 
 from . import logs
 from .auth import mint_token
@@ -231,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--role", choices=["customer", "agent", "supervisor"], default="customer")
     chat.add_argument("--shop", required=True, help="the shop to talk to (customer) or work for")
     chat.add_argument("--conv", default=None, help="agent: the conversation to claim and join")
+    chat.add_argument(
+        "--channel",
+        choices=[c.value for c in Channel],
+        default="web",
+        help="customer: the channel you chat through (the CRM knows you as CHANNEL:USER)",
+    )
     from workers.crm.cli import add_crm_parser
 
     add_crm_parser(sub)

@@ -233,7 +233,7 @@ async def _cli(server: RunningServer, nursery: trio.Nursery, *args: str) -> Cli:
 
 async def test_the_cli_for_a_buyer_and_an_agent(server: RunningServer) -> None:
     async with trio.open_nursery() as nursery:
-        buyer = await _cli(server, nursery, "buyer1")
+        buyer = await _cli(server, nursery, "--channel", "taobao", "buyer1")
         banner = await buyer.until("^connected as buyer1")
         conv = banner.split("chat: ")[1].split(";")[0]
         await buyer.say("/help")
@@ -252,7 +252,7 @@ async def test_the_cli_for_a_buyer_and_an_agent(server: RunningServer) -> None:
             await sup.request(UpdateConversation(id=0, conv=conv, state=ConvState.QUEUED))
 
         agent = await _cli(server, nursery, "--role", "agent", "a1")
-        await agent.until(f"^   {conv}  customer buyer1  via web .*waiting")
+        await agent.until(f"^   {conv}  customer buyer1  via taobao .*waiting")
         await agent.until("^-- your chats: none")
         await agent.say(f"/claim {conv}")
         await agent.until(f"^-- the last \\d+ messages of {conv}")

@@ -77,6 +77,8 @@ class CrmPlugin(Plugin):
         self._scored_at: dict[str, float] = {}
         self._imported: dict[Path, float] = {}
         """Configured import files -> the mtime last imported."""
+        self._import_errors: dict[Path, str] = {}
+        """Configured import files that cannot be read -> why (logged once)."""
 
     async def setup(self, ctx: WorkerContext) -> None:
         path = crm_db_path(ctx)
@@ -100,15 +102,19 @@ class CrmPlugin(Plugin):
             try:
                 mtime = (await asyncio.to_thread(path.stat)).st_mtime
             except OSError as exc:
-                log_event(
-                    log,
-                    "import_failed",
-                    level=logging.ERROR,
-                    kind=key,
-                    path=str(path),
-                    error=f"{type(exc).__name__}: {exc.strerror}",
-                )
+                error = f"{type(exc).__name__}: {exc.strerror}"
+                if self._import_errors.get(path) != error:  # once, not every tick
+                    self._import_errors[path] = error
+                    log_event(
+                        log,
+                        "import_failed",
+                        level=logging.ERROR,
+                        kind=key,
+                        path=str(path),
+                        error=error,
+                    )
                 continue
+            self._import_errors.pop(path, None)
             if self._imported.get(path) == mtime:
                 continue
             self._imported[path] = mtime
