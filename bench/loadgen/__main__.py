@@ -33,7 +33,12 @@ from .sysstat import ServerProbe
 
 def _apply_overrides(profile: SuiteProfile, args: argparse.Namespace) -> SuiteProfile:
     replace = msgspec.structs.replace
-    peak, fan, storm, idle = profile.peak_sale, profile.fanout, profile.reconnect_storm, profile.idle
+    peak, fan, storm, idle = (
+        profile.peak_sale,
+        profile.fanout,
+        profile.reconnect_storm,
+        profile.idle,
+    )
     bot = profile.bot_heavy
     if args.pairs is not None:
         peak = replace(peak, pairs=args.pairs)
@@ -57,8 +62,9 @@ def _apply_overrides(profile: SuiteProfile, args: argparse.Namespace) -> SuitePr
         idle = replace(idle, connections=args.connections)
     if args.hold_s is not None:
         idle = replace(idle, hold_s=args.hold_s)
-    return replace(profile, peak_sale=peak, fanout=fan, reconnect_storm=storm, idle=idle,
-                   bot_heavy=bot)
+    return replace(
+        profile, peak_sale=peak, fanout=fan, reconnect_storm=storm, idle=idle, bot_heavy=bot
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,20 +86,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold-s", type=float)
     parser.add_argument("--customers", type=int)
     parser.add_argument("--duration-s", type=float)
-    parser.add_argument("--seed-data", type=Path, default=None,
-                        help="bot_heavy: the server's data directory, to seed its CRM database")
+    parser.add_argument(
+        "--tag",
+        default=None,
+        help="prefix of the run's user and shop ids (default: random); imserver "
+        "serves registered shops only: register TAG-shop0 .. TAG-shop9 first",
+    )
+    parser.add_argument(
+        "--seed-data",
+        type=Path,
+        default=None,
+        help="bot_heavy: the server's data directory, to seed its CRM database",
+    )
     args = parser.parse_args(argv)
     if not args.url.startswith(("ws://127.0.0.1", "ws://localhost", "ws://[::1]")):
         parser.error("the load generator only targets this host (127.0.0.1)")
     profile = _apply_overrides(PROFILES[args.profile], args)
     secret = (args.secret or secrets.token_hex(16)).encode()
-    tag = f"{args.scenario[:4]}{secrets.token_hex(3)}"
+    tag = args.tag or f"{args.scenario[:4]}{secrets.token_hex(3)}"
     if args.scenario == "bot_heavy" and args.seed_data is not None and profile.bot_heavy:
         profile.bot_heavy.validate()
         bot_heavy.seed_crm(args.seed_data, profile.bot_heavy, tag)
-    report = run_scenario(args.scenario, profile, args.url, secret, tag,
-                          ServerProbe(args.server_pid), lambda line: print(line, file=sys.stderr),
-                          args.workers)
+    report = run_scenario(
+        args.scenario,
+        profile,
+        args.url,
+        secret,
+        tag,
+        ServerProbe(args.server_pid),
+        lambda line: print(line, file=sys.stderr),
+        args.workers,
+    )
     data = msgspec.json.format(msgspec.json.encode(report), indent=2)
     if args.json is not None:
         args.json.write_bytes(data + b"\n")

@@ -21,8 +21,10 @@ same ``sqlite3`` exception class in the parent), the ids of its ``PutEvent``
 ops, and the stats of the committed transactions. No thread sits between
 the trio loop and the pipe: the answer wakes the loop through the same epoll
 set as a client socket (a thread cost a condition-variable wake, a GIL
-hand-over and a ``run_sync_soon`` wake-up socket per batch, 15-20 % of the
-store's server-side CPU at 1,000 msg/s). The child runs
+hand-over and a ``run_sync_soon`` wake-up socket per batch; on a 2-core VM
+the difference in server CPU per message was within the noise, 5 %, see
+bench/RESULTS.md: it is one thread and two wake-ups fewer, not a speed-up).
+The child runs
 ``_sqlite._transact`` (one transaction, and on failure each work alone) on
 its own connection with the same pragmas.
 
