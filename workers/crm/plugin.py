@@ -32,6 +32,7 @@ import msgspec
 from imserver.gateway._ids import direct_conversation_id
 from imserver.logs import event as log_event
 from protocol import TextBody, WorkerEvent, WorkerEventKind
+from workers import metrics
 from workers.sdk import Plugin, RequestFailed, WorkerContext
 
 from .broadcast import BroadcastPlanner
@@ -143,6 +144,7 @@ class CrmPlugin(Plugin):
                 data = msgspec.to_builtins(profile)
                 data["conv"] = conv.id
                 await ctx.notify("profile", data, user=conv.agent)
+                metrics.CRM_PROFILES.labels(shop=conv.shop).inc()
 
     async def on_tick(self, ctx: WorkerContext, now: float) -> None:
         repo = self.repo
