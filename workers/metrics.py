@@ -11,7 +11,8 @@ never sees half a file) and removes it when it stops.
 
 ``imserver serve`` registers ``WorkerFilesCollector`` on its own registry: at
 each scrape it reads the files of that directory, skips those not rewritten for
-``STALE_AFTER_S`` (a worker killed with SIGKILL), and exports every sample with
+``STALE_AFTER_S`` (a worker killed with SIGKILL; deleted after
+``REMOVE_AFTER_S``), and exports every sample with
 a ``worker`` label (``bot-4242``), so several instances of a plugin add up in
 PromQL (``sum by (shop) (rate(imserver_bot_answers_total[5m]))``). Workers on
 the server's machine and data directory (``serve --workers``) are therefore on
@@ -40,6 +41,8 @@ STALE_AFTER_S: Final = 30.0
 """A metrics file not rewritten for this long belongs to a dead worker: ignored."""
 METRICS_DIR: Final = "metrics"
 """Under the data directory."""
+REMOVE_AFTER_S: Final = 3600.0
+"""A metrics file this old is deleted at the next scrape (left by a killed worker)."""
 MAX_METRICS_FILE_BYTES: Final = 4 * 1024 * 1024
 """A larger file is skipped (a worker's registry is a few KiB)."""
 
@@ -170,6 +173,9 @@ class WorkerFilesCollector(Collector):
         for path in files:
             try:
                 stat = path.stat()
+                if now - stat.st_mtime > REMOVE_AFTER_S:
+                    path.unlink()
+                    continue
                 if now - stat.st_mtime > STALE_AFTER_S or stat.st_size > MAX_METRICS_FILE_BYTES:
                     continue
                 text = path.read_text(encoding="utf-8")

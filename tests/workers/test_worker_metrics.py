@@ -14,7 +14,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from protocol import ConversationEvent, OpenConversation
 from tests.conftest import RunningServer
 from tests.workers.conftest import worker_process
-from workers.metrics import STALE_AFTER_S, WRITE_EVERY_S, WorkerFilesCollector
+from tests.workers.routing.test_router import PRE, SHOP, make, online
+from workers import metrics
+from workers.metrics import (
+    REMOVE_AFTER_S,
+    STALE_AFTER_S,
+    WRITE_EVERY_S,
+    WorkerFilesCollector,
+)
 
 
 def _scrape(directory: Path) -> str:
@@ -57,9 +64,25 @@ def test_files_merge_by_worker_and_stale_ones_are_skipped(tmp_path: Path) -> Non
         )
     (tmp_path / "broken-4.prom").write_text("imserver_x{ this is not", encoding="utf-8")
     old = time.time() - STALE_AFTER_S - 1
-    os.utime(tmp_path / "bot-3.prom", (old, old))  # its worker died long ago
+    os.utime(tmp_path / "bot-3.prom", (old, old))  # its worker died a while ago
+    (tmp_path / "bot-5.prom").write_text("", encoding="utf-8")
+    ancient = time.time() - REMOVE_AFTER_S - 1
+    os.utime(tmp_path / "bot-5.prom", (ancient, ancient))
     text = _scrape(tmp_path)
     assert 'imserver_bot_answers_total{shop="s1",worker="bot-1"} 3.0' in text
     assert 'imserver_bot_answers_total{shop="s1",worker="bot-2"} 4.0' in text
     assert "bot-3" not in text and "broken" not in text
+    assert (tmp_path / "bot-3.prom").exists() and not (tmp_path / "bot-5.prom").exists()
     assert text.count("# TYPE imserver_bot_answers_total counter") == 1
+
+
+def test_routing_queue_gauges_follow_the_dashboard() -> None:
+    router = make()
+    online(router, "a", {"pre-sale"}, 1)
+    router.request("p1", SHOP, PRE, 0.0)  # a takes it
+    router.request("p2", SHOP, PRE, 10.0)  # waits
+    metrics.observe_dashboard(router.dashboard(SHOP, 70.0))
+    text = generate_latest(metrics.REGISTRY).decode()
+    assert f'imserver_routing_queue_length{{shop="{SHOP}"}} 1.0' in text
+    assert f'imserver_routing_longest_wait_seconds{{shop="{SHOP}"}} 60.0' in text
+    assert f'imserver_routing_online_agents{{shop="{SHOP}"}} 1.0' in text
