@@ -19,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from protocol import Role
+from protocol import Channel, Role
 
 from . import logs
 from .auth import mint_token
@@ -176,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("IMSERVER_LOG_LEVEL", "info"),
         help="debug, info, warning, error (env IMSERVER_LOG_LEVEL)",
     )
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="also serve this worker's Prometheus metrics on this port (a worker away from "
+        "the server's data directory; nearby ones are on the server's /metrics)",
+    )
     sub.add_parser("plugins", help="list installed worker plugins")
 
     token = sub.add_parser("token", help="mint a development token")
@@ -224,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--role", choices=["customer", "agent", "supervisor"], default="customer")
     chat.add_argument("--shop", required=True, help="the shop to talk to (customer) or work for")
     chat.add_argument("--conv", default=None, help="agent: the conversation to claim and join")
+    chat.add_argument(
+        "--channel",
+        choices=[c.value for c in Channel],
+        default="web",
+        help="customer: the channel you chat through (the CRM knows you as CHANNEL:USER)",
+    )
     from workers.crm.cli import add_crm_parser
 
     add_crm_parser(sub)
@@ -387,6 +400,12 @@ def _run_server(args: argparse.Namespace) -> int:
         raise StartupError(f"cannot use data directory {args.data}: {exc}") from None
 
     plugins = [name.strip() for name in args.workers.split(",") if name.strip()]
+    from workers.metrics import METRICS_DIR, WorkerFilesCollector
+
+    from .metrics import METRICS
+
+    # Workers on this data directory write their metrics files there (workers/metrics.py).
+    METRICS.registry.register(WorkerFilesCollector(args.data / METRICS_DIR))
 
     async def run() -> None:
         from .supervisor import WorkerStates, supervise
@@ -491,12 +510,22 @@ def _worker(args: argparse.Namespace) -> int:
             config=config,
         )
         stage = "run"
+        from workers import metrics
+
+        if args.metrics_port is not None:
+            import prometheus_client
+
+            prometheus_client.start_http_server(args.metrics_port, registry=metrics.REGISTRY)
+        writer = metrics.FileWriter(args.data, plugin_cls.name)
         try:
-            import uvloop
-        except ImportError:  # uvloop is optional outside Linux/macOS
-            asyncio.run(runner.run())
-        else:
-            uvloop.run(runner.run())
+            try:
+                import uvloop
+            except ImportError:  # uvloop is optional outside Linux/macOS
+                asyncio.run(runner.run())
+            else:
+                uvloop.run(runner.run())
+        finally:
+            writer.close()
     except KeyboardInterrupt:
         return 0
     except Exception as exc:

@@ -449,8 +449,15 @@ async def member_strangers(
 # ------------------------------------------- the verdicts by their old names
 
 
+_READ: Final = _BY_ROLE[History]
+
+
 def can_read(who: Identity, conv: Conversation, members: Mapping[str, MemberRole]) -> bool:
-    return conversation_access(History, who, conv, members)
+    # Asked for every recipient of every message (fan-out): plain cells first.
+    rule = _READ[who.role._value_][_conversation_index(who, conv, members)]
+    if rule is _ALLOW:
+        return True
+    return rule is not _DENY and conversation_access(History, who, conv, members)
 
 
 def can_send(who: Identity, conv: Conversation, members: Mapping[str, MemberRole]) -> bool:

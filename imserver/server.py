@@ -209,6 +209,10 @@ class Server:
         ``StartupError`` before anything is started."""
         config = self.config
         try:
+            verifier = TokenVerifier(config.secret, shop_keys=self._shop_keys)
+        except ValueError as exc:  # a secret too short
+            raise StartupError(str(exc)) from None
+        try:
             prepare_data_dir(config.data_dir)
             lock = lock_data_dir(config.data_dir)
         except OSError as exc:
@@ -230,7 +234,7 @@ class Server:
                     f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
                 ) from None
             try:
-                await self._serve(listeners, task_status)
+                await self._serve(listeners, verifier, task_status)
             finally:
                 for listener in listeners:
                     await trio.aclose_forcefully(listener)
@@ -241,7 +245,10 @@ class Server:
             os.close(lock)
 
     async def _serve(
-        self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[str]
+        self,
+        listeners: list[trio.SocketListener],
+        verifier: TokenVerifier,
+        task_status: trio.TaskStatus[str],
     ) -> None:
         config = self.config
         store = WatchedSqliteStore(
@@ -267,7 +274,7 @@ class Server:
                 shards=shards,
                 hub=hub,
                 dispatcher=dispatcher,
-                verifier=TokenVerifier(config.secret, shop_keys=self._shop_keys),
+                verifier=verifier,
                 idle_timeout_ms=config.idle_timeout_ms,
                 handshake_timeout_s=config.handshake_timeout_s,
                 outbound_buffer_bytes=config.outbound_buffer_bytes,

@@ -157,6 +157,7 @@ async def test_start_up_errors_are_one_line_not_a_traceback(tmp_path: Path) -> N
         "garbage": ["--data", str(tmp_path / "garbage")],
         "port in use": ["--data", str(tmp_path / "p"), "--port", str(taken.getsockname()[1])],
         "not a dir": ["--data", str(tmp_path / "a-file" / "data")],
+        "short secret": ["--data", str(tmp_path / "s"), "--secret", "too-short"],
         "bad cert": [
             "--data",
             str(tmp_path / "c"),
@@ -169,7 +170,7 @@ async def test_start_up_errors_are_one_line_not_a_traceback(tmp_path: Path) -> N
     results: dict[str, subprocess.CompletedProcess[bytes]] = {}
 
     async def run(name: str, args: list[str]) -> None:
-        results[name] = await _run(SERVE + args + secret)
+        results[name] = await _run([*SERVE, *secret, *args])  # a case's own flags win
 
     with taken:
         async with trio.open_nursery() as nursery:
@@ -181,6 +182,7 @@ async def test_start_up_errors_are_one_line_not_a_traceback(tmp_path: Path) -> N
     assert "Address already in use" in lines["port in use"]
     assert "no.pem" in lines["bad cert"]
     assert "a-file" in lines["not a dir"]
+    assert "secret" in lines["short secret"]
 
 
 # -- finding 7: private files, no secret on a command line

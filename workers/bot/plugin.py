@@ -45,6 +45,7 @@ from protocol import (
     WorkerEvent,
     WorkerEventKind,
 )
+from workers import metrics
 from workers.crm.plugin import DEFAULT_DB
 from workers.crm.repository import CrmRepository
 from workers.handoff import TAG_OVERFLOW, handoff_tags
@@ -232,6 +233,11 @@ class BotPlugin(Plugin):
             message.body.text,
             datetime.now(UTC),
         )
+        metrics.BOT_MESSAGES.labels(shop=conv.shop).inc()
+        if decision.reply is not None and decision.handoff is None:
+            metrics.BOT_ANSWERS.labels(shop=conv.shop).inc()
+        if decision.handoff is not None:
+            metrics.BOT_HANDOFFS.labels(shop=conv.shop, reason=str(decision.handoff.reason)).inc()
         if decision.reply is not None:
             await ctx.reply(
                 conv.id,

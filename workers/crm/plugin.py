@@ -32,6 +32,7 @@ import msgspec
 from imserver.gateway._ids import direct_conversation_id
 from imserver.logs import event as log_event
 from protocol import TextBody, WorkerEvent, WorkerEventKind
+from workers import metrics
 from workers.sdk import Plugin, RequestFailed, WorkerContext
 
 from .broadcast import BroadcastPlanner
@@ -76,6 +77,8 @@ class CrmPlugin(Plugin):
         self._scored_at: dict[str, float] = {}
         self._imported: dict[Path, float] = {}
         """Configured import files -> the mtime last imported."""
+        self._import_errors: dict[Path, str] = {}
+        """Configured import files that cannot be read -> why (logged once)."""
 
     async def setup(self, ctx: WorkerContext) -> None:
         path = crm_db_path(ctx)
@@ -99,15 +102,19 @@ class CrmPlugin(Plugin):
             try:
                 mtime = (await asyncio.to_thread(path.stat)).st_mtime
             except OSError as exc:
-                log_event(
-                    log,
-                    "import_failed",
-                    level=logging.ERROR,
-                    kind=key,
-                    path=str(path),
-                    error=f"{type(exc).__name__}: {exc.strerror}",
-                )
+                error = f"{type(exc).__name__}: {exc.strerror}"
+                if self._import_errors.get(path) != error:  # once, not every tick
+                    self._import_errors[path] = error
+                    log_event(
+                        log,
+                        "import_failed",
+                        level=logging.ERROR,
+                        kind=key,
+                        path=str(path),
+                        error=error,
+                    )
                 continue
+            self._import_errors.pop(path, None)
             if self._imported.get(path) == mtime:
                 continue
             self._imported[path] = mtime
@@ -143,6 +150,7 @@ class CrmPlugin(Plugin):
                 data = msgspec.to_builtins(profile)
                 data["conv"] = conv.id
                 await ctx.notify("profile", data, user=conv.agent)
+                metrics.CRM_PROFILES.labels(shop=conv.shop).inc()
 
     async def on_tick(self, ctx: WorkerContext, now: float) -> None:
         repo = self.repo

@@ -101,6 +101,7 @@ from protocol import (
     WorkerEvent,
     WorkerEventKind,
 )
+from workers import metrics
 from workers.crm.plugin import DEFAULT_DB
 from workers.crm.repository import CrmRepository
 from workers.handoff import (
@@ -686,7 +687,9 @@ class RoutingPlugin(Plugin):
         if now - self._dashboard_at >= DASHBOARD_EVERY_S:
             self._dashboard_at = now
             for shop in [s for s, p in self._phase.items() if p is _Phase.READY]:
-                board: dict[str, Any] = msgspec.to_builtins(self.router.dashboard(shop, now))
+                dashboard = self.router.dashboard(shop, now)
+                metrics.observe_dashboard(dashboard)
+                board: dict[str, Any] = msgspec.to_builtins(dashboard)
                 self._spawn(self._quietly(ctx.notify("routing_dashboard", board, shop=shop)))
 
     async def _discover(self, ctx: WorkerContext) -> None:
@@ -813,10 +816,12 @@ class RoutingPlugin(Plugin):
                 if_agent=expect,
                 part=f"assign:{action.agent}:{action.reason}",
             )
+            metrics.ROUTING_ASSIGNMENTS.labels(shop=action.shop, reason=str(action.reason)).inc()
             self._positions.pop(action.conv, None)
             self._positions_told.pop(action.conv, None)
         elif isinstance(action, Queued):
             if action.overflow:
+                metrics.ROUTING_OVERFLOW.labels(shop=action.shop).inc()
                 await ctx.update(
                     action.conv, tags_add=[TAG_OVERFLOW], if_state=ConvState.QUEUED, part="overflow"
                 )
@@ -844,6 +849,7 @@ class RoutingPlugin(Plugin):
             )
             await self._position(ctx, action.conv, action.position, action.eta_seconds)
         elif isinstance(action, SlaBreach):
+            metrics.ROUTING_SLA_BREACHES.labels(shop=action.shop).inc()
             log.info(
                 "SLA breach: %s did not answer %s for %.0fs",
                 action.agent,

@@ -26,7 +26,7 @@ from protocol import (
 )
 from tests.conftest import RunningServer
 from tests.workers.conftest import worker_process
-from workers.handoff import TAG_OVERFLOW
+from workers.handoff import TAG_OVERFLOW, TAG_REQUEUED
 
 WORKERS_YAML = """
 routing:
@@ -150,24 +150,31 @@ async def test_an_agent_gone_past_the_grace_period_loses_chats_to_the_queue_head
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(shop_workers(server, tmp_path, grace=1))
         sup = await stack.enter_async_context(server.connect("sup", "supervisor", "shop1"))
-        await sup.request(Subscribe(id=0, topics=[Topic.CONVERSATIONS, Topic.MESSAGES]))
-        buyer = await stack.enter_async_context(server.connect("buyer"))
-        conv = (await buyer.request(OpenConversation(id=0, shop="shop1"))).conversation.id
+        await sup.request(Subscribe(id=0, topics=[Topic.CONVERSATIONS]))
+        first = await stack.enter_async_context(server.connect("first"))
+        conv = (await first.request(OpenConversation(id=0, shop="shop1"))).conversation.id
         async with server.connect("gone", "agent", "shop1") as gone:
             await gone.request(SetAgentStatus(id=0, status=AgentStatus.ONLINE))
-            await buyer.send_text(conv, "转人工")
+            await first.send_text(conv, "转人工")
             await conversation_event(sup, conv, state=ConvState.ASSIGNED, agent="gone")
-        # the agent's connection closed (offline); a colleague comes online: after the
-        # grace period the chat goes back to the head of the queue and on to the
-        # colleague, the previous agent noted
+        # the agent's connection closed (offline); meanwhile another buyer queues up
+        later = await stack.enter_async_context(server.connect("later"))
+        conv2 = (await later.request(OpenConversation(id=0, shop="shop1"))).conversation.id
+        await later.send_text(conv2, "转人工")
+        await conversation_event(sup, conv2, state=ConvState.QUEUED)
+        # after the grace period the chat goes back to the queue: at its head
+        await conversation_event(sup, conv, state=ConvState.QUEUED, tag=TAG_REQUEUED)
+        # a colleague comes online (one slot): the requeued chat first, the previous
+        # agent noted
         colleague = await stack.enter_async_context(server.connect("next", "agent", "shop1"))
         await colleague.request(SetAgentStatus(id=0, status=AgentStatus.ONLINE))
-        moved = await conversation_event(sup, conv, state=ConvState.ASSIGNED, agent="next")
-        assert moved.change in ("assigned", "transferred")
-        note = await conversation_event(colleague, conv, state=ConvState.ASSIGNED)
+        note = await conversation_event(colleague, conv, state=ConvState.ASSIGNED, agent="next")
         while "gone" not in note.note:
             note = await conversation_event(colleague, conv, state=ConvState.ASSIGNED)
         assert "previously with gone" in note.note
+        assert (
+            await conversation_event(sup, conv, state=ConvState.ASSIGNED)
+        ).conversation.agent == "next"
 
 
 async def test_out_of_hours_an_online_agent_is_assigned_and_the_bot_does_not_say_closed(
