@@ -90,26 +90,47 @@ _pair_numbers = itertools.count()
 def _secret() -> bytes:
     value = os.environ.get(SECRET_ENV, "")
     if not value:
-        raise RuntimeError(f"set {SECRET_ENV} to the server's token secret (any value for the "
-                           "baseline relays, which do not verify tokens)")
+        raise RuntimeError(
+            f"set {SECRET_ENV} to the server's token secret (any value for the "
+            "baseline relays, which do not verify tokens)"
+        )
     return value.encode()
 
 
 class SyncImClient:
     """One protocol session over websocket-client, with a reader greenlet."""
 
-    def __init__(self, url: str, user: str, role: Role, shop: str, secret: bytes,
-                 on_frame: Callable[[SyncImClient, ServerFrameType, int], None]) -> None:
+    def __init__(
+        self,
+        url: str,
+        user: str,
+        role: Role,
+        shop: str,
+        secret: bytes,
+        on_frame: Callable[[SyncImClient, ServerFrameType, int], None],
+    ) -> None:
         self.user = user
         self.on_frame = on_frame
         self.conn = ClientConnection()
         self.pending: dict[int, Any] = {}
         self.ws = websocket.create_connection(
-            url, timeout=CONNECT_TIMEOUT_S, enable_multithread=True, suppress_origin=True,
-            http_no_proxy=["127.0.0.1", "localhost"])
+            url,
+            timeout=CONNECT_TIMEOUT_S,
+            enable_multithread=True,
+            suppress_origin=True,
+            http_no_proxy=["127.0.0.1", "localhost"],
+        )
         token = mint_token(secret, user=user, role=role, shop=shop)
-        self.ws.send_binary(self.conn.hello(Hello(
-            v=PROTOCOL_VERSION, token=token, device=f"{user}-d", agent="imserver-bench-locust/1")))
+        self.ws.send_binary(
+            self.conn.hello(
+                Hello(
+                    v=PROTOCOL_VERSION,
+                    token=token,
+                    device=f"{user}-d",
+                    agent="imserver-bench-locust/1",
+                )
+            )
+        )
         first = self.ws.recv()
         frame = self.conn.receive(first if isinstance(first, bytes) else first.encode())
         if not isinstance(frame, Welcome):
@@ -164,11 +185,21 @@ class ImUser(User):
         self.conv = ""
         self.acks: dict[tuple[str, int], int] = {}
 
-    def _fire(self, name: str, response_time_ms: float, length: int = 0,
-              exception: Exception | None = None) -> None:
+    def _fire(
+        self,
+        name: str,
+        response_time_ms: float,
+        length: int = 0,
+        exception: Exception | None = None,
+    ) -> None:
         self.environment.events.request.fire(
-            request_type=REQUEST_TYPE, name=name, response_time=response_time_ms,
-            response_length=length, exception=exception, context={})
+            request_type=REQUEST_TYPE,
+            name=name,
+            response_time=response_time_ms,
+            response_length=length,
+            exception=exception,
+            context={},
+        )
 
     def _timed(self, name: str, call: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
@@ -193,8 +224,11 @@ class ImUser(User):
             sent_ns = self.acks.pop((client.user, frame.id), None)
             if sent_ns is not None:
                 self._fire("send->Sent", (now_ns - sent_ns) / 1e6)
-        elif (isinstance(frame, Error) and frame.id is not None
-              and self.acks.pop((client.user, frame.id), None) is not None):
+        elif (
+            isinstance(frame, Error)
+            and frame.id is not None
+            and self.acks.pop((client.user, frame.id), None) is not None
+        ):
             self._fire("send->Sent", 0, exception=RuntimeError(f"{frame.code}: {frame.message}"))
 
     def on_start(self) -> None:
@@ -202,18 +236,33 @@ class ImUser(User):
         number = next(_pair_numbers)
         url = self.host or ""
         shop = f"{RUN_TAG}-shop{number % SHOPS}"
-        customer = self._timed("connect", lambda: SyncImClient(
-            url, f"{RUN_TAG}-c{number}", Role.CUSTOMER, "", secret, self.on_frame))
+        customer = self._timed(
+            "connect",
+            lambda: SyncImClient(
+                url, f"{RUN_TAG}-c{number}", Role.CUSTOMER, "", secret, self.on_frame
+            ),
+        )
         self.sides.append(customer)
-        agent = self._timed("connect", lambda: SyncImClient(
-            url, f"{RUN_TAG}-a{number}", Role.AGENT, shop, secret, self.on_frame))
+        agent = self._timed(
+            "connect",
+            lambda: SyncImClient(
+                url, f"{RUN_TAG}-a{number}", Role.AGENT, shop, secret, self.on_frame
+            ),
+        )
         self.sides.append(agent)
-        info = self._timed("open", lambda: customer.request(
-            lambda rid: OpenConversation(id=rid, shop=shop)))
+        info = self._timed(
+            "open", lambda: customer.request(lambda rid: OpenConversation(id=rid, shop=shop))
+        )
         assert isinstance(info, ConversationInfo)
         conv = self.conv = info.conversation.id
-        self._timed("assign", lambda: agent.request(lambda rid: UpdateConversation(
-            id=rid, conv=conv, state=ConvState.ASSIGNED, agent=agent.user)))
+        self._timed(
+            "assign",
+            lambda: agent.request(
+                lambda rid: UpdateConversation(
+                    id=rid, conv=conv, state=ConvState.ASSIGNED, agent=agent.user
+                )
+            ),
+        )
 
     @task
     def chat(self) -> None:
@@ -223,8 +272,13 @@ class ImUser(User):
             n = side.conn.next_request_id()
             self.acks[side.user, n] = sent_ns
             try:
-                side.ws.send_binary(encode(Send(id=n, conv=self.conv, cmid=f"{side.user}-{n}",
-                                                body=TextBody(text=text))))
+                side.ws.send_binary(
+                    encode(
+                        Send(
+                            id=n, conv=self.conv, cmid=f"{side.user}-{n}", body=TextBody(text=text)
+                        )
+                    )
+                )
             except (OSError, websocket.WebSocketException) as exc:
                 self.acks.pop((side.user, n), None)
                 self._fire("send", 0, exception=exc)

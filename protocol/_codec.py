@@ -19,8 +19,13 @@ from ._frames import ClientFrameType, ServerFrameType
 class FrameError(Exception):
     """Bytes that are not a valid frame."""
 
-    def __init__(self, code: ErrorCode, message: str, request_id: int | None,
-                 hello_version: int | None = None) -> None:
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        request_id: int | None,
+        hello_version: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message

@@ -251,8 +251,13 @@ class ServerConnection:
     # -- table actions
 
     def _refuse(
-        self, code: ErrorCode, message: str, request_id: int | None, close: CloseCode | None,
-        retry_after_ms: int = 0, detail: dict[str, str] | None = None,
+        self,
+        code: ErrorCode,
+        message: str,
+        request_id: int | None,
+        close: CloseCode | None,
+        retry_after_ms: int = 0,
+        detail: dict[str, str] | None = None,
     ) -> Refused:
         if request_id in self.inflight:
             # A refused frame is never in flight itself: this id belongs to an earlier
@@ -266,7 +271,10 @@ class ServerConnection:
         if close is not None:
             self.close(close)
         error = Error(
-            code=code, message=message, id=request_id, retry_after_ms=retry_after_ms,
+            code=code,
+            message=message,
+            id=request_id,
+            retry_after_ms=retry_after_ms,
             detail=detail or {},
         )
         return Refused(error=error, data=encode(error), close=close)
@@ -293,19 +301,27 @@ class ServerConnection:
             if frame.hello_version is not None and frame.hello_version not in SUPPORTED_VERSIONS:
                 return self._unsupported(frame.hello_version)
             return self._refuse(
-                ErrorCode.BAD_FRAME, f"first frame must be a valid hello: {frame.message}",
-                None, CloseCode.BAD_HANDSHAKE,
+                ErrorCode.BAD_FRAME,
+                f"first frame must be a valid hello: {frame.message}",
+                None,
+                CloseCode.BAD_HANDSHAKE,
             )
         request_id = frame.id if isinstance(frame, Request) else None
         return self._refuse(
-            ErrorCode.UNAUTHORIZED, "the first frame must be hello", request_id,
+            ErrorCode.UNAUTHORIZED,
+            "the first frame must be hello",
+            request_id,
             CloseCode.UNAUTHORIZED,
         )
 
     def _while_authenticating(self, frame: ClientFrameType | FrameError, now: float) -> ServerEvent:
-        request_id = frame.request_id if isinstance(frame, FrameError) else getattr(frame, "id", None)
+        request_id = (
+            frame.request_id if isinstance(frame, FrameError) else getattr(frame, "id", None)
+        )
         return self._refuse(
-            ErrorCode.UNAUTHORIZED, "wait for welcome before sending more frames", request_id,
+            ErrorCode.UNAUTHORIZED,
+            "wait for welcome before sending more frames",
+            request_id,
             CloseCode.BAD_HANDSHAKE,
         )
 
@@ -325,7 +341,10 @@ class ServerConnection:
         wait = self.bucket.take(now)
         if wait:
             return self._refuse(
-                ErrorCode.RATE_LIMITED, "too many frames", request_id, None,
+                ErrorCode.RATE_LIMITED,
+                "too many frames",
+                request_id,
+                None,
                 retry_after_ms=max(1, math.ceil(wait * 1000)),
             )
         return None
@@ -337,12 +356,17 @@ class ServerConnection:
         if frame.id in self.inflight:
             # The Error carries no id (_refuse drops it): the first request owns this id.
             return self._refuse(
-                ErrorCode.BAD_FRAME, f"request id {frame.id} is already in flight", frame.id, None,
+                ErrorCode.BAD_FRAME,
+                f"request id {frame.id} is already in flight",
+                frame.id,
+                None,
             )
         if len(self.inflight) >= self.max_inflight:
             return self._refuse(
                 ErrorCode.RATE_LIMITED,
-                f"more than {self.max_inflight} requests awaiting replies", frame.id, None,
+                f"more than {self.max_inflight} requests awaiting replies",
+                frame.id,
+                None,
                 retry_after_ms=100,
             )
         self.inflight.add(frame.id)

@@ -91,8 +91,14 @@ async def run(port: int) -> None:
             session.closed()
 
     async with serve(
-        handler, HOST, port, process_request=_only_ws_path, compression=None,
-        ping_interval=None, max_size=MAX_MESSAGE_BYTES, max_queue=MAX_QUEUE,
+        handler,
+        HOST,
+        port,
+        process_request=_only_ws_path,
+        compression=None,
+        ping_interval=None,
+        max_size=MAX_MESSAGE_BYTES,
+        max_queue=MAX_QUEUE,
         backlog=LISTEN_BACKLOG,
     ) as server:
         bound = next(iter(server.sockets)).getsockname()[1]

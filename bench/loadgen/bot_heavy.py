@@ -176,13 +176,16 @@ class BotHeavyParams(msgspec.Struct, frozen=True, kw_only=True):
         if self.customers < 1:
             raise ValueError("at least one customer")
         if not 0 < self.rate <= MAX_PERSON_RATE / 2:
-            raise ValueError(f"rate {self.rate}/s per customer is out of (0, "
-                             f"{MAX_PERSON_RATE / 2:.0f}]")
+            raise ValueError(
+                f"rate {self.rate}/s per customer is out of (0, {MAX_PERSON_RATE / 2:.0f}]"
+            )
         if self.human_every < 2:
             raise ValueError("human_every must be at least 2")
         if self.sessions > self.shops:
-            raise ValueError(f"{self.questions_per_customer} questions per customer need "
-                             f"{self.sessions} conversations (one per handoff): add shops")
+            raise ValueError(
+                f"{self.questions_per_customer} questions per customer need "
+                f"{self.sessions} conversations (one per handoff): add shops"
+            )
 
 
 # ------------------------------------------------------------ identities and CRM data
@@ -221,13 +224,22 @@ def seed_crm(data_dir: Path, params: BotHeavyParams, tag: str) -> int:
             for session in range(params.sessions):
                 shop = shop_index(params, number, session)
                 oid = order_id(number, shop)
-                orders.append(Order(
-                    shop=shop_name(tag, shop), order_id=oid, customer=user, channel="taobao",
-                    status="in_transit", amount_cents=19_900,
-                    items=(OrderItem(title=ORDER_TITLE),), carrier=CARRIER,
-                    tracking_no=tracking_no(oid), eta=(now + timedelta(days=2)).date(),
-                    created_at=now - timedelta(days=1), updated_at=now,
-                ))
+                orders.append(
+                    Order(
+                        shop=shop_name(tag, shop),
+                        order_id=oid,
+                        customer=user,
+                        channel="taobao",
+                        status="in_transit",
+                        amount_cents=19_900,
+                        items=(OrderItem(title=ORDER_TITLE),),
+                        carrier=CARRIER,
+                        tracking_no=tracking_no(oid),
+                        eta=(now + timedelta(days=2)).date(),
+                        created_at=now - timedelta(days=1),
+                        updated_at=now,
+                    )
+                )
         repo.upsert_orders(orders)
     return len(orders)
 
@@ -287,9 +299,24 @@ _OPEN: Final = "open"
 
 
 class _Customer:
-    __slots__ = ("asked", "backlog", "client", "conv", "early", "handoff", "inflight",
-                 "number", "open_ns", "pending", "ready", "ready_ns", "retired", "rng",
-                 "session", "welcomed")
+    __slots__ = (
+        "asked",
+        "backlog",
+        "client",
+        "conv",
+        "early",
+        "handoff",
+        "inflight",
+        "number",
+        "open_ns",
+        "pending",
+        "ready",
+        "ready_ns",
+        "retired",
+        "rng",
+        "session",
+        "welcomed",
+    )
 
     def __init__(self, client: ImClient, number: int) -> None:
         self.client = client
@@ -312,8 +339,9 @@ class _Customer:
 
 
 class BotHeavyWorker:
-    def __init__(self, params: BotHeavyParams, url: str, secret: bytes, tag: str,
-                 index: int, count: int) -> None:
+    def __init__(
+        self, params: BotHeavyParams, url: str, secret: bytes, tag: str, index: int, count: int
+    ) -> None:
         self.params, self.url, self.secret, self.tag = params, url, secret, tag
         self.index, self.count = index, count
         self.customers: list[_Customer] = []
@@ -344,8 +372,11 @@ class BotHeavyWorker:
     def on_message(self, client: ImClient, message: Message, now_ns: int) -> None:
         cust = self.by_client.get(client)
         body = message.body
-        if (cust is None or message.sender_role is not Role.WORKER
-                or not isinstance(body, TextBody | QuickRepliesBody)):
+        if (
+            cust is None
+            or message.sender_role is not Role.WORKER
+            or not isinstance(body, TextBody | QuickRepliesBody)
+        ):
             return
         if message.conv != cust.conv:
             if cust.conv is None and not cust.welcomed:
@@ -378,9 +409,12 @@ class BotHeavyWorker:
 
     def on_event(self, client: ImClient, frame: ServerFrameType, now_ns: int) -> None:
         cust = self.by_client.get(client)
-        if (cust is None or type(frame) is not ConversationEvent
-                or frame.conversation.id != cust.conv
-                or frame.conversation.state is not ConvState.QUEUED):
+        if (
+            cust is None
+            or type(frame) is not ConversationEvent
+            or frame.conversation.id != cust.conv
+            or frame.conversation.state is not ConvState.QUEUED
+        ):
             return
         handoff = cust.handoff
         if handoff is not None:
@@ -432,7 +466,13 @@ class BotHeavyWorker:
         if cust.session >= self.params.sessions:
             cust.retired = True
             return
-        cust.conv, cust.welcomed, cust.ready, cust.handoff, cust.early = None, False, False, None, None
+        cust.conv, cust.welcomed, cust.ready, cust.handoff, cust.early = (
+            None,
+            False,
+            False,
+            None,
+            None,
+        )
         shop = shop_name(self.tag, shop_index(self.params, cust.number, cust.session))
         cust.open_ns = time.monotonic_ns()
         request_id = cust.client.send_request(lambda rid: OpenConversation(id=rid, shop=shop))
@@ -489,12 +529,19 @@ class BotHeavyWorker:
             order = order_id(cust.number, shop)
             question = cust.rng.choice(ROUTINE)
             text = question.text.format(order=order)
-            expect = tuple(f.format(order=order, tracking=tracking_no(order))
-                           for f in question.expect)
+            expect = tuple(
+                f.format(order=order, tracking=tracking_no(order)) for f in question.expect
+            )
         client = cust.client
         request_id = client.next_id()
-        data = encode(Send(id=request_id, conv=conv, cmid=f"{client.user}-q{cust.asked}",
-                           body=TextBody(text=text)))
+        data = encode(
+            Send(
+                id=request_id,
+                conv=conv,
+                cmid=f"{client.user}-q{cust.asked}",
+                body=TextBody(text=text),
+            )
+        )
         if not client.write(data):
             self.counts["unsent"] += 1
             return
@@ -513,15 +560,17 @@ class BotHeavyWorker:
     # -- phases
 
     async def _connect(self, number: int) -> _Customer:
-        client = ImClient(self.url, customer(self.tag, number), self.secret, self,
-                          on_event=self.on_event)
+        client = ImClient(
+            self.url, customer(self.tag, number), self.secret, self, on_event=self.on_event
+        )
         await client.connect()
         return _Customer(client, number)
 
     async def _setup(self) -> SetupDone:
         found, errors = await gather_bounded(
             functools.partial(self._connect, i)
-            for i in range(self.index, self.params.customers, self.count))
+            for i in range(self.index, self.params.customers, self.count)
+        )
         self.customers = sorted(found, key=lambda c: c.number)
         for cust in self.customers:
             self.by_client[cust.client] = cust
@@ -534,8 +583,10 @@ class BotHeavyWorker:
             await asyncio.sleep(DRAIN_POLL_S)
         ready = sum(1 for c in self.customers if c.welcomed)
         if ready < len(self.customers):
-            errors.append(f"{len(self.customers) - ready} customers got no welcome within "
-                          f"{WELCOME_TIMEOUT_S:.0f} s")
+            errors.append(
+                f"{len(self.customers) - ready} customers got no welcome within "
+                f"{WELCOME_TIMEOUT_S:.0f} s"
+            )
         errors += [f"{code} x{n}" for code, n in self.errors.items()]
         self.errors.clear()
         self.counts.clear()
@@ -545,6 +596,7 @@ class BotHeavyWorker:
         customers = [c for c in self.customers if c.welcomed]
         if not customers:
             return
+
         def ask(i: int, due: int, now: int) -> None:
             self.lag.record_ns(now - due)
             cust = customers[i]
@@ -554,12 +606,20 @@ class BotHeavyWorker:
             cust.backlog.append(due)
             self._pump(cust)
 
-        await pace(len(customers), int(1e9 / self.params.rate), start_ns, stop_ns,
-                   random.Random(self.index), ask)
+        await pace(
+            len(customers),
+            int(1e9 / self.params.rate),
+            start_ns,
+            stop_ns,
+            random.Random(self.index),
+            ask,
+        )
 
     def _settled(self) -> bool:
-        return all(c.retired or (c.welcomed and not c.pending and not c.backlog
-                                 and c.handoff is None) for c in self.customers)
+        return all(
+            c.retired or (c.welcomed and not c.pending and not c.backlog and c.handoff is None)
+            for c in self.customers
+        )
 
     async def _go(self, cmd: Go) -> GoResult:
         await sleep_until(cmd.start_ns)
@@ -582,11 +642,17 @@ class BotHeavyWorker:
                 counts["not_queued"] += 1
             counts["not_asked"] += len(cust.backlog)
         return GoResult(
-            counts=dict(counts), errors=dict(self.errors), wrong_samples=self.wrong_samples,
-            reply=self.reply.encode(), reply_routine=self.reply_routine.encode(),
-            reply_handoff=self.reply_handoff.encode(), queued=self.queued.encode(),
-            welcome=self.welcome.encode(), lag=self.lag.encode(),
-            cpu_s=cpu, wall_s=time.monotonic() - wall0,
+            counts=dict(counts),
+            errors=dict(self.errors),
+            wrong_samples=self.wrong_samples,
+            reply=self.reply.encode(),
+            reply_routine=self.reply_routine.encode(),
+            reply_handoff=self.reply_handoff.encode(),
+            queued=self.queued.encode(),
+            welcome=self.welcome.encode(),
+            lag=self.lag.encode(),
+            cpu_s=cpu,
+            wall_s=time.monotonic() - wall0,
         )
 
 
@@ -666,12 +732,17 @@ def _judge(c: Counter[str], errors: dict[str, int], questions: int) -> list[str]
         problems.append(f"{c['wrong']} wrong answers")
     if c["human"] > c["handed_off"]:
         problems.append(f"{c['human'] - c['handed_off']} handoffs not queued")
-    for key, what in (("unexpected_handoffs", "unexpected handoffs"),
-                      ("unexpected_replies", "unexpected replies"),
-                      ("unsent", "not sent (connection closed)"),
-                      ("not_asked", "not asked (no welcome in the customer's next "
-                                    "conversation by the end, or out of conversations)"),
-                      ("open_failures", "conversations not opened")):
+    for key, what in (
+        ("unexpected_handoffs", "unexpected handoffs"),
+        ("unexpected_replies", "unexpected replies"),
+        ("unsent", "not sent (connection closed)"),
+        (
+            "not_asked",
+            "not asked (no welcome in the customer's next "
+            "conversation by the end, or out of conversations)",
+        ),
+        ("open_failures", "conversations not opened"),
+    ):
         if c[key]:
             problems.append(f"{c[key]} {what}")
     if c["acked"] < questions:
@@ -685,8 +756,15 @@ def _summary(results: list[GoResult], field: str) -> LatencySummary:
     return LatencyHistogram.merged([getattr(r, field) for r in results]).summary()
 
 
-def run(params: BotHeavyParams, url: str, secret: bytes, tag: str, probe: ServerProbe,
-        workers: int = 1, log: Callable[[str], None] = print) -> BotHeavyReport:
+def run(
+    params: BotHeavyParams,
+    url: str,
+    secret: bytes,
+    tag: str,
+    probe: ServerProbe,
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+) -> BotHeavyReport:
     params.validate()
 
     def factory(index: int, count: int) -> BotHeavyWorker:
@@ -699,21 +777,27 @@ def run(params: BotHeavyParams, url: str, secret: bytes, tag: str, probe: Server
         connected = sum(d.customers for d in done)
         ready = sum(d.ready for d in done)
         setup_errors = [e for d in done for e in d.errors]
-        log(f"  bot-heavy: {connected}/{params.customers} customers connected, {ready} welcomed "
-            f"by the bot in {setup_s:.1f} s" + (f" ({setup_errors[0]})" if setup_errors else ""))
+        log(
+            f"  bot-heavy: {connected}/{params.customers} customers connected, {ready} welcomed "
+            f"by the bot in {setup_s:.1f} s" + (f" ({setup_errors[0]})" if setup_errors else "")
+        )
         start = start_at()
         stop = start + int(params.duration_s * 1e9)
         (server0, worker0), host0, wall0 = probe.cpu_split_s(), HostCpu.sample(), time.monotonic()
         timeout = params.duration_s + params.drain_s + RUN_TIMEOUT_MARGIN_S
-        results = [r for r in pool.call(Go(start, stop, params.drain_s), timeout)
-                   if isinstance(r, GoResult)]
+        results = [
+            r
+            for r in pool.call(Go(start, stop, params.drain_s), timeout)
+            if isinstance(r, GoResult)
+        ]
         server1, worker1 = probe.cpu_split_s()
         host1 = HostCpu.sample()
         wall = time.monotonic() - wall0
     server_cpu, worker_cpu = server1 - server0, worker1 - worker0
     steal = host1.steal_pct_since(host0)
-    foreign = foreign_cpu_pct(host0, host1, server_cpu + worker_cpu + sum(r.cpu_s for r in results),
-                              wall)
+    foreign = foreign_cpu_pct(
+        host0, host1, server_cpu + worker_cpu + sum(r.cpu_s for r in results), wall
+    )
     c: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     for r in results:
@@ -733,35 +817,60 @@ def run(params: BotHeavyParams, url: str, secret: bytes, tag: str, probe: Server
         return round(1e6 * cpu_s / questions, 1) if questions else 0.0
 
     report = BotHeavyReport(
-        params=params, workers=workers, customers_connected=connected, customers_ready=ready,
-        setup_s=round(setup_s, 2), setup_errors=setup_errors,
+        params=params,
+        workers=workers,
+        customers_connected=connected,
+        customers_ready=ready,
+        setup_s=round(setup_s, 2),
+        setup_errors=setup_errors,
         offered_questions_per_s=round(ready * params.rate, 1),
-        questions=questions, routine=c["routine"], human=c["human"], unsent=c["unsent"],
-        deferred=c["deferred"], not_asked=c["not_asked"], acked=c["acked"], errors=dict(errors),
-        answered_by_bot=c["answered"], wrong_answers=c["wrong"],
+        questions=questions,
+        routine=c["routine"],
+        human=c["human"],
+        unsent=c["unsent"],
+        deferred=c["deferred"],
+        not_asked=c["not_asked"],
+        acked=c["acked"],
+        errors=dict(errors),
+        answered_by_bot=c["answered"],
+        wrong_answers=c["wrong"],
         wrong_samples=[s for r in results for s in r.wrong_samples][:SAMPLES],
-        handoff_replies=c["handoff_replies"], handed_off=c["handed_off"],
+        handoff_replies=c["handoff_replies"],
+        handed_off=c["handed_off"],
         unexpected_handoffs=c["unexpected_handoffs"],
-        unanswered=c["unanswered_routine"] + c["unanswered_human"], not_queued=c["not_queued"],
-        unexpected_replies=c["unexpected_replies"], stray_replies=c["stray_replies"],
-        sessions_opened=c["sessions_opened"], open_failures=c["open_failures"],
+        unanswered=c["unanswered_routine"] + c["unanswered_human"],
+        not_queued=c["not_queued"],
+        unexpected_replies=c["unexpected_replies"],
+        stray_replies=c["stray_replies"],
+        sessions_opened=c["sessions_opened"],
+        open_failures=c["open_failures"],
         bot_answered_share=round(c["answered"] / questions, 4) if questions else 0.0,
         handed_off_share=round(c["handed_off"] / questions, 4) if questions else 0.0,
-        reply=reply, reply_routine=_summary(results, "reply_routine"),
-        reply_handoff=_summary(results, "reply_handoff"), queued=_summary(results, "queued"),
-        welcome=_summary(results, "welcome"), send_lag=_summary(results, "lag"),
-        server_cpu_s=round(server_cpu, 3), worker_cpu_s=round(worker_cpu, 3),
+        reply=reply,
+        reply_routine=_summary(results, "reply_routine"),
+        reply_handoff=_summary(results, "reply_handoff"),
+        queued=_summary(results, "queued"),
+        welcome=_summary(results, "welcome"),
+        send_lag=_summary(results, "lag"),
+        server_cpu_s=round(server_cpu, 3),
+        worker_cpu_s=round(worker_cpu, 3),
         server_cpu_us_per_question=per_question(server_cpu),
         worker_cpu_us_per_question=per_question(worker_cpu),
-        loadgen_cpu_pct=round(loadgen_pct, 1), generator_bound=loadgen_pct >= GENERATOR_BOUND_PCT,
-        foreign_cpu_pct=foreign, steal_pct=steal, passed=not problems, verdict=verdict,
+        loadgen_cpu_pct=round(loadgen_pct, 1),
+        generator_bound=loadgen_pct >= GENERATOR_BOUND_PCT,
+        foreign_cpu_pct=foreign,
+        steal_pct=steal,
+        passed=not problems,
+        verdict=verdict,
     )
-    log(f"  bot-heavy: {questions} questions at {report.offered_questions_per_s:g}/s "
+    log(
+        f"  bot-heavy: {questions} questions at {report.offered_questions_per_s:g}/s "
         f"({c['routine']} routine, {c['human']} for a human): {c['answered']} answered by the "
         f"bot ({100 * report.bot_answered_share:.0f}%), {c['handed_off']} handed off, "
         f"{report.unanswered} unanswered, {c['wrong']} wrong; reply p50 {reply.p50_ms:.1f} ms, "
         f"p90 {reply.p90_ms:.1f} ms, p99 {reply.p99_ms:.1f} ms, max {reply.max_ms:.0f} ms; "
         f"server {report.server_cpu_us_per_question:.0f} + bot worker "
         f"{report.worker_cpu_us_per_question:.0f} us/question, loadgen {loadgen_pct:.0f}% cpu, "
-        f"others {foreign:.0f}% cpu -> {verdict}")
+        f"others {foreign:.0f}% cpu -> {verdict}"
+    )
     return report

@@ -174,8 +174,14 @@ class ConnectFailed(Exception):
 class _Link(asyncio.Protocol):
     """One TCP connection: the WebSocket (sans-I/O protocol + data-frame fast path), one session."""
 
-    def __init__(self, client: ImClient, ws: ClientProtocol, conn: ClientConnection,
-                 hello: bytes, welcome: asyncio.Future[Welcome]) -> None:
+    def __init__(
+        self,
+        client: ImClient,
+        ws: ClientProtocol,
+        conn: ClientConnection,
+        hello: bytes,
+        welcome: asyncio.Future[Welcome],
+    ) -> None:
         self.client = client
         self.ws = ws
         self.conn = conn
@@ -235,7 +241,7 @@ class _Link(asyncio.Protocol):
             elif b1 == 127:
                 if end - pos < 10:
                     break
-                start, length = pos + 10, int.from_bytes(data[pos + 2:pos + 10])
+                start, length = pos + 10, int.from_bytes(data[pos + 2 : pos + 10])
             else:  # a masked frame: the protocol fails the connection
                 self._to_protocol(data[pos:])
                 return
@@ -465,8 +471,9 @@ class _Link(asyncio.Protocol):
                 transport.close()
 
     def _update_writable(self) -> None:
-        self.writable = (self.stage == _SESSION and not self.lost and not self.paused
-                         and self.ws.state is _OPEN)
+        self.writable = (
+            self.stage == _SESSION and not self.lost and not self.paused and self.ws.state is _OPEN
+        )
 
     def _closing(self) -> None:
         """A close frame went either way (or the protocol failed): not writable; arm the timer."""
@@ -475,8 +482,12 @@ class _Link(asyncio.Protocol):
             self.fast = False
             if self.stage == _SESSION:
                 self.stage = _DONE
-        if (self.close_timer is None and not self.lost and self.transport is not None
-                and self.ws.close_expected()):
+        if (
+            self.close_timer is None
+            and not self.lost
+            and self.transport is not None
+            and self.ws.close_expected()
+        ):
             self.close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, self.abort)
 
     def close(self) -> None:
@@ -531,7 +542,7 @@ class _Masks:
         if pos >= len(self.pool):
             self.pool, pos = os.urandom(4096), 0
         self.pos = pos + 4
-        return self.pool[pos:pos + 4]
+        return self.pool[pos : pos + 4]
 
 
 _masks = _Masks()
@@ -540,8 +551,14 @@ _masks = _Masks()
 class ImClient:
     """One protocol session at a time; see the module docstring."""
 
-    def __init__(self, url: str, identity: Identity, secret: bytes, handler: Handler,
-                 on_event: EventCallback | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        identity: Identity,
+        secret: bytes,
+        handler: Handler,
+        on_event: EventCallback | None = None,
+    ) -> None:
         self.url = url
         self.identity = identity
         self.secret = secret
@@ -564,11 +581,13 @@ class ImClient:
     @property
     def is_open(self) -> bool:
         link = self._link
-        return (link is not None and not link.lost and link.stage == _SESSION
-                and link.ws.state is _OPEN)
+        return (
+            link is not None and not link.lost and link.stage == _SESSION and link.ws.state is _OPEN
+        )
 
-    async def connect(self, resume: dict[str, int] | None = None,
-                      within_s: float = CONNECT_TIMEOUT_S) -> Welcome:
+    async def connect(
+        self, resume: dict[str, int] | None = None, within_s: float = CONNECT_TIMEOUT_S
+    ) -> Welcome:
         """Connect, upgrade, Hello, Welcome. Raises ConnectFailed (TimeoutError after within_s)."""
         loop = asyncio.get_running_loop()
         try:
@@ -577,18 +596,31 @@ class ImClient:
             raise ConnectFailed(f"{self.user}: {exc}") from exc
         conn = ClientConnection()
         identity = self.identity
-        token = mint_token(self.secret, user=identity.user, role=identity.role,
-                           shop=identity.shop, ttl_s=TOKEN_TTL_S)
-        hello = conn.hello(Hello(v=PROTOCOL_VERSION, token=token, device=identity.device,
-                                 resume=resume or {}, agent=CLIENT_AGENT))
+        token = mint_token(
+            self.secret,
+            user=identity.user,
+            role=identity.role,
+            shop=identity.shop,
+            ttl_s=TOKEN_TTL_S,
+        )
+        hello = conn.hello(
+            Hello(
+                v=PROTOCOL_VERSION,
+                token=token,
+                device=identity.device,
+                resume=resume or {},
+                agent=CLIENT_AGENT,
+            )
+        )
         ws = ClientProtocol(uri, max_size=MAX_INBOUND_BYTES)
         waiter: asyncio.Future[Welcome] = loop.create_future()
         link = _Link(self, ws, conn, hello, waiter)
         try:
             async with asyncio.timeout(within_s):
                 try:
-                    await loop.create_connection(lambda: link, uri.host, uri.port,
-                                                 ssl=True if uri.secure else None)
+                    await loop.create_connection(
+                        lambda: link, uri.host, uri.port, ssl=True if uri.secure else None
+                    )
                 except OSError as exc:
                     raise ConnectFailed(f"{self.user}: {exc!r}") from exc
                 return await waiter
@@ -623,8 +655,9 @@ class ImClient:
         request_id = self._conn.next_request_id()
         return request_id if self.write(self._conn.send(make(request_id))) else None
 
-    async def request(self, make: Callable[[int], Request],
-                      within_s: float = REQUEST_TIMEOUT_S) -> ServerFrameType:
+    async def request(
+        self, make: Callable[[int], Request], within_s: float = REQUEST_TIMEOUT_S
+    ) -> ServerFrameType:
         """A request whose reply is awaited; raises RequestFailed on an Error reply."""
         request_id = self._conn.next_request_id()
         future: asyncio.Future[ServerFrameType] = asyncio.get_running_loop().create_future()

@@ -52,8 +52,9 @@ PacedSend = Callable[[int, int, int], object]
 """(stream index, due time ns, now ns) -> anything: one due send."""
 
 
-async def pace(count: int, interval_ns: int, start_ns: int, stop_ns: int,
-               rng: random.Random, send: PacedSend) -> None:
+async def pace(
+    count: int, interval_ns: int, start_ns: int, stop_ns: int, rng: random.Random, send: PacedSend
+) -> None:
     """Open-loop pacing of ``count`` streams, each due every ``interval_ns``
     from a random phase after ``start_ns``, until ``stop_ns``: ``send`` is
     called for each due send, in due order, at once (never awaited), so a slow
@@ -89,7 +90,9 @@ def customer(tag: str, index: int) -> Identity:
 
 def agent(tag: str, index: int, shops: int = SHOPS) -> Identity:
     user = f"{tag}-a{index}"
-    return Identity(user=user, role=Role.AGENT, shop=f"{tag}-shop{index % shops}", device=f"{user}-d")
+    return Identity(
+        user=user, role=Role.AGENT, shop=f"{tag}-shop{index % shops}", device=f"{user}-d"
+    )
 
 
 def member(tag: str, index: int) -> Identity:
@@ -114,8 +117,9 @@ async def open_pair(url: str, secret: bytes, tag: str, index: int, handler: Hand
     if not isinstance(info, ConversationInfo):
         raise RuntimeError(f"open: expected ConversationInfo, got {info!r}")
     conv = info.conversation.id
-    await agnt.request(lambda rid: UpdateConversation(
-        id=rid, conv=conv, state=ConvState.ASSIGNED, agent=agnt.user))
+    await agnt.request(
+        lambda rid: UpdateConversation(id=rid, conv=conv, state=ConvState.ASSIGNED, agent=agnt.user)
+    )
     return Pair(index, cust, agnt, conv)
 
 

@@ -76,8 +76,9 @@ class LatencyHistogram:
 
     def encode(self) -> EncodedHistogram:
         hdr = self._h.encode()
-        return EncodedHistogram(hdr=hdr.decode("ascii") if isinstance(hdr, bytes) else str(hdr),
-                                clamped=self.clamped)
+        return EncodedHistogram(
+            hdr=hdr.decode("ascii") if isinstance(hdr, bytes) else str(hdr), clamped=self.clamped
+        )
 
     @classmethod
     def decode(cls, encoded: EncodedHistogram) -> LatencyHistogram:
@@ -104,7 +105,11 @@ class LatencyHistogram:
             return LatencySummary(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0)
         p50, p90, p99, p999 = (round(self.percentile_ms(p), 3) for p in PERCENTILES)
         return LatencySummary(
-            count=self.count, p50_ms=p50, p90_ms=p90, p99_ms=p99, p999_ms=p999,
+            count=self.count,
+            p50_ms=p50,
+            p90_ms=p90,
+            p99_ms=p99,
+            p999_ms=p999,
             max_ms=round(float(self._h.get_max_value()) / 1000.0, 3),
             mean_ms=round(float(self._h.get_mean_value()) / 1000.0, 3),
             clamped=self.clamped,

@@ -81,8 +81,9 @@ class Held(msgspec.Struct, frozen=True):
 
 
 class IdleWorker:
-    def __init__(self, params: IdleParams, url: str, secret: bytes, tag: str,
-                 index: int, count: int) -> None:
+    def __init__(
+        self, params: IdleParams, url: str, secret: bytes, tag: str, index: int, count: int
+    ) -> None:
         self.params, self.url, self.secret, self.tag = params, url, secret, tag
         self.index, self.count = index, count
         self.clients: list[ImClient] = []
@@ -118,7 +119,9 @@ class IdleWorker:
 
     async def _connect_one(self, number: int) -> ImClient:
         user = f"{self.tag}-{IDLE_PREFIX}{number}"
-        client = ImClient(self.url, Identity(user, Role.CUSTOMER, "", f"{user}-d"), self.secret, self)
+        client = ImClient(
+            self.url, Identity(user, Role.CUSTOMER, "", f"{user}-d"), self.secret, self
+        )
         t0 = time.monotonic_ns()
         welcome = await client.connect()
         self.connect_hist.record_ns(time.monotonic_ns() - t0)
@@ -129,10 +132,16 @@ class IdleWorker:
     async def _connect_all(self) -> Connected:
         clients, errors = await gather_bounded(
             functools.partial(self._connect_one, i)
-            for i in range(self.index, self.params.connections, self.count))
+            for i in range(self.index, self.params.connections, self.count)
+        )
         self.clients = clients
-        return Connected(connected=len(clients), errors=errors[:5], failures=len(errors),
-                         connect=self.connect_hist.encode(), heartbeat_s=self.heartbeat_s)
+        return Connected(
+            connected=len(clients),
+            errors=errors[:5],
+            failures=len(errors),
+            connect=self.connect_hist.encode(),
+            heartbeat_s=self.heartbeat_s,
+        )
 
     async def _hold(self, cmd: Hold) -> Held:
         cpu0 = process_cpu_s()
@@ -147,8 +156,14 @@ class IdleWorker:
                 self.inflight[client, request_id] = due
                 pings += 1
 
-        await pace(len(self.clients), int(self.heartbeat_s * 1e9), cmd.start_ns, end,
-                   random.Random(self.index), ping)
+        await pace(
+            len(self.clients),
+            int(self.heartbeat_s * 1e9),
+            cmd.start_ns,
+            end,
+            random.Random(self.index),
+            ping,
+        )
         delay = (end - time.monotonic_ns()) / 1e9
         if delay > 0:
             await asyncio.sleep(delay)
@@ -157,9 +172,14 @@ class IdleWorker:
             if not self.inflight:
                 break
             await asyncio.sleep(0.01)
-        return Held(pings=pings, pongs=self.pongs,
-                    still_open=sum(1 for c in self.clients if c.is_open),
-                    errors=dict(self.errors), rtt=self.rtt.encode(), cpu_s=process_cpu_s() - cpu0)
+        return Held(
+            pings=pings,
+            pongs=self.pongs,
+            still_open=sum(1 for c in self.clients if c.is_open),
+            errors=dict(self.errors),
+            rtt=self.rtt.encode(),
+            cpu_s=process_cpu_s() - cpu0,
+        )
 
 
 class IdleReport(msgspec.Struct, frozen=True, kw_only=True, tag="idle"):
@@ -183,8 +203,15 @@ class IdleReport(msgspec.Struct, frozen=True, kw_only=True, tag="idle"):
     server_cpu_pct_while_idle: float
 
 
-def run(params: IdleParams, url: str, secret: bytes, tag: str, probe: ServerProbe,
-        workers: int = 1, log: Callable[[str], None] = print) -> IdleReport:
+def run(
+    params: IdleParams,
+    url: str,
+    secret: bytes,
+    tag: str,
+    probe: ServerProbe,
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+) -> IdleReport:
     def factory(index: int, count: int) -> IdleWorker:
         return IdleWorker(params, url, secret, tag, index, count)
 
@@ -199,33 +226,47 @@ def run(params: IdleParams, url: str, secret: bytes, tag: str, probe: ServerProb
         rss1 = probe.rss_bytes()
         connected = sum(d.connected for d in done)
         errors_text = [e for d in done for e in d.errors]
-        log(f"  idle: {connected}/{params.connections} connected in {connect_s:.1f} s"
+        log(
+            f"  idle: {connected}/{params.connections} connected in {connect_s:.1f} s"
             + (f" ({errors_text[0]})" if errors_text else "")
-            + f", server RSS {rss0 / mb:.1f} -> {rss1 / mb:.1f} MiB")
+            + f", server RSS {rss0 / mb:.1f} -> {rss1 / mb:.1f} MiB"
+        )
         cpu0 = probe.cpu_s()
-        held = [r for r in pool.call(Hold(start_at(), params.hold_s),
-                                     params.hold_s + HOLD_TIMEOUT_MARGIN_S)
-                if isinstance(r, Held)]
+        held = [
+            r
+            for r in pool.call(
+                Hold(start_at(), params.hold_s), params.hold_s + HOLD_TIMEOUT_MARGIN_S
+            )
+            if isinstance(r, Held)
+        ]
         cpu = probe.cpu_s() - cpu0
         rss2 = probe.rss_bytes()
     errors: Counter[str] = Counter()
     for h in held:
         errors.update(h.errors)
     report = IdleReport(
-        params=params, workers=workers, connected=connected,
-        connect_failures=sum(d.failures for d in done), connect_errors=errors_text,
+        params=params,
+        workers=workers,
+        connected=connected,
+        connect_failures=sum(d.failures for d in done),
+        connect_errors=errors_text,
         connect_s=round(connect_s, 2),
         connect=LatencyHistogram.merged([d.connect for d in done]).summary(),
         heartbeat_s=done[0].heartbeat_s if done else 0.0,
-        rss_before_mb=round(rss0 / mb, 2), rss_connected_mb=round(rss1 / mb, 2),
+        rss_before_mb=round(rss0 / mb, 2),
+        rss_connected_mb=round(rss1 / mb, 2),
         rss_after_hold_mb=round(rss2 / mb, 2),
         rss_per_connection_kb=round((rss1 - rss0) / 1024 / connected, 2) if connected else 0.0,
-        pings=sum(h.pings for h in held), pongs=sum(h.pongs for h in held),
-        still_open=sum(h.still_open for h in held), errors=dict(errors),
+        pings=sum(h.pings for h in held),
+        pongs=sum(h.pongs for h in held),
+        still_open=sum(h.still_open for h in held),
+        errors=dict(errors),
         ping_rtt=LatencyHistogram.merged([h.rtt for h in held]).summary(),
         server_cpu_pct_while_idle=round(100 * cpu / params.hold_s, 1),
     )
-    log(f"  idle: {report.rss_per_connection_kb:.1f} KiB RSS per connection; "
+    log(
+        f"  idle: {report.rss_per_connection_kb:.1f} KiB RSS per connection; "
         f"{report.pongs}/{report.pings} pings answered (p99 {report.ping_rtt.p99_ms:.1f} ms), "
-        f"{report.still_open} still open, server {report.server_cpu_pct_while_idle:.1f}% cpu idle")
+        f"{report.still_open} still open, server {report.server_cpu_pct_while_idle:.1f}% cpu idle"
+    )
     return report

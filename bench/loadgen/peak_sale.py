@@ -54,8 +54,25 @@ from .pool import WorkerPool, sleep_until, start_at
 from .sysstat import HostCpu, ServerProbe, foreign_cpu_pct
 
 DEFAULT_PAIRS: Final = 400
-DEFAULT_STEPS: Final = (500, 1000, 2000, 3000, 4000, 5000, 7000, 8500, 10_000, 13_000, 16_000,
-                         18_000, 20_000, 22_000, 25_000, 28_000, 32_000)
+DEFAULT_STEPS: Final = (
+    500,
+    1000,
+    2000,
+    3000,
+    4000,
+    5000,
+    7000,
+    8500,
+    10_000,
+    13_000,
+    16_000,
+    18_000,
+    20_000,
+    22_000,
+    25_000,
+    28_000,
+    32_000,
+)
 """Offered loads, messages/s over all senders (32,000 over 400 pairs is 40
 frames/s per connection, under ``MAX_PERSON_RATE``). Steps of ~10 % near the
 ceilings, so that ratios between targets are not an artefact of the ramp."""
@@ -87,7 +104,8 @@ class PeakSaleParams(msgspec.Struct, frozen=True, kw_only=True):
         if top > MAX_PERSON_RATE:
             raise ValueError(
                 f"{max(self.steps)} msg/s over {self.pairs} pairs is {top:.0f} frames/s per "
-                f"connection, over the {MAX_PERSON_RATE:.0f}/s allowed for people: add pairs")
+                f"connection, over the {MAX_PERSON_RATE:.0f}/s allowed for people: add pairs"
+            )
 
 
 # ---------------------------------------------------------------- commands
@@ -149,8 +167,9 @@ class _StepStats:
 
 
 class PeakSaleWorker:
-    def __init__(self, params: PeakSaleParams, url: str, secret: bytes, tag: str,
-                 index: int, count: int) -> None:
+    def __init__(
+        self, params: PeakSaleParams, url: str, secret: bytes, tag: str, index: int, count: int
+    ) -> None:
         self.params, self.url, self.secret, self.tag = params, url, secret, tag
         self.index, self.count = index, count
         self.pairs: list[Pair] = []
@@ -202,7 +221,8 @@ class PeakSaleWorker:
         p = self.params
         mine = range(self.index, p.pairs, self.count)
         pairs, errors = await gather_bounded(
-            functools.partial(open_pair, self.url, self.secret, self.tag, i, self) for i in mine)
+            functools.partial(open_pair, self.url, self.secret, self.tag, i, self) for i in mine
+        )
         self.pairs = sorted(pairs)
         for pair in self.pairs:
             for client in (pair.customer, pair.agent):
@@ -228,13 +248,21 @@ class PeakSaleWorker:
         for side in self.sides:
             side.inflight.clear()  # unanswered by now: counted as not acked
         return StepResult(
-            sent=stats.sent, unsent=stats.unsent, acked=stats.acked, delivered=stats.delivered,
-            errors=dict(stats.errors), delivery=stats.delivery.encode(), ack=stats.ack.encode(),
-            lag=stats.lag.encode(), cpu_s=cpu, wall_s=time.monotonic() - wall0,
+            sent=stats.sent,
+            unsent=stats.unsent,
+            acked=stats.acked,
+            delivered=stats.delivered,
+            errors=dict(stats.errors),
+            delivery=stats.delivery.encode(),
+            ack=stats.ack.encode(),
+            lag=stats.lag.encode(),
+            cpu_s=cpu,
+            wall_s=time.monotonic() - wall0,
         )
 
-    async def _drive(self, stats: _StepStats, step: int, rate: float,
-                     start_ns: int, end_ns: int) -> None:
+    async def _drive(
+        self, stats: _StepStats, step: int, rate: float, start_ns: int, end_ns: int
+    ) -> None:
         sides = self.sides
         chars = self.params.payload_chars
 
@@ -243,8 +271,14 @@ class PeakSaleWorker:
             client = side.client
             side.sent += 1
             request_id = client.next_id()
-            data = encode(Send(id=request_id, conv=side.conv, cmid=f"{side.prefix}{side.sent}",
-                               body=TextBody(text=make_text(step, due, chars))))
+            data = encode(
+                Send(
+                    id=request_id,
+                    conv=side.conv,
+                    cmid=f"{side.prefix}{side.sent}",
+                    body=TextBody(text=make_text(step, due, chars)),
+                )
+            )
             if client.write(data):
                 side.inflight[request_id] = (step, due)
                 stats.sent += 1
@@ -252,8 +286,14 @@ class PeakSaleWorker:
                 stats.unsent += 1
             stats.lag.record_ns(now - due)
 
-        await pace(len(sides), int(1e9 / rate), start_ns, end_ns,
-                   random.Random(step * 1_000_003 + self.index), send)
+        await pace(
+            len(sides),
+            int(1e9 / rate),
+            start_ns,
+            end_ns,
+            random.Random(step * 1_000_003 + self.index),
+            send,
+        )
 
 
 # ------------------------------------------------------------- coordinator
@@ -302,8 +342,15 @@ class PeakSaleReport(msgspec.Struct, frozen=True, kw_only=True, tag="peak_sale")
     ceiling may be higher than ``max_sustained_msgs_per_s`` (it is a lower bound)."""
 
 
-def _judge(p: PeakSaleParams, sent: int, acked: int, delivered: int, unsent: int,
-           errors: dict[str, int], delivery: LatencySummary) -> tuple[bool, str]:
+def _judge(
+    p: PeakSaleParams,
+    sent: int,
+    acked: int,
+    delivered: int,
+    unsent: int,
+    errors: dict[str, int],
+    delivery: LatencySummary,
+) -> tuple[bool, str]:
     problems = []
     if delivery.count == 0:
         problems.append("nothing delivered")
@@ -320,8 +367,15 @@ def _judge(p: PeakSaleParams, sent: int, acked: int, delivered: int, unsent: int
     return (not problems, "; ".join(problems) or "ok")
 
 
-def run(params: PeakSaleParams, url: str, secret: bytes, tag: str, probe: ServerProbe,
-        workers: int = 1, log: Callable[[str], None] = print) -> PeakSaleReport:
+def run(
+    params: PeakSaleParams,
+    url: str,
+    secret: bytes,
+    tag: str,
+    probe: ServerProbe,
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+) -> PeakSaleReport:
     params.validate()
     steps: list[StepReport] = []
     best: int | None = None
@@ -336,24 +390,39 @@ def run(params: PeakSaleParams, url: str, secret: bytes, tag: str, probe: Server
         setup_s = time.monotonic() - t0
         connected = sum(d.pairs for d in done)
         setup_errors = [e for d in done for e in d.errors]
-        log(f"  peak-sale: {connected}/{params.pairs} pairs ready in {setup_s:.1f} s"
-            + (f" ({setup_errors[0]})" if setup_errors else ""))
+        log(
+            f"  peak-sale: {connected}/{params.pairs} pairs ready in {setup_s:.1f} s"
+            + (f" ({setup_errors[0]})" if setup_errors else "")
+        )
         if connected == 0:
-            return PeakSaleReport(params=params, workers=workers, pairs_connected=0,
-                                  setup_s=setup_s, setup_errors=setup_errors, steps=[],
-                                  max_sustained_msgs_per_s=None, generator_bound=False)
+            return PeakSaleReport(
+                params=params,
+                workers=workers,
+                pairs_connected=0,
+                setup_s=setup_s,
+                setup_errors=setup_errors,
+                steps=[],
+                max_sustained_msgs_per_s=None,
+                generator_bound=False,
+            )
         for index, load in enumerate(params.steps):
             rate = load / (2 * connected)
             cpu0, host0, wall0 = probe.cpu_s(), HostCpu.sample(), time.monotonic()
-            command = RunStep(index=index, per_side_rate=rate, start_ns=start_at(),
-                              duration_s=params.step_s, drain_s=params.drain_s)
+            command = RunStep(
+                index=index,
+                per_side_rate=rate,
+                start_ns=start_at(),
+                duration_s=params.step_s,
+                drain_s=params.drain_s,
+            )
             timeout = params.step_s + params.drain_s + STEP_TIMEOUT_MARGIN_S
             results = [r for r in pool.call(command, timeout) if isinstance(r, StepResult)]
             server_cpu = probe.cpu_s() - cpu0
             host1 = HostCpu.sample()
             steal = host1.steal_pct_since(host0)
-            foreign = foreign_cpu_pct(host0, host1, server_cpu + sum(r.cpu_s for r in results),
-                                      time.monotonic() - wall0)
+            foreign = foreign_cpu_pct(
+                host0, host1, server_cpu + sum(r.cpu_s for r in results), time.monotonic() - wall0
+            )
             sent = sum(r.sent for r in results)
             acked = sum(r.acked for r in results)
             delivered = sum(r.delivered for r in results)
@@ -364,36 +433,58 @@ def run(params: PeakSaleParams, url: str, secret: bytes, tag: str, probe: Server
             delivery = LatencyHistogram.merged([r.delivery for r in results]).summary()
             ack = LatencyHistogram.merged([r.ack for r in results]).summary()
             lag = LatencyHistogram.merged([r.lag for r in results]).summary()
-            loadgen_pct = max((100 * r.cpu_s / r.wall_s for r in results if r.wall_s > 0),
-                              default=0.0)
+            loadgen_pct = max(
+                (100 * r.cpu_s / r.wall_s for r in results if r.wall_s > 0), default=0.0
+            )
             passed, verdict = _judge(params, sent, acked, delivered, unsent, dict(errors), delivery)
             if loadgen_pct >= GENERATOR_BOUND_PCT:
                 verdict += f" (generator-bound: load worker at {loadgen_pct:.0f}% cpu)"
             if foreign >= NOISY_FOREIGN_PCT:
                 verdict += f" (noisy: other processes used {foreign:.0f}% cpu)"
             report = StepReport(
-                index=index, offered_msgs_per_s=load, per_side_rate=round(rate, 3),
-                duration_s=params.step_s, sent=sent, unsent=unsent, acked=acked,
-                delivered=delivered, undelivered=max(0, sent - delivered), errors=dict(errors),
+                index=index,
+                offered_msgs_per_s=load,
+                per_side_rate=round(rate, 3),
+                duration_s=params.step_s,
+                sent=sent,
+                unsent=unsent,
+                acked=acked,
+                delivered=delivered,
+                undelivered=max(0, sent - delivered),
+                errors=dict(errors),
                 delivered_msgs_per_s=round(delivered / params.step_s, 1),
-                delivery=delivery, ack=ack, send_lag=lag, server_cpu_s=round(server_cpu, 3),
+                delivery=delivery,
+                ack=ack,
+                send_lag=lag,
+                server_cpu_s=round(server_cpu, 3),
                 server_cpu_us_per_msg=round(1e6 * server_cpu / delivered, 1) if delivered else 0.0,
                 loadgen_cpu_pct=round(loadgen_pct, 1),
                 generator_bound=loadgen_pct >= GENERATOR_BOUND_PCT,
-                foreign_cpu_pct=foreign, steal_pct=steal, passed=passed, verdict=verdict,
+                foreign_cpu_pct=foreign,
+                steal_pct=steal,
+                passed=passed,
+                verdict=verdict,
             )
             steps.append(report)
-            log(f"  peak-sale {load:>6} msg/s: delivered {delivered}/{sent}, "
+            log(
+                f"  peak-sale {load:>6} msg/s: delivered {delivered}/{sent}, "
                 f"p50 {delivery.p50_ms:.1f} ms, p99 {delivery.p99_ms:.1f} ms, "
                 f"ack p99 {ack.p99_ms:.1f} ms, server {report.server_cpu_us_per_msg:.0f} us/msg, "
-                f"loadgen {report.loadgen_cpu_pct:.0f}% cpu, others {foreign:.0f}% cpu -> {verdict}")
+                f"loadgen {report.loadgen_cpu_pct:.0f}% cpu, others {foreign:.0f}% cpu -> {verdict}"
+            )
             if passed:
                 best = load
             else:
                 failures += 1
                 if failures >= params.stop_after_failures:
                     break
-    return PeakSaleReport(params=params, workers=workers, pairs_connected=connected,
-                          setup_s=round(setup_s, 2), setup_errors=setup_errors, steps=steps,
-                          max_sustained_msgs_per_s=best,
-                          generator_bound=any(s.generator_bound for s in steps))
+    return PeakSaleReport(
+        params=params,
+        workers=workers,
+        pairs_connected=connected,
+        setup_s=round(setup_s, 2),
+        setup_errors=setup_errors,
+        steps=steps,
+        max_sustained_msgs_per_s=best,
+        generator_bound=any(s.generator_bound for s in steps),
+    )

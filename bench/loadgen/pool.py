@@ -111,7 +111,9 @@ class WorkerPool:
         for index in range(count):
             parent, child = context.Pipe()
             process = context.Process(
-                target=_child, args=(factory, index, count, child), daemon=True,
+                target=_child,
+                args=(factory, index, count, child),
+                daemon=True,
                 name=f"loadgen-worker-{index}",
             )
             process.start()
@@ -126,8 +128,12 @@ class WorkerPool:
     def __enter__(self) -> WorkerPool:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def call(self, command: object, timeout_s: float) -> list[object]:

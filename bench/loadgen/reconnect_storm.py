@@ -165,8 +165,20 @@ class SeqTracker:
 
 
 class _Side:
-    __slots__ = ("acked", "client", "conv", "inflight", "outbox", "prefix", "ready",
-                 "received_cmids", "received_seqs", "sent", "synced_ns", "tracker")
+    __slots__ = (
+        "acked",
+        "client",
+        "conv",
+        "inflight",
+        "outbox",
+        "prefix",
+        "ready",
+        "received_cmids",
+        "received_seqs",
+        "sent",
+        "synced_ns",
+        "tracker",
+    )
 
     def __init__(self, client: ImClient, conv: str) -> None:
         self.client = client
@@ -185,15 +197,22 @@ class _Side:
     def transmit(self, cmid: str, due: int, chars: int) -> None:
         client = self.client
         request_id = client.next_id()
-        data = encode(Send(id=request_id, conv=self.conv, cmid=cmid,
-                           body=TextBody(text=make_text(0, due, chars))))
+        data = encode(
+            Send(
+                id=request_id,
+                conv=self.conv,
+                cmid=cmid,
+                body=TextBody(text=make_text(0, due, chars)),
+            )
+        )
         if client.write(data):
             self.inflight[request_id] = cmid
 
 
 class StormWorker:
-    def __init__(self, params: StormParams, url: str, secret: bytes, tag: str,
-                 index: int, count: int) -> None:
+    def __init__(
+        self, params: StormParams, url: str, secret: bytes, tag: str, index: int, count: int
+    ) -> None:
         self.params, self.url, self.secret, self.tag = params, url, secret, tag
         self.index, self.count = index, count
         self.pairs: list[Pair] = []
@@ -259,7 +278,8 @@ class StormWorker:
         pairs_total = self.params.clients // 2
         pairs, errors = await gather_bounded(
             functools.partial(open_pair, self.url, self.secret, self.tag, i, self)
-            for i in range(self.index, pairs_total, self.count))
+            for i in range(self.index, pairs_total, self.count)
+        )
         self.pairs = sorted(pairs)
         for pair in self.pairs:
             for client in (pair.customer, pair.agent):
@@ -269,7 +289,8 @@ class StormWorker:
         # Messages from before the run (system messages of the open and the assignment,
         # some of which one side never sees) must not hold the resume points back.
         _, history_errors = await gather_bounded(
-            functools.partial(self._skip_history, pair) for pair in self.pairs)
+            functools.partial(self._skip_history, pair) for pair in self.pairs
+        )
         return SetupDone(clients=len(self.sides), errors=(errors + history_errors)[:5])
 
     async def _skip_history(self, pair: Pair) -> None:
@@ -311,8 +332,14 @@ class StormWorker:
             if side.ready:
                 side.transmit(cmid, due, chars)
 
-        await pace(len(self.sides), int(1e9 / self.params.rate), start_ns, stop_ns,
-                   random.Random(self.index), send)
+        await pace(
+            len(self.sides),
+            int(1e9 / self.params.rate),
+            start_ns,
+            stop_ns,
+            random.Random(self.index),
+            send,
+        )
 
     async def _go(self, cmd: Go) -> GoResult:
         await sleep_until(cmd.start_ns)
@@ -324,14 +351,17 @@ class StormWorker:
             side.inflight.clear()
             side.client.abort()
         await asyncio.sleep(0)
-        await asyncio.gather(*(self._reconnect(s, cmd.drop_ns) for s in self.sides))  # ...and returns
+        await asyncio.gather(
+            *(self._reconnect(s, cmd.drop_ns) for s in self.sides)
+        )  # ...and returns
         await driver
         deadline = cmd.stop_ns + int(cmd.drain_s * 1e9)
         pair_sides = [(self.side_of[p.customer], self.side_of[p.agent]) for p in self.pairs]
         while time.monotonic_ns() < deadline:
             if all(not s.outbox for s in self.sides) and all(
-                    len(b.received_cmids) >= len(a.acked) and len(a.received_cmids) >= len(b.acked)
-                    for a, b in pair_sides):
+                len(b.received_cmids) >= len(a.acked) and len(a.received_cmids) >= len(b.acked)
+                for a, b in pair_sides
+            ):
                 break
             await asyncio.sleep(DRAIN_POLL_S)
         lost = 0
@@ -339,16 +369,23 @@ class StormWorker:
             lost += sum(1 for cmid in a.acked if cmid not in b.received_cmids)
             lost += sum(1 for cmid in b.acked if cmid not in a.received_cmids)
         return GoResult(
-            clients=len(self.sides), sent=sum(s.sent for s in self.sides),
+            clients=len(self.sides),
+            sent=sum(s.sent for s in self.sides),
             acked=sum(len(s.acked) for s in self.sides),
-            unacked=sum(len(s.outbox) for s in self.sides), delivered=self.delivered,
+            unacked=sum(len(s.outbox) for s in self.sides),
+            delivered=self.delivered,
             replayed=self.replayed,
-            lost=lost, duplicates=self.duplicates, redelivered=self.redelivered,
-            errors=dict(self.errors), reconnect_failures=self.reconnect_failures,
+            lost=lost,
+            duplicates=self.duplicates,
+            redelivered=self.redelivered,
+            errors=dict(self.errors),
+            reconnect_failures=self.reconnect_failures,
             never_resumed=sum(1 for s in self.sides if not s.ready),
             last_resumed_ns=max((s.synced_ns for s in self.sides), default=0),
-            resume=self.resume.encode(), delivery=self.delivery.encode(),
-            cpu_s=process_cpu_s() - cpu0, wall_s=time.monotonic() - wall0,
+            resume=self.resume.encode(),
+            delivery=self.delivery.encode(),
+            cpu_s=process_cpu_s() - cpu0,
+            wall_s=time.monotonic() - wall0,
         )
 
 
@@ -382,8 +419,15 @@ class StormReport(msgspec.Struct, frozen=True, kw_only=True, tag="reconnect_stor
     steal_pct: float
 
 
-def run(params: StormParams, url: str, secret: bytes, tag: str, probe: ServerProbe,
-        workers: int = 1, log: Callable[[str], None] = print) -> StormReport:
+def run(
+    params: StormParams,
+    url: str,
+    secret: bytes,
+    tag: str,
+    probe: ServerProbe,
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+) -> StormReport:
     params.validate()
 
     def factory(index: int, count: int) -> StormWorker:
@@ -395,47 +439,68 @@ def run(params: StormParams, url: str, secret: bytes, tag: str, probe: ServerPro
         setup_s = time.monotonic() - t0
         connected = sum(d.clients for d in done)
         setup_errors = [e for d in done for e in d.errors]
-        log(f"  reconnect-storm: {connected}/{params.clients} clients ready in {setup_s:.1f} s"
-            + (f" ({setup_errors[0]})" if setup_errors else ""))
+        log(
+            f"  reconnect-storm: {connected}/{params.clients} clients ready in {setup_s:.1f} s"
+            + (f" ({setup_errors[0]})" if setup_errors else "")
+        )
         start = start_at()
         drop = start + int(params.before_s * 1e9)
         stop = drop + int(params.after_s * 1e9)
         cpu0, host0, wall0 = probe.cpu_s(), HostCpu.sample(), time.monotonic()
         timeout = params.before_s + params.after_s + params.drain_s + RUN_TIMEOUT_MARGIN_S
-        results = [r for r in pool.call(Go(start, drop, stop, params.drain_s), timeout)
-                   if isinstance(r, GoResult)]
+        results = [
+            r
+            for r in pool.call(Go(start, drop, stop, params.drain_s), timeout)
+            if isinstance(r, GoResult)
+        ]
         server_cpu = probe.cpu_s() - cpu0
         host1 = HostCpu.sample()
         steal = host1.steal_pct_since(host0)
-        foreign = foreign_cpu_pct(host0, host1, server_cpu + sum(r.cpu_s for r in results),
-                                  time.monotonic() - wall0)
+        foreign = foreign_cpu_pct(
+            host0, host1, server_cpu + sum(r.cpu_s for r in results), time.monotonic() - wall0
+        )
     errors: Counter[str] = Counter()
     for r in results:
         errors.update(r.errors)
     never = sum(r.never_resumed for r in results)
     last = max(r.last_resumed_ns for r in results)
     report = StormReport(
-        params=params, workers=workers, clients_connected=connected, setup_s=round(setup_s, 2),
-        setup_errors=setup_errors, sent=sum(r.sent for r in results),
-        acked=sum(r.acked for r in results), unacked=sum(r.unacked for r in results),
+        params=params,
+        workers=workers,
+        clients_connected=connected,
+        setup_s=round(setup_s, 2),
+        setup_errors=setup_errors,
+        sent=sum(r.sent for r in results),
+        acked=sum(r.acked for r in results),
+        unacked=sum(r.unacked for r in results),
         delivered=sum(r.delivered for r in results),
-        replayed=sum(r.replayed for r in results), lost=sum(r.lost for r in results),
+        replayed=sum(r.replayed for r in results),
+        lost=sum(r.lost for r in results),
         duplicates=sum(r.duplicates for r in results),
-        redelivered=sum(r.redelivered for r in results), errors=dict(errors),
-        reconnect_failures=sum(r.reconnect_failures for r in results), never_resumed=never,
+        redelivered=sum(r.redelivered for r in results),
+        errors=dict(errors),
+        reconnect_failures=sum(r.reconnect_failures for r in results),
+        never_resumed=never,
         time_to_all_resumed_ms=None if never or not last else round((last - drop) / 1e6, 1),
         resume=LatencyHistogram.merged([r.resume for r in results]).summary(),
         delivery=LatencyHistogram.merged([r.delivery for r in results]).summary(),
         server_cpu_s=round(server_cpu, 3),
-        loadgen_cpu_pct=round(max(
-            (100 * r.cpu_s / r.wall_s for r in results if r.wall_s > 0), default=0.0), 1),
-        foreign_cpu_pct=foreign, steal_pct=steal,
+        loadgen_cpu_pct=round(
+            max((100 * r.cpu_s / r.wall_s for r in results if r.wall_s > 0), default=0.0), 1
+        ),
+        foreign_cpu_pct=foreign,
+        steal_pct=steal,
     )
-    resumed = (f"{report.time_to_all_resumed_ms:.0f} ms" if report.time_to_all_resumed_ms
-               is not None else f"NOT ALL ({never} never resumed)")
-    log(f"  reconnect-storm: {connected} clients dropped at once, all resumed in {resumed} "
+    resumed = (
+        f"{report.time_to_all_resumed_ms:.0f} ms"
+        if report.time_to_all_resumed_ms is not None
+        else f"NOT ALL ({never} never resumed)"
+    )
+    log(
+        f"  reconnect-storm: {connected} clients dropped at once, all resumed in {resumed} "
         f"(p50 {report.resume.p50_ms:.0f} ms); sent {report.sent}, acked {report.acked}, "
         f"replayed {report.replayed}, lost {report.lost}, duplicates {report.duplicates}, redelivered {report.redelivered}, "
         f"unacked {report.unacked}, reconnect failures {report.reconnect_failures}; "
-        f"others {report.foreign_cpu_pct:.0f}% cpu")
+        f"others {report.foreign_cpu_pct:.0f}% cpu"
+    )
     return report

@@ -58,7 +58,7 @@ def split_plain_frames(data: bytes, max_size: int) -> list[bytes] | None:
         if length == 126:
             if end - at < 8:
                 return None
-            length = int.from_bytes(data[at + 2:at + 4], "big")
+            length = int.from_bytes(data[at + 2 : at + 4], "big")
             if length < 126:  # not the minimal encoding: let the library judge it
                 return None
             head = at + 4
@@ -68,7 +68,7 @@ def split_plain_frames(data: bytes, max_size: int) -> list[bytes] | None:
             head = at + 2
         if length > max_size or head + 4 + length > end:
             return None
-        payloads.append(apply_mask(data[head + 4:head + 4 + length], data[head:head + 4]))
+        payloads.append(apply_mask(data[head + 4 : head + 4 + length], data[head : head + 4]))
         at = head + 4 + length
     return payloads
 
@@ -87,12 +87,12 @@ def ends_on_frame_boundary(data: bytes) -> bool:
         if length == 126:
             if end - head < 2:
                 return False
-            length = int.from_bytes(data[head:head + 2], "big")
+            length = int.from_bytes(data[head : head + 2], "big")
             head += 2
         elif length == 127:
             if end - head < 8:
                 return False
-            length = int.from_bytes(data[head:head + 8], "big")
+            length = int.from_bytes(data[head : head + 8], "big")
             head += 8
         if second & _MASKED:
             head += 4

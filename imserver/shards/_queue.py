@@ -51,7 +51,6 @@ if TYPE_CHECKING:
     from ..store import Store
 
 
-
 def shard_of(conv: str, count: int = SHARD_COUNT) -> int:
     return zlib.crc32(conv.encode("utf-8")) % count
 
@@ -68,9 +67,16 @@ class ShardQueue(Protocol):
 class LocalShards:
     """The embedded engine: in-memory bounded FIFOs, actors in this process."""
 
-    def __init__(self, store: Store, hub: Hub, dispatcher: WorkerDispatcher, *,
-                 count: int = SHARD_COUNT,
-                 depth: int = SHARD_QUEUE_DEPTH, mailbox_depth: int = ACTOR_MAILBOX_DEPTH) -> None:
+    def __init__(
+        self,
+        store: Store,
+        hub: Hub,
+        dispatcher: WorkerDispatcher,
+        *,
+        count: int = SHARD_COUNT,
+        depth: int = SHARD_QUEUE_DEPTH,
+        mailbox_depth: int = ACTOR_MAILBOX_DEPTH,
+    ) -> None:
         self.store = store
         self.hub = hub
         self.dispatcher = dispatcher
@@ -175,10 +181,16 @@ class LocalShards:
 
     def _spawn(self, conv: str) -> ConversationActor:
         assert self._nursery is not None
-        actor = ConversationActor(conv, store=self.store, hub=self.hub,
-                                  on_passivate=self._passivate, on_processed=self._processed,
-                                  mailbox_depth=self.mailbox_depth, dispatcher=self.dispatcher,
-                                  shard=shard_of(conv, self.count))
+        actor = ConversationActor(
+            conv,
+            store=self.store,
+            hub=self.hub,
+            on_passivate=self._passivate,
+            on_processed=self._processed,
+            mailbox_depth=self.mailbox_depth,
+            dispatcher=self.dispatcher,
+            shard=shard_of(conv, self.count),
+        )
         self.actors[conv] = actor
         METRICS.actors.set(len(self.actors))
         self._nursery.start_soon(actor.run)
@@ -197,7 +209,12 @@ class LocalShards:
     def _overloaded(self, cmd: AnyCommand, why: str) -> None:
         if cmd.reply is not None:
             METRICS.errors.labels(code=ErrorCode.UNAVAILABLE.value).inc()
-            self.hub.reply(cmd.reply, Error(
-                code=ErrorCode.UNAVAILABLE, message=why, id=cmd.reply.request,
-                retry_after_ms=OVERLOAD_RETRY_MS,
-            ))
+            self.hub.reply(
+                cmd.reply,
+                Error(
+                    code=ErrorCode.UNAVAILABLE,
+                    message=why,
+                    id=cmd.reply.request,
+                    retry_after_ms=OVERLOAD_RETRY_MS,
+                ),
+            )

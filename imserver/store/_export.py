@@ -67,7 +67,9 @@ CSV_COLUMNS: Final = (
 
 _COLUMNS: Final = "m.conv, m.seq, m.ts, m.sender, m.sender_role, m.cmid, m.kind, m.body, m.recalled"
 
-SQL_EXPORT_CONVERSATION: Final = f"SELECT {_COLUMNS} FROM messages AS m WHERE m.conv = ? ORDER BY m.seq"
+SQL_EXPORT_CONVERSATION: Final = (
+    f"SELECT {_COLUMNS} FROM messages AS m WHERE m.conv = ? ORDER BY m.seq"
+)
 
 # INDEXED BY and CROSS JOIN pin the plan that needs no sort: the shop's
 # conversations in id order, each one's messages by primary key. A sort would spool the whole
@@ -100,9 +102,7 @@ class _JsonRow(msgspec.Struct):
     recalled: bool
 
 
-def export_conversation(
-    db_path: Path | str, conv: str, out: TextIO, fmt: ExportFormat
-) -> int:
+def export_conversation(db_path: Path | str, conv: str, out: TextIO, fmt: ExportFormat) -> int:
     """Write every message of ``conv`` (by seq) to ``out``; return how many."""
     write = _writer(fmt, out)
     with closing(_connect(db_path)) as conn:
@@ -224,7 +224,9 @@ def summarize(body: Body) -> str:
     if isinstance(body, FileBody):
         return f"[file] {body.name} {body.url}"
     if isinstance(body, ProductCardBody):
-        return f"[product] {body.title} {_money(body.price_cents, body.currency)} {body.url}".rstrip()
+        return (
+            f"[product] {body.title} {_money(body.price_cents, body.currency)} {body.url}".rstrip()
+        )
     if isinstance(body, OrderCardBody):
         return f"[order] {body.order_id} {body.status} {_money(body.amount_cents, body.currency)}"
     if isinstance(body, QuickRepliesBody):

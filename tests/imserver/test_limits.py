@@ -15,6 +15,9 @@ def test_readme_limits_table_is_current() -> None:
 
 
 def test_every_limit_is_documented() -> None:
-    undocumented = [row.split("|")[1].strip() for row in markdown_table().splitlines()[2:]
-                    if not row.split("|")[3].strip()]
+    undocumented = [
+        row.split("|")[1].strip()
+        for row in markdown_table().splitlines()[2:]
+        if not row.split("|")[3].strip()
+    ]
     assert undocumented == []

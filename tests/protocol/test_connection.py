@@ -52,10 +52,23 @@ from protocol._limits import (
 
 HELLO = Hello(v=PROTOCOL_VERSION, token="tok", device="dev-1")
 WELCOME = Welcome(
-    v=1, session="s-1", user="cust-1", role=Role.CUSTOMER, shop="", server_time=1,
-    heartbeat_ms=20_000, idle_timeout_ms=60_000,
-    limits=Limits(max_frame_bytes=MAX_FRAME_BYTES, max_text_chars=5000, frames_per_second=50,
-                  frames_burst=200, max_inflight=256, history_page=200, recall_window_ms=120_000),
+    v=1,
+    session="s-1",
+    user="cust-1",
+    role=Role.CUSTOMER,
+    shop="",
+    server_time=1,
+    heartbeat_ms=20_000,
+    idle_timeout_ms=60_000,
+    limits=Limits(
+        max_frame_bytes=MAX_FRAME_BYTES,
+        max_text_chars=5000,
+        frames_per_second=50,
+        frames_burst=200,
+        max_inflight=256,
+        history_page=200,
+        recall_window_ms=120_000,
+    ),
 )
 BAD_BYTES = b"\xc1"  # not msgpack
 
@@ -102,24 +115,60 @@ def refused(event: ServerEvent) -> Refused:
 
 S, K = ConnectionState, _Kind
 # (state, kind) -> (event type, state after, close code, error code, request id in the Error)
-EXPECTED: dict[tuple[ConnectionState, _Kind], tuple[type[Any], ConnectionState,
-                                                     CloseCode | None, ErrorCode | None,
-                                                     int | None]] = {
+EXPECTED: dict[
+    tuple[ConnectionState, _Kind],
+    tuple[type[Any], ConnectionState, CloseCode | None, ErrorCode | None, int | None],
+] = {
     (S.AWAIT_HELLO, K.HELLO): (HelloReceived, S.AUTHENTICATING, None, None, None),
-    (S.AWAIT_HELLO, K.REQUEST): (Refused, S.CLOSED, CloseCode.UNAUTHORIZED,
-                                 ErrorCode.UNAUTHORIZED, 5),
-    (S.AWAIT_HELLO, K.NOTICE): (Refused, S.CLOSED, CloseCode.UNAUTHORIZED,
-                                ErrorCode.UNAUTHORIZED, None),
-    (S.AWAIT_HELLO, K.MALFORMED): (Refused, S.CLOSED, CloseCode.BAD_HANDSHAKE,
-                                   ErrorCode.BAD_FRAME, None),
-    (S.AUTHENTICATING, K.HELLO): (Refused, S.CLOSED, CloseCode.BAD_HANDSHAKE,
-                                  ErrorCode.UNAUTHORIZED, None),
-    (S.AUTHENTICATING, K.REQUEST): (Refused, S.CLOSED, CloseCode.BAD_HANDSHAKE,
-                                    ErrorCode.UNAUTHORIZED, 5),
-    (S.AUTHENTICATING, K.NOTICE): (Refused, S.CLOSED, CloseCode.BAD_HANDSHAKE,
-                                   ErrorCode.UNAUTHORIZED, None),
-    (S.AUTHENTICATING, K.MALFORMED): (Refused, S.CLOSED, CloseCode.BAD_HANDSHAKE,
-                                      ErrorCode.UNAUTHORIZED, 5),
+    (S.AWAIT_HELLO, K.REQUEST): (
+        Refused,
+        S.CLOSED,
+        CloseCode.UNAUTHORIZED,
+        ErrorCode.UNAUTHORIZED,
+        5,
+    ),
+    (S.AWAIT_HELLO, K.NOTICE): (
+        Refused,
+        S.CLOSED,
+        CloseCode.UNAUTHORIZED,
+        ErrorCode.UNAUTHORIZED,
+        None,
+    ),
+    (S.AWAIT_HELLO, K.MALFORMED): (
+        Refused,
+        S.CLOSED,
+        CloseCode.BAD_HANDSHAKE,
+        ErrorCode.BAD_FRAME,
+        None,
+    ),
+    (S.AUTHENTICATING, K.HELLO): (
+        Refused,
+        S.CLOSED,
+        CloseCode.BAD_HANDSHAKE,
+        ErrorCode.UNAUTHORIZED,
+        None,
+    ),
+    (S.AUTHENTICATING, K.REQUEST): (
+        Refused,
+        S.CLOSED,
+        CloseCode.BAD_HANDSHAKE,
+        ErrorCode.UNAUTHORIZED,
+        5,
+    ),
+    (S.AUTHENTICATING, K.NOTICE): (
+        Refused,
+        S.CLOSED,
+        CloseCode.BAD_HANDSHAKE,
+        ErrorCode.UNAUTHORIZED,
+        None,
+    ),
+    (S.AUTHENTICATING, K.MALFORMED): (
+        Refused,
+        S.CLOSED,
+        CloseCode.BAD_HANDSHAKE,
+        ErrorCode.UNAUTHORIZED,
+        5,
+    ),
     (S.OPEN, K.HELLO): (Refused, S.OPEN, None, ErrorCode.BAD_FRAME, None),
     (S.OPEN, K.REQUEST): (RequestReceived, S.OPEN, None, None, None),
     (S.OPEN, K.NOTICE): (NoticeReceived, S.OPEN, None, None, None),
@@ -271,7 +320,10 @@ def test_reject_closes() -> None:
     conn = in_state(S.AUTHENTICATING)
     event = refused(conn.reject(ErrorCode.UNAUTHORIZED, "token expired", CloseCode.UNAUTHORIZED))
     assert (event.error.code, event.error.message, event.error.id) == (
-        ErrorCode.UNAUTHORIZED, "token expired", None)
+        ErrorCode.UNAUTHORIZED,
+        "token expired",
+        None,
+    )
     assert event.close is CloseCode.UNAUTHORIZED
     assert conn.state is S.CLOSED
     assert conn.close_code is CloseCode.UNAUTHORIZED
@@ -334,7 +386,10 @@ def test_rate_limit_burst_refusal_and_refill() -> None:
     # A notice over the rate is refused too, without an id.
     event = refused(conn.receive(TYPING, 0.125))
     assert (event.error.code, event.error.id, event.error.retry_after_ms) == (
-        ErrorCode.RATE_LIMITED, None, 125)
+        ErrorCode.RATE_LIMITED,
+        None,
+        125,
+    )
     # One token refilled by 0.25 s: one frame passes, the next does not.
     assert isinstance(conn.receive(ping(2), 0.25), RequestReceived)
     assert refused(conn.receive(ping(3), 0.25)).error.code == ErrorCode.RATE_LIMITED
@@ -350,8 +405,10 @@ def test_default_rate_limit_numbers() -> None:
         assert isinstance(conn.receive(TYPING, 5.0), NoticeReceived)
     event = refused(conn.receive(TYPING, 5.0))
     assert event.error.retry_after_ms == 1000 // FRAMES_PER_SECOND
-    assert refused(conn.receive(TYPING, 5.0 + 0.5 / FRAMES_PER_SECOND)).error.code == \
-        ErrorCode.RATE_LIMITED
+    assert (
+        refused(conn.receive(TYPING, 5.0 + 0.5 / FRAMES_PER_SECOND)).error.code
+        == ErrorCode.RATE_LIMITED
+    )
     assert isinstance(conn.receive(TYPING, 5.0 + 1.5 / FRAMES_PER_SECOND), NoticeReceived)
 
 
@@ -412,8 +469,9 @@ def test_default_max_inflight() -> None:
     conn = open_conn(frames_burst=10_000)
     for request_id in range(MAX_INFLIGHT_REQUESTS):
         assert isinstance(conn.receive(ping(request_id), 0.0), RequestReceived)
-    assert refused(conn.receive(ping(MAX_INFLIGHT_REQUESTS), 0.0)).error.code == \
-        ErrorCode.RATE_LIMITED
+    assert (
+        refused(conn.receive(ping(MAX_INFLIGHT_REQUESTS), 0.0)).error.code == ErrorCode.RATE_LIMITED
+    )
 
 
 def test_duplicate_inflight_id() -> None:
@@ -566,8 +624,12 @@ def test_client_and_server_talk() -> None:
     event = server.receive(client.send(Delivered(conv="c", seq=3)), 0.2)
     assert isinstance(event, NoticeReceived)
     assert event.notice == Delivered(conv="c", seq=3)
-    event = server.receive(client.send(Send(id=client.next_request_id(), conv="c", cmid="m",
-                                            body=TextBody(text="x" * 5001))), 0.3)
+    event = server.receive(
+        client.send(
+            Send(id=client.next_request_id(), conv="c", cmid="m", body=TextBody(text="x" * 5001))
+        ),
+        0.3,
+    )
     error = client.receive(refused(event).data)
     assert isinstance(error, Error)
     assert (error.code, error.id) == (ErrorCode.TOO_LARGE, 2)

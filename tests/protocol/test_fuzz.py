@@ -44,20 +44,44 @@ server_frames = frames_strategy(SERVER_TYPES)
 
 # msgpack-shaped junk: maps with plausible tags and keys, and any values.
 _scalars = (
-    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats() | st.text(max_size=20) | st.binary(max_size=20)
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
 )
 _values = st.recursive(
     _scalars,
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.text(max_size=8) | st.integers(0, 9), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(max_size=8) | st.integers(0, 9), inner, max_size=3)
+    ),
     max_leaves=10,
 )
 _tags = st.sampled_from(
     [c.__struct_config__.tag for c in CLIENT_TYPES + SERVER_TYPES] + ["", "nope"]
 )
-_keys = st.sampled_from(["id", "conv", "seq", "cmid", "body", "k", "text", "v", "token",
-                         "device", "resume", "users", "topics", "limit", "state", "x"])
+_keys = st.sampled_from(
+    [
+        "id",
+        "conv",
+        "seq",
+        "cmid",
+        "body",
+        "k",
+        "text",
+        "v",
+        "token",
+        "device",
+        "resume",
+        "users",
+        "topics",
+        "limit",
+        "state",
+        "x",
+    ]
+)
 junk_maps = st.builds(
     lambda tag, fields: {"t": tag, **fields},
     _tags,
@@ -111,7 +135,7 @@ def test_mutated_valid_frames_only_ever_give_events(frame: Any, data: st.DataObj
         if how == "flip" and where < len(raw):
             raw[where] ^= data.draw(st.integers(1, 255))
         elif how == "cut":
-            del raw[where:where + data.draw(st.integers(1, 8))]
+            del raw[where : where + data.draw(st.integers(1, 8))]
         else:
             raw[where:where] = data.draw(st.binary(min_size=1, max_size=8))
     for conn in _fresh_and_open():
@@ -119,11 +143,17 @@ def test_mutated_valid_frames_only_ever_give_events(frame: Any, data: st.DataObj
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.binary(max_size=60) | junk_maps.map(msgspec.msgpack.encode)
-                | client_frames.map(encode) | st.just(b"")
-                | st.builds(bytes, st.just(MAX_FRAME_BYTES + 1)),
-                max_size=40),
-       st.floats(0, 0.05))
+@given(
+    st.lists(
+        st.binary(max_size=60)
+        | junk_maps.map(msgspec.msgpack.encode)
+        | client_frames.map(encode)
+        | st.just(b"")
+        | st.builds(bytes, st.just(MAX_FRAME_BYTES + 1)),
+        max_size=40,
+    ),
+    st.floats(0, 0.05),
+)
 def test_sequences_keep_the_invariants(frames: list[bytes], step: float) -> None:
     conn = _open_server(max_inflight=4, frames_burst=10)
     now = 0.0

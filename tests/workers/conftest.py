@@ -14,11 +14,25 @@ from tests.conftest import SECRET, RunningServer
 
 
 @asynccontextmanager
-async def worker_process(server: RunningServer, plugin: str, data: Path,
-                         config: Path | None = None) -> AsyncIterator[trio.Process]:
+async def worker_process(
+    server: RunningServer, plugin: str, data: Path, config: Path | None = None
+) -> AsyncIterator[trio.Process]:
     """``imserver worker`` as a child process, ready once it has joined its plugin group."""
-    command = [sys.executable, "-m", "imserver", "worker", plugin, "--server", server.url,
-               "--secret", SECRET.decode(), "--data", str(data), "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "imserver",
+        "worker",
+        plugin,
+        "--server",
+        server.url,
+        "--secret",
+        SECRET.decode(),
+        "--data",
+        str(data),
+        "--log-level",
+        "warning",
+    ]
     if config is not None:
         command += ["--config", str(config)]
     dispatcher = server.server.dispatcher

@@ -221,8 +221,15 @@ ORDER_STATUS_LABELS: Mapping[str, Mapping[Language, str]] = {
 }
 """Display text for status codes; any other status is shown as given."""
 
-_CURRENCY_SYMBOLS: Mapping[str, str] = {"CNY": "¥", "USD": "$", "EUR": "€", "GBP": "£",
-                                         "JPY": "JP¥", "HKD": "HK$", "RUB": "₽"}
+_CURRENCY_SYMBOLS: Mapping[str, str] = {
+    "CNY": "¥",
+    "USD": "$",
+    "EUR": "€",
+    "GBP": "£",
+    "JPY": "JP¥",
+    "HKD": "HK$",
+    "RUB": "₽",
+}
 _CUSTOMER_FALLBACK: Mapping[Language, str] = {"zh": "亲", "en": "there"}
 _LONE_ID_RE = re.compile(r"#?\s*(?P<id>[A-Za-z0-9](?:[A-Za-z0-9-]{1,38}[A-Za-z0-9]))")
 _ORDER_FILLER_RE = re.compile(
@@ -421,8 +428,15 @@ class BotEngine:
 
     # -- hooks -------------------------------------------------------------------
 
-    def on_conversation_opened(self, shop: str, conv: str, customer: str, now: datetime, *,
-                               customer_name: str | None = None) -> BotReply | None:
+    def on_conversation_opened(
+        self,
+        shop: str,
+        conv: str,
+        customer: str,
+        now: datetime,
+        *,
+        customer_name: str | None = None,
+    ) -> BotReply | None:
         """Welcome (unless the shop disabled it) plus, outside business hours, the
         away message. ``None`` if there is nothing to say or the conversation is
         already open (a reconnect must not re-welcome)."""
@@ -447,15 +461,24 @@ class BotEngine:
             return None
         return BotReply(text="\n".join(parts), quick_replies=quick)
 
-    def on_customer_message(self, shop: str, conv: str, customer: str, text: str,
-                            now: datetime, *, customer_name: str | None = None) -> BotDecision:
+    def on_customer_message(
+        self,
+        shop: str,
+        conv: str,
+        customer: str,
+        text: str,
+        now: datetime,
+        *,
+        customer_name: str | None = None,
+    ) -> BotDecision:
         require_aware(now)
         state = self._track(shop, conv, customer, customer_name)
         counters = self._counter(shop)
         counters.messages += 1
         kb = self._kbs.get(shop)
-        lang: Language = (detect_language(text) or state.language
-                          or (kb.settings.language if kb else "zh"))
+        lang: Language = (
+            detect_language(text) or state.language or (kb.settings.language if kb else "zh")
+        )
         state.language = lang
         if not char_view(normalize(text)):
             # Emoji, stickers rendered as text, punctuation: nothing to act on.
@@ -468,31 +491,53 @@ class BotEngine:
         if state.handoff is not None:
             if plan is not None and plan.priority > state.handoff.priority:
                 handoff = self._make_handoff(state, plan, text, counters)
-                return BotDecision(handoff=handoff, intent=plan.intent, confidence=1.0,
-                                   language=lang)
-            return BotDecision(intent=resolution.intent if resolution else None,
-                               confidence=resolution.confidence if resolution else 0.0,
-                               language=lang)
+                return BotDecision(
+                    handoff=handoff, intent=plan.intent, confidence=1.0, language=lang
+                )
+            return BotDecision(
+                intent=resolution.intent if resolution else None,
+                confidence=resolution.confidence if resolution else 0.0,
+                language=lang,
+            )
 
         if plan is not None:
-            return self._handoff_decision(shop, kb, state, plan, text, now, lang, 1.0,
-                                          None, counters)
+            return self._handoff_decision(
+                shop, kb, state, plan, text, now, lang, 1.0, None, counters
+            )
 
         order_ref = self._order_reference(state, text)
-        if (kb is not None and order_ref is not None
-                and (resolution is None or resolution.confidence < self._threshold)):
+        if (
+            kb is not None
+            and order_ref is not None
+            and (resolution is None or resolution.confidence < self._threshold)
+        ):
             resolution = self._order_follow_up(kb, state, text) or resolution
         if resolution is None or resolution.confidence < self._threshold:
             guess = resolution.intent if resolution is not None else None
-            hinted = (guess if resolution is not None
-                      and resolution.confidence >= SKILL_HINT_MIN_CONFIDENCE else None)
-            plan = _HandoffPlan("low_confidence", PRIORITY_LOW_CONFIDENCE,
-                                self._skill(hinted, state), "handoff_low_confidence",
-                                guess or "unknown")
+            hinted = (
+                guess
+                if resolution is not None and resolution.confidence >= SKILL_HINT_MIN_CONFIDENCE
+                else None
+            )
+            plan = _HandoffPlan(
+                "low_confidence",
+                PRIORITY_LOW_CONFIDENCE,
+                self._skill(hinted, state),
+                "handoff_low_confidence",
+                guess or "unknown",
+            )
             return self._handoff_decision(
-                shop, kb, state, plan, text, now, lang,
+                shop,
+                kb,
+                state,
+                plan,
+                text,
+                now,
+                lang,
                 resolution.confidence if resolution else 0.0,
-                resolution.id if resolution else None, counters)
+                resolution.id if resolution else None,
+                counters,
+            )
 
         assert kb is not None
         counters.answered += 1
@@ -526,10 +571,14 @@ class BotEngine:
     def stats(self, shop: str) -> BotStats:
         c = self._counters.get(shop) or _Counters()
         return BotStats(
-            conversations=c.conversations, handed_off=c.handed_off, closed=c.closed,
+            conversations=c.conversations,
+            handed_off=c.handed_off,
+            closed=c.closed,
             closed_without_human=c.closed_without_human,
-            abandoned_after_handoff=c.abandoned_after_handoff, messages=c.messages,
-            answered=c.answered, handoffs_by_reason=dict(c.by_reason),
+            abandoned_after_handoff=c.abandoned_after_handoff,
+            messages=c.messages,
+            answered=c.answered,
+            handoffs_by_reason=dict(c.by_reason),
         )
 
     # -- conversation state ---------------------------------------------------------
@@ -540,8 +589,9 @@ class BotEngine:
             counters = self._counters[shop] = _Counters()
         return counters
 
-    def _track(self, shop: str, conv: str, customer: str,
-               customer_name: str | None) -> _Conversation:
+    def _track(
+        self, shop: str, conv: str, customer: str, customer_name: str | None
+    ) -> _Conversation:
         key = (shop, conv)
         state = self._convs.get(key)
         if state is not None:
@@ -566,8 +616,10 @@ class BotEngine:
 
     def _is_human_option(self, kb: KnowledgeBase | None, text: str) -> bool:
         key = char_view(normalize(text))
-        return any(key == char_view(normalize(self._message(kb, "human_option", lang)))
-                   for lang in SUPPORTED_LANGUAGES)
+        return any(
+            key == char_view(normalize(self._message(kb, "human_option", lang)))
+            for lang in SUPPORTED_LANGUAGES
+        )
 
     @staticmethod
     def _order_reference(state: _Conversation, text: str) -> str | None:
@@ -583,8 +635,9 @@ class BotEngine:
                 return lone.group("id")
         return None
 
-    def _order_follow_up(self, kb: KnowledgeBase, state: _Conversation,
-                         text: str) -> Resolution | None:
+    def _order_follow_up(
+        self, kb: KnowledgeBase, state: _Conversation, text: str
+    ) -> Resolution | None:
         """The message is basically an order id ("123456789012", "订单号：123456"):
         answer the order question this conversation was on, or order status."""
         found = find_order_id(text)
@@ -595,62 +648,112 @@ class BotEngine:
         last = state.last_resolution
         if last is not None and last.needs_order:
             return last
-        entry = next((e for e in kb.entries
-                      if e.intent == ORDER_STATUS_INTENT and e.needs_order), None)
+        entry = next(
+            (e for e in kb.entries if e.intent == ORDER_STATUS_INTENT and e.needs_order), None
+        )
         return kb.resolution_for(entry) if entry is not None else None
 
-    def _plan_handoff(self, kb: KnowledgeBase | None, state: _Conversation, signals: Signals,
-                      resolution: Resolution | None, text: str) -> _HandoffPlan | None:
+    def _plan_handoff(
+        self,
+        kb: KnowledgeBase | None,
+        state: _Conversation,
+        signals: Signals,
+        resolution: Resolution | None,
+        text: str,
+    ) -> _HandoffPlan | None:
         money = bool(signals.refund)
         if signals.complaint:
-            return _HandoffPlan("complaint", PRIORITY_COMPLAINT,
-                                SKILL_REFUNDS if money else SKILL_AFTER_SALE,
-                                "handoff_complaint", "complaint", signals.complaint)
+            return _HandoffPlan(
+                "complaint",
+                PRIORITY_COMPLAINT,
+                SKILL_REFUNDS if money else SKILL_AFTER_SALE,
+                "handoff_complaint",
+                "complaint",
+                signals.complaint,
+            )
         if signals.negative:
-            return _HandoffPlan("negative", PRIORITY_NEGATIVE,
-                                SKILL_REFUNDS if money else SKILL_AFTER_SALE,
-                                "handoff_negative", "negative", signals.negative)
+            return _HandoffPlan(
+                "negative",
+                PRIORITY_NEGATIVE,
+                SKILL_REFUNDS if money else SKILL_AFTER_SALE,
+                "handoff_negative",
+                "negative",
+                signals.negative,
+            )
         if money:
-            faq = (signals.refund_question and resolution is not None
-                   and resolution.intent in REFUND_FAQ_INTENTS
-                   and resolution.confidence >= self._threshold)
+            faq = (
+                signals.refund_question
+                and resolution is not None
+                and resolution.intent in REFUND_FAQ_INTENTS
+                and resolution.confidence >= self._threshold
+            )
             if not faq:
-                return _HandoffPlan("complaint", PRIORITY_REFUND, SKILL_REFUNDS,
-                                    "handoff_refund", "refund", signals.refund)
-        human_entry = (resolution is not None and resolution.intent == HUMAN_INTENT
-                       and resolution.confidence >= self._threshold)
+                return _HandoffPlan(
+                    "complaint",
+                    PRIORITY_REFUND,
+                    SKILL_REFUNDS,
+                    "handoff_refund",
+                    "refund",
+                    signals.refund,
+                )
+        human_entry = (
+            resolution is not None
+            and resolution.intent == HUMAN_INTENT
+            and resolution.confidence >= self._threshold
+        )
         if signals.human or human_entry or self._is_human_option(kb, text):
-            hint = resolution.intent if (
-                resolution is not None and resolution.confidence >= SKILL_HINT_MIN_CONFIDENCE
-            ) else None
-            return _HandoffPlan("requested", PRIORITY_REQUESTED, self._skill(hint, state),
-                                "handoff_requested", HUMAN_INTENT, signals.human)
+            hint = (
+                resolution.intent
+                if (resolution is not None and resolution.confidence >= SKILL_HINT_MIN_CONFIDENCE)
+                else None
+            )
+            return _HandoffPlan(
+                "requested",
+                PRIORITY_REQUESTED,
+                self._skill(hint, state),
+                "handoff_requested",
+                HUMAN_INTENT,
+                signals.human,
+            )
         return None
 
     @staticmethod
-    def _make_handoff(state: _Conversation, plan: _HandoffPlan, text: str,
-                      counters: _Counters) -> Handoff:
-        why = {"requested": "customer asked for a human",
-               "low_confidence": "bot could not answer",
-               "complaint": "complaint" if plan.intent != "refund" else "refund request",
-               "negative": "strongly negative wording"}[plan.reason]
+    def _make_handoff(
+        state: _Conversation, plan: _HandoffPlan, text: str, counters: _Counters
+    ) -> Handoff:
+        why = {
+            "requested": "customer asked for a human",
+            "low_confidence": "bot could not answer",
+            "complaint": "complaint" if plan.intent != "refund" else "refund request",
+            "negative": "strongly negative wording",
+        }[plan.reason]
         if plan.terms:
             why += f" ({', '.join(plan.terms)})"
         snippet = text.strip().replace("\n", " ")
         if len(snippet) > 200:
             snippet = snippet[:199] + "…"
-        handoff = Handoff(reason=plan.reason, priority=plan.priority, skill=plan.skill,
-                          note=f"{why}: “{snippet}”")
+        handoff = Handoff(
+            reason=plan.reason, priority=plan.priority, skill=plan.skill, note=f"{why}: “{snippet}”"
+        )
         if state.handoff is None:
             counters.handed_off += 1
         counters.by_reason[plan.reason] = counters.by_reason.get(plan.reason, 0) + 1
         state.handoff = handoff
         return handoff
 
-    def _handoff_decision(self, shop: str, kb: KnowledgeBase | None, state: _Conversation,
-                          plan: _HandoffPlan, text: str, now: datetime, lang: Language,
-                          confidence: float, entry_id: str | None,
-                          counters: _Counters) -> BotDecision:
+    def _handoff_decision(
+        self,
+        shop: str,
+        kb: KnowledgeBase | None,
+        state: _Conversation,
+        plan: _HandoffPlan,
+        text: str,
+        now: datetime,
+        lang: Language,
+        confidence: float,
+        entry_id: str | None,
+        counters: _Counters,
+    ) -> BotDecision:
         handoff = self._make_handoff(state, plan, text, counters)
         values = self._context_values(shop, kb, state.customer_name, lang)
         reply_text = render(self._message(kb, plan.message, lang), values)
@@ -660,18 +763,33 @@ class BotEngine:
             if back is None:
                 reply_text = render(self._message(kb, "handoff_offline_no_schedule", lang), values)
             else:
-                reply_text = render(self._message(kb, "handoff_offline", lang),
-                                    {**values, "back_at": describe_back_at(back, now, lang)})
+                reply_text = render(
+                    self._message(kb, "handoff_offline", lang),
+                    {**values, "back_at": describe_back_at(back, now, lang)},
+                )
             if plan.intent in ("complaint", "negative"):
                 apology = render(self._message(kb, "apology", lang), values)
                 reply_text = apology + ("" if lang == "zh" else " ") + reply_text
-        return BotDecision(reply=BotReply(text=reply_text), handoff=handoff, intent=plan.intent,
-                           confidence=confidence, entry_id=entry_id, language=lang)
+        return BotDecision(
+            reply=BotReply(text=reply_text),
+            handoff=handoff,
+            intent=plan.intent,
+            confidence=confidence,
+            entry_id=entry_id,
+            language=lang,
+        )
 
     # -- answers ------------------------------------------------------------------------
 
-    def _answer(self, shop: str, kb: KnowledgeBase, state: _Conversation,
-                resolution: Resolution, order_ref: str | None, lang: Language) -> BotDecision:
+    def _answer(
+        self,
+        shop: str,
+        kb: KnowledgeBase,
+        state: _Conversation,
+        resolution: Resolution,
+        order_ref: str | None,
+        lang: Language,
+    ) -> BotDecision:
         values = self._context_values(shop, kb, state.customer_name, lang)
         template = resolution.answer.get(lang)
         quick = [qr.text.get(lang) for qr in resolution.quick_replies]
@@ -681,26 +799,39 @@ class BotEngine:
             if order is None:
                 human = self._message(kb, "human_option", lang)
                 if asked is not None:
-                    message = render(self._message(kb, "order_not_found", lang),
-                                     {**values, "order_id": asked})
+                    message = render(
+                        self._message(kb, "order_not_found", lang), {**values, "order_id": asked}
+                    )
                 else:
                     message = render(self._message(kb, "no_orders", lang), values)
                 state.last_resolution = resolution  # the next message may be the id
-                return BotDecision(reply=BotReply(text=message, quick_replies=[human]),
-                                   intent=resolution.intent, confidence=resolution.confidence,
-                                   entry_id=resolution.id, order_id=asked, language=lang)
+                return BotDecision(
+                    reply=BotReply(text=message, quick_replies=[human]),
+                    intent=resolution.intent,
+                    confidence=resolution.confidence,
+                    entry_id=resolution.id,
+                    order_id=asked,
+                    language=lang,
+                )
             order_id = order.order_id
             values.update(_order_values(order, lang))
-            missing = {name for name in template_fields(template) & ORDER_VARIABLES
-                       if not values.get(name)}
+            missing = {
+                name for name in template_fields(template) & ORDER_VARIABLES if not values.get(name)
+            }
             if missing:
                 template = self._message(kb, "order_pending", lang)
-        return BotDecision(reply=BotReply(text=render(template, values), quick_replies=quick),
-                           intent=resolution.intent, confidence=resolution.confidence,
-                           entry_id=resolution.id, order_id=order_id, language=lang)
+        return BotDecision(
+            reply=BotReply(text=render(template, values), quick_replies=quick),
+            intent=resolution.intent,
+            confidence=resolution.confidence,
+            entry_id=resolution.id,
+            order_id=order_id,
+            language=lang,
+        )
 
-    def _find_order(self, shop: str, state: _Conversation,
-                    order_ref: str | None) -> tuple[OrderLike | None, str | None]:
+    def _find_order(
+        self, shop: str, state: _Conversation, order_ref: str | None
+    ) -> tuple[OrderLike | None, str | None]:
         """(order, the id the customer asked about if any)."""
         if order_ref is not None:
             order = self._owned(self._orders.order(shop, order_ref), state)
@@ -728,23 +859,32 @@ class BotEngine:
         return kb.message(key, lang)
 
     @staticmethod
-    def _context_values(shop: str, kb: KnowledgeBase | None, customer_name: str | None,
-                        lang: Language) -> dict[str, str]:
+    def _context_values(
+        shop: str, kb: KnowledgeBase | None, customer_name: str | None, lang: Language
+    ) -> dict[str, str]:
         return {
             "shop_name": (kb.settings.name if kb is not None else None) or shop,
             "customer_name": customer_name or _CUSTOMER_FALLBACK[lang],
         }
 
-    def _away_text(self, shop: str, kb: KnowledgeBase | None, now: datetime, lang: Language,
-                   values: dict[str, str]) -> str | None:
+    def _away_text(
+        self,
+        shop: str,
+        kb: KnowledgeBase | None,
+        now: datetime,
+        lang: Language,
+        values: dict[str, str],
+    ) -> str | None:
         hours = self._hours.get(shop)
         if hours is None or hours.is_open(now):
             return None
         back = hours.next_open(now)
         if back is None:
             return render(self._message(kb, "away_no_schedule", lang), values)
-        return render(self._message(kb, "away", lang),
-                      {**values, "back_at": describe_back_at(back, now, lang)})
+        return render(
+            self._message(kb, "away", lang),
+            {**values, "back_at": describe_back_at(back, now, lang)},
+        )
 
 
 def _item_text(item: str | OrderItemLike) -> str:

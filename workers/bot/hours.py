@@ -145,8 +145,11 @@ class BusinessHours:
     def intervals(self, day: date) -> list[Interval]:
         """Open intervals on a local calendar day, within ``[0, 1440]``."""
         out = [(s, min(e, MINUTES_PER_DAY)) for s, e in self._own(day)]
-        out += [(0, e - MINUTES_PER_DAY) for _, e in self._own(day - timedelta(days=1))
-                if e > MINUTES_PER_DAY]
+        out += [
+            (0, e - MINUTES_PER_DAY)
+            for _, e in self._own(day - timedelta(days=1))
+            if e > MINUTES_PER_DAY
+        ]
         return sorted(out)
 
     def local(self, now: datetime) -> datetime:

@@ -281,11 +281,13 @@ class KnowledgeBase:
                         self._aliases[self._matcher.key(text)] = reply.goto
         self._exact_rules = [
             (rule, {char_view(normalize(k)) for k in rule.keywords})
-            for rule in self._rules if rule.match == "exact"
+            for rule in self._rules
+            if rule.match == "exact"
         ]
         self._contains_rules = [
             (rule, re.compile("|".join(term_pattern(normalize(k)) for k in rule.keywords)))
-            for rule in self._rules if rule.match == "contains"
+            for rule in self._rules
+            if rule.match == "contains"
         ]
 
     # -- construction from text -------------------------------------------------
@@ -362,17 +364,31 @@ class KnowledgeBase:
         return self._from_entry(self._by_id[best.key], "question", best.confidence, best)
 
     def _from_rule(self, rule: KeywordRule) -> Resolution:
-        return Resolution("keyword", rule.id, rule.intent, rule.answer, rule.quick_replies,
-                          1.0, rule.needs_order)
+        return Resolution(
+            "keyword", rule.id, rule.intent, rule.answer, rule.quick_replies, 1.0, rule.needs_order
+        )
 
     def resolution_for(self, entry: Entry, confidence: float = 1.0) -> Resolution:
         """A ``context`` resolution of ``entry`` (for callers that infer the entry)."""
         return self._from_entry(entry, "context", confidence, None)
 
-    def _from_entry(self, entry: Entry, source: Literal["quick_reply", "question", "context"],
-                    confidence: float, match: Match | None) -> Resolution:
-        return Resolution(source, entry.id, entry.intent, entry.answer, entry.quick_replies,
-                          confidence, entry.needs_order, match)
+    def _from_entry(
+        self,
+        entry: Entry,
+        source: Literal["quick_reply", "question", "context"],
+        confidence: float,
+        match: Match | None,
+    ) -> Resolution:
+        return Resolution(
+            source,
+            entry.id,
+            entry.intent,
+            entry.answer,
+            entry.quick_replies,
+            confidence,
+            entry.needs_order,
+            match,
+        )
 
 
 def load(path: str | Path) -> KnowledgeBase:
@@ -389,8 +405,10 @@ def load(path: str | Path) -> KnowledgeBase:
         except UnicodeDecodeError:
             text = data.decode("gb18030")
         return KnowledgeBase.from_csv(text, source=str(path))
-    raise KnowledgeBaseError(str(path), [Problem(None, "file", f"unsupported suffix {suffix!r}; "
-                                                 "use .yaml, .yml or .csv")])
+    raise KnowledgeBaseError(
+        str(path),
+        [Problem(None, "file", f"unsupported suffix {suffix!r}; use .yaml, .yml or .csv")],
+    )
 
 
 # --------------------------------------------------------------------------- cross checks
@@ -400,15 +418,17 @@ def _where_entry(entry_id: str) -> str:
     return f"entry {entry_id!r}"
 
 
-def _cross_check(entries: Sequence[Entry], rules: Sequence[KeywordRule],
-                 settings: ShopSettings, matcher: Matcher) -> list[Problem]:
+def _cross_check(
+    entries: Sequence[Entry], rules: Sequence[KeywordRule], settings: ShopSettings, matcher: Matcher
+) -> list[Problem]:
     problems: list[Problem] = []
     ids: dict[str, int | None] = {}
     question_owner: dict[str, str] = {}
     alias_owner: dict[str, tuple[str, str]] = {}
 
-    def check_answer(text: LocalizedText, allowed: frozenset[str], line: int | None,
-                     where: str, what: str) -> None:
+    def check_answer(
+        text: LocalizedText, allowed: frozenset[str], line: int | None, where: str, what: str
+    ) -> None:
         for lang, template in text.texts:
             problem = check_template(template, allowed)
             if problem:
@@ -418,36 +438,52 @@ def _cross_check(entries: Sequence[Entry], rules: Sequence[KeywordRule],
 
     def check_replies(replies: Sequence[QuickReply], line: int | None, where: str) -> None:
         if len(replies) > MAX_QUICK_REPLIES:
-            problems.append(Problem(line, where, f"{len(replies)} quick replies; "
-                                    f"at most {MAX_QUICK_REPLIES}"))
+            problems.append(
+                Problem(line, where, f"{len(replies)} quick replies; at most {MAX_QUICK_REPLIES}")
+            )
         for reply in replies:
             for text in reply.text.all():
                 if not text.strip() or len(text) > MAX_QUICK_REPLY_CHARS:
-                    problems.append(Problem(line, where, f"quick reply {text!r} must be 1.."
-                                            f"{MAX_QUICK_REPLY_CHARS} characters"))
+                    problems.append(
+                        Problem(
+                            line,
+                            where,
+                            f"quick reply {text!r} must be 1..{MAX_QUICK_REPLY_CHARS} characters",
+                        )
+                    )
             if reply.goto is None:
                 continue
             if reply.goto not in ids:
                 hint = _did_you_mean(reply.goto, ids)
-                problems.append(Problem(line, where, f"quick reply goto {reply.goto!r}: "
-                                        f"no such entry{hint}"))
+                problems.append(
+                    Problem(line, where, f"quick reply goto {reply.goto!r}: no such entry{hint}")
+                )
                 continue
             for text in reply.text.all():
                 key = matcher.key(text)
                 previous = alias_owner.setdefault(key, (reply.goto, where))
                 if previous[0] != reply.goto:
-                    problems.append(Problem(line, where, f"quick reply {text!r} goes to "
-                                            f"{reply.goto!r} but in {previous[1]} to {previous[0]!r}"))
+                    problems.append(
+                        Problem(
+                            line,
+                            where,
+                            f"quick reply {text!r} goes to "
+                            f"{reply.goto!r} but in {previous[1]} to {previous[0]!r}",
+                        )
+                    )
 
     for entry in entries:
         where = _where_entry(entry.id)
         if entry.id in ids:
-            problems.append(Problem(entry.line, where, f"duplicate id (first at line {ids[entry.id]})"))
+            problems.append(
+                Problem(entry.line, where, f"duplicate id (first at line {ids[entry.id]})")
+            )
         ids.setdefault(entry.id, entry.line)
         for name, value in (("id", entry.id), ("intent", entry.intent)):
             if not ID_PATTERN.fullmatch(value):
-                problems.append(Problem(entry.line, where, f"{name} {value!r} must match "
-                                        f"{ID_PATTERN.pattern}"))
+                problems.append(
+                    Problem(entry.line, where, f"{name} {value!r} must match {ID_PATTERN.pattern}")
+                )
         if not entry.questions:
             problems.append(Problem(entry.line, where, "needs at least one question"))
         for question in entry.questions:
@@ -457,8 +493,14 @@ def _cross_check(entries: Sequence[Entry], rules: Sequence[KeywordRule],
                 continue
             owner = question_owner.setdefault(key, entry.id)
             if owner != entry.id:
-                problems.append(Problem(entry.line, where, f"question {question!r} is also a "
-                                        f"question of entry {owner!r} (after normalisation)"))
+                problems.append(
+                    Problem(
+                        entry.line,
+                        where,
+                        f"question {question!r} is also a "
+                        f"question of entry {owner!r} (after normalisation)",
+                    )
+                )
         check_answer(entry.answer, ENTRY_VARIABLES, entry.line, where, "answer")
     for entry in entries:
         check_replies(entry.quick_replies, entry.line, _where_entry(entry.id))
@@ -467,11 +509,14 @@ def _cross_check(entries: Sequence[Entry], rules: Sequence[KeywordRule],
     for rule in rules:
         where = f"keyword rule {rule.id!r}"
         if rule.id in rule_ids:
-            problems.append(Problem(rule.line, where, f"duplicate id (first at line {rule_ids[rule.id]})"))
+            problems.append(
+                Problem(rule.line, where, f"duplicate id (first at line {rule_ids[rule.id]})")
+            )
         rule_ids.setdefault(rule.id, rule.line)
         if not ID_PATTERN.fullmatch(rule.intent):
-            problems.append(Problem(rule.line, where, f"intent {rule.intent!r} must match "
-                                    f"{ID_PATTERN.pattern}"))
+            problems.append(
+                Problem(rule.line, where, f"intent {rule.intent!r} must match {ID_PATTERN.pattern}")
+            )
         if not rule.keywords:
             problems.append(Problem(rule.line, where, "needs at least one keyword"))
         for keyword in rule.keywords:
@@ -484,8 +529,13 @@ def _cross_check(entries: Sequence[Entry], rules: Sequence[KeywordRule],
     for key, text in settings.messages.items():
         allowed = MESSAGE_VARIABLES.get(key)
         if allowed is None:
-            problems.append(Problem(None, "shop messages", f"unknown message {key!r}"
-                                    f"{_did_you_mean(key, MESSAGE_VARIABLES)}"))
+            problems.append(
+                Problem(
+                    None,
+                    "shop messages",
+                    f"unknown message {key!r}{_did_you_mean(key, MESSAGE_VARIABLES)}",
+                )
+            )
             continue
         check_answer(text, allowed, None, "shop messages", key)
     return problems
@@ -523,10 +573,12 @@ class _Loader(yaml.BaseLoader):  # type: ignore[misc, unused-ignore]
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, str):
                 raise yaml.constructor.ConstructorError(
-                    None, None, "mapping keys must be plain text", key_node.start_mark)
+                    None, None, "mapping keys must be plain text", key_node.start_mark
+                )
             if key in out:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
             out[key] = self.construct_object(value_node, deep=deep)
             out.key_lines[key] = key_node.start_mark.line + 1
         return out
@@ -544,8 +596,18 @@ def _yaml_tree(text: str, source: str) -> object:
         raise KnowledgeBaseError(source, [Problem(None, "yaml", str(exc))]) from None
 
 
-_CSV_COLUMNS = ("type", "id", "intent", "questions", "keywords", "match", "answer",
-                "answer_zh", "answer_en", "quick_replies")
+_CSV_COLUMNS = (
+    "type",
+    "id",
+    "intent",
+    "questions",
+    "keywords",
+    "match",
+    "answer",
+    "answer_zh",
+    "answer_en",
+    "quick_replies",
+)
 _CSV_LIST_SPLIT = re.compile(r"\s*(?:\||\r?\n)\s*")
 _CSV_GOTO_SPLIT = re.compile(r"\s*->\s*")
 
@@ -562,14 +624,19 @@ def _csv_tree(text: str, source: str) -> _Located:
     try:
         header = next(reader)
     except StopIteration:
-        raise KnowledgeBaseError(source, [Problem(1, "csv", "empty file: expected a header row")]) from None
+        raise KnowledgeBaseError(
+            source, [Problem(1, "csv", "empty file: expected a header row")]
+        ) from None
     except csv.Error as exc:
         raise KnowledgeBaseError(source, [Problem(1, "csv", str(exc))]) from None
     columns = [h.strip().lower() for h in header]
     for name in columns:
         if name not in _CSV_COLUMNS:
-            problems.append(Problem(1, "csv header", f"unknown column {name!r}"
-                                    f"{_did_you_mean(name, _CSV_COLUMNS)}"))
+            problems.append(
+                Problem(
+                    1, "csv header", f"unknown column {name!r}{_did_you_mean(name, _CSV_COLUMNS)}"
+                )
+            )
     for required in ("id", "answer"):
         if required not in columns:
             problems.append(Problem(1, "csv header", f"missing column {required!r}"))
@@ -584,8 +651,9 @@ def _csv_tree(text: str, source: str) -> _Located:
             if not any(cell.strip() for cell in record):
                 continue
             if len(record) > len(columns):
-                problems.append(Problem(start, "csv", f"{len(record)} cells but only "
-                                        f"{len(columns)} columns"))
+                problems.append(
+                    Problem(start, "csv", f"{len(record)} cells but only {len(columns)} columns")
+                )
                 continue
             rows.append((start, {c: v.strip() for c, v in zip(columns, record, strict=False)}))
     except csv.Error as exc:
@@ -618,8 +686,12 @@ def _csv_tree(text: str, source: str) -> _Located:
             else:
                 replies.append(cell)
         if kind == "entry":
-            item.update(id=row.get("id", ""), intent=row.get("intent", ""),
-                        questions=_csv_list(row.get("questions", "")), answer=answer)
+            item.update(
+                id=row.get("id", ""),
+                intent=row.get("intent", ""),
+                questions=_csv_list(row.get("questions", "")),
+                answer=answer,
+            )
             if replies:
                 item["quick_replies"] = replies
             entries.append(item)
@@ -643,8 +715,9 @@ def _csv_tree(text: str, source: str) -> _Located:
                 shop["welcome_quick_replies"] = replies
                 shop.key_lines["welcome_quick_replies"] = start
         else:
-            problems.append(Problem(start, "csv", f"unknown type {kind!r} (entry, keyword, "
-                                    "synonym or setting)"))
+            problems.append(
+                Problem(start, "csv", f"unknown type {kind!r} (entry, keyword, synonym or setting)")
+            )
     if problems:
         raise KnowledgeBaseError(source, problems)
     if messages:
@@ -668,8 +741,9 @@ class _Parser:
     def keys(self, node: _Located, allowed: Sequence[str], where: str) -> None:
         for key in node:
             if key not in allowed:
-                self.problem(node.line_of(key), where,
-                             f"unknown field {key!r}{_did_you_mean(key, allowed)}")
+                self.problem(
+                    node.line_of(key), where, f"unknown field {key!r}{_did_you_mean(key, allowed)}"
+                )
 
     def mapping(self, value: object, line: int | None, where: str) -> _Located | None:
         if isinstance(value, _Located):
@@ -677,8 +751,9 @@ class _Parser:
         self.problem(line, where, f"expected a mapping, got {_kind(value)}")
         return None
 
-    def text(self, value: object, line: int | None, where: str, name: str,
-             *, required: bool = True) -> str | None:
+    def text(
+        self, value: object, line: int | None, where: str, name: str, *, required: bool = True
+    ) -> str | None:
         if isinstance(value, str) and (value.strip() or not required):
             return value.strip()
         if isinstance(value, str):
@@ -699,8 +774,9 @@ class _Parser:
                 out.append(text)
         return out
 
-    def localized(self, value: object, line: int | None, where: str, name: str,
-                  *, allow_empty: bool = False) -> LocalizedText | None:
+    def localized(
+        self, value: object, line: int | None, where: str, name: str, *, allow_empty: bool = False
+    ) -> LocalizedText | None:
         if isinstance(value, str):
             if not value.strip() and not allow_empty:
                 self.problem(line, where, f"{name} is empty")
@@ -712,8 +788,12 @@ class _Parser:
             for lang, text in value.items():
                 key = _language(lang) if lang else self.language  # CSV: "" = shop's language
                 if key is None:
-                    self.problem(value.line_of(lang), where, f"{name}: unknown language "
-                                 f"{lang!r} (supported: {', '.join(SUPPORTED_LANGUAGES)})")
+                    self.problem(
+                        value.line_of(lang),
+                        where,
+                        f"{name}: unknown language "
+                        f"{lang!r} (supported: {', '.join(SUPPORTED_LANGUAGES)})",
+                    )
                     continue
                 checked = self.text(text, value.line_of(lang), where, f"{name} ({lang})")
                 if checked is not None:
@@ -724,8 +804,11 @@ class _Parser:
                 return None
             ordered = sorted(texts.items(), key=lambda kv: kv[0] != self.language)
             return LocalizedText(tuple(ordered))
-        self.problem(line, where, f"{name}: expected text or a mapping of language to text, "
-                     f"got {_kind(value)}")
+        self.problem(
+            line,
+            where,
+            f"{name}: expected text or a mapping of language to text, got {_kind(value)}",
+        )
         return None
 
     def quick_replies(self, value: object, line: int | None, where: str) -> tuple[QuickReply, ...]:
@@ -781,8 +864,11 @@ def _parse_document(tree: object, source: str) -> KnowledgeBase:
         raise KnowledgeBaseError(source, p.problems)
     p.keys(doc, _TOP_KEYS, "document")
     if "version" in doc and doc["version"] != "1":
-        p.problem(doc.line_of("version"), "document", f"unsupported version {doc['version']!r} "
-                  "(this reader knows version 1)")
+        p.problem(
+            doc.line_of("version"),
+            "document",
+            f"unsupported version {doc['version']!r} (this reader knows version 1)",
+        )
 
     settings = _parse_shop(p, doc)
     synonyms = _parse_synonyms(p, doc)
@@ -811,8 +897,9 @@ def _parse_document(tree: object, source: str) -> KnowledgeBase:
         # Cross-checks (duplicate ids, goto targets, templates) run once the
         # file parses: on a half-parsed file they would report noise.
         raise KnowledgeBaseError(source, p.problems)
-    return KnowledgeBase(entries=entries, rules=rules, settings=settings, synonyms=synonyms,
-                         source=source)
+    return KnowledgeBase(
+        entries=entries, rules=rules, settings=settings, synonyms=synonyms, source=source
+    )
 
 
 def _parse_shop(p: _Parser, doc: _Located) -> ShopSettings:
@@ -829,8 +916,11 @@ def _parse_shop(p: _Parser, doc: _Located) -> ShopSettings:
         if checked is not None:
             p.language = checked
         else:
-            p.problem(shop.line_of("language"), "shop", f"language {lang!r}: expected one of "
-                      f"{', '.join(SUPPORTED_LANGUAGES)}")
+            p.problem(
+                shop.line_of("language"),
+                "shop",
+                f"language {lang!r}: expected one of {', '.join(SUPPORTED_LANGUAGES)}",
+            )
     name = p.text(shop["name"], shop.line_of("name"), "shop", "name") if "name" in shop else None
     messages: dict[str, LocalizedText] = {}
     welcome_enabled = True
@@ -844,17 +934,26 @@ def _parse_shop(p: _Parser, doc: _Located) -> ShopSettings:
                 messages["welcome"] = welcome
     replies: tuple[QuickReply, ...] = ()
     if "welcome_quick_replies" in shop:
-        replies = p.quick_replies(shop["welcome_quick_replies"],
-                                  shop.line_of("welcome_quick_replies"), "shop welcome_quick_replies")
+        replies = p.quick_replies(
+            shop["welcome_quick_replies"],
+            shop.line_of("welcome_quick_replies"),
+            "shop welcome_quick_replies",
+        )
     if "messages" in shop:
         raw_messages = p.mapping(shop["messages"], shop.line_of("messages"), "shop messages")
         for key, value in (raw_messages or {}).items():
-            text = p.localized(value, raw_messages.line_of(key) if raw_messages else None,
-                               "shop messages", key)
+            text = p.localized(
+                value, raw_messages.line_of(key) if raw_messages else None, "shop messages", key
+            )
             if text is not None:
                 messages[key] = text
-    return ShopSettings(name=name, language=p.language, welcome_enabled=welcome_enabled,
-                        welcome_quick_replies=replies, messages=messages)
+    return ShopSettings(
+        name=name,
+        language=p.language,
+        welcome_enabled=welcome_enabled,
+        welcome_quick_replies=replies,
+        messages=messages,
+    )
 
 
 def _parse_synonyms(p: _Parser, doc: _Located) -> dict[str, list[str]]:
@@ -881,8 +980,11 @@ def _parse_rule(p: _Parser, raw: object, index: int, list_line: int | None) -> K
     where = f"keyword rule {rule_id!r}"
     p.keys(node, _RULE_KEYS, where)
     before = len(p.problems)
-    keywords = p.text_list(node.get("keywords"), node.line_of("keywords"), where, "keywords") \
-        if "keywords" in node else []
+    keywords = (
+        p.text_list(node.get("keywords"), node.line_of("keywords"), where, "keywords")
+        if "keywords" in node
+        else []
+    )
     if "keywords" not in node:
         p.problem(node.line, where, "missing field 'keywords'")
     match = node.get("match", "contains")
@@ -890,10 +992,16 @@ def _parse_rule(p: _Parser, raw: object, index: int, list_line: int | None) -> K
         p.problem(node.line_of("match"), where, f"match {match!r}: expected 'exact' or 'contains'")
         match = "contains"
     answer = _required_localized(p, node, "answer", where)
-    intent = p.text(node["intent"], node.line_of("intent"), where, "intent") \
-        if "intent" in node else DEFAULT_RULE_INTENT
-    replies = p.quick_replies(node["quick_replies"], node.line_of("quick_replies"), where) \
-        if "quick_replies" in node else ()
+    intent = (
+        p.text(node["intent"], node.line_of("intent"), where, "intent")
+        if "intent" in node
+        else DEFAULT_RULE_INTENT
+    )
+    replies = (
+        p.quick_replies(node["quick_replies"], node.line_of("quick_replies"), where)
+        if "quick_replies" in node
+        else ()
+    )
     if len(p.problems) > before or answer is None or intent is None:
         return None
     return KeywordRule(rule_id, tuple(keywords), answer, match, intent, replies, node.line)
@@ -910,17 +1018,26 @@ def _parse_entry(p: _Parser, raw: object, index: int, list_line: int | None) -> 
     before = len(p.problems)
     if not entry_id:
         p.problem(node.line_of("id"), where, "missing id")
-    intent = p.text(node.get("intent"), node.line_of("intent"), where, "intent") \
-        if "intent" in node else None
+    intent = (
+        p.text(node.get("intent"), node.line_of("intent"), where, "intent")
+        if "intent" in node
+        else None
+    )
     if "intent" not in node:
         p.problem(node.line, where, "missing field 'intent'")
-    questions = p.text_list(node.get("questions"), node.line_of("questions"), where, "questions") \
-        if "questions" in node else []
+    questions = (
+        p.text_list(node.get("questions"), node.line_of("questions"), where, "questions")
+        if "questions" in node
+        else []
+    )
     if "questions" not in node:
         p.problem(node.line, where, "missing field 'questions'")
     answer = _required_localized(p, node, "answer", where)
-    replies = p.quick_replies(node["quick_replies"], node.line_of("quick_replies"), where) \
-        if "quick_replies" in node else ()
+    replies = (
+        p.quick_replies(node["quick_replies"], node.line_of("quick_replies"), where)
+        if "quick_replies" in node
+        else ()
+    )
     if len(p.problems) > before or answer is None or intent is None:
         return None
     return Entry(entry_id, intent, tuple(questions), answer, replies, node.line)

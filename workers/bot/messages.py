@@ -61,7 +61,7 @@ DEFAULT_MESSAGES: Mapping[str, Mapping[Language, str]] = {
     "away": {
         "zh": "现在是非工作时间，人工客服将于{back_at}上线。您可以先留言，我们上线后会第一时间回复您。",
         "en": "Our team is offline right now and will be back {back_at}. "
-              "Leave a message and we'll reply as soon as we're back.",
+        "Leave a message and we'll reply as soon as we're back.",
     },
     "away_no_schedule": {
         "zh": "人工客服暂时不在线，您可以先留言，我们会尽快回复您。",
@@ -74,7 +74,7 @@ DEFAULT_MESSAGES: Mapping[str, Mapping[Language, str]] = {
     "handoff_complaint": {
         "zh": "非常抱歉给您带来不好的体验！已为您优先转接人工客服，请稍候。",
         "en": "We're very sorry about your experience. A human agent will be with you "
-              "shortly as a priority.",
+        "shortly as a priority.",
     },
     "handoff_negative": {
         "zh": "非常抱歉让您不满意！已为您优先转接人工客服，请稍候。",
@@ -99,17 +99,17 @@ DEFAULT_MESSAGES: Mapping[str, Mapping[Language, str]] = {
     "order_not_found": {
         "zh": "抱歉，没有查到订单{order_id}，请核对订单号后再发给我，或点击下方转人工。",
         "en": "Sorry, I couldn't find order {order_id}. Please check the number, "
-              "or tap below to talk to a human.",
+        "or tap below to talk to a human.",
     },
     "no_orders": {
         "zh": "抱歉，没有查到您的订单，请把订单号发给我，或点击下方转人工。",
         "en": "I couldn't find an order for your account. Please send me the order number, "
-              "or tap below to talk to a human.",
+        "or tap below to talk to a human.",
     },
     "order_pending": {
         "zh": "您的订单{order_id}当前状态：{order_status}，暂时还没有物流信息，发货后会第一时间更新哦。",
         "en": "Your order {order_id} is currently {order_status}; there is no tracking "
-              "information yet. It will show up as soon as it ships.",
+        "information yet. It will show up as soon as it ships.",
     },
     "human_option": {
         "zh": "转人工",

@@ -47,7 +47,9 @@ def template_fields(template: str) -> frozenset[str]:
     try:
         parsed = list(_FORMATTER.parse(template))
     except ValueError as exc:
-        raise TemplateError(f"bad template syntax ({exc}); write a literal brace as {{{{ or }}}}") from None
+        raise TemplateError(
+            f"bad template syntax ({exc}); write a literal brace as {{{{ or }}}}"
+        ) from None
     for _literal, field, spec, conversion in parsed:
         if field is None:
             continue

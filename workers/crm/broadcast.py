@@ -128,8 +128,9 @@ def in_window(t: datetime, tz: ZoneInfo, window: tuple[int, int]) -> bool:
 def check_window(window: tuple[int, int]) -> tuple[int, int]:
     start, end = window
     if not 0 <= start < end <= 24:
-        raise ValueError(f"window must be (start, end) hours with 0 <= start < end <= 24,"
-                         f" got {window!r}")
+        raise ValueError(
+            f"window must be (start, end) hours with 0 <= start < end <= 24, got {window!r}"
+        )
     return window
 
 
@@ -166,7 +167,12 @@ class BroadcastPlanner:
         self._store = store
 
     def plan_broadcast(
-        self, shop: str, segment: Segment | str, message: str, now: datetime, *,
+        self,
+        shop: str,
+        segment: Segment | str,
+        message: str,
+        now: datetime,
+        *,
         window: tuple[int, int] = DEFAULT_WINDOW,
         rate_per_minute: int = DEFAULT_RATE_PER_MINUTE,
         broadcast_id: str,
@@ -212,13 +218,25 @@ class BroadcastPlanner:
                     break
                 eligible = next_window_start(at, tz, window)
             slots.take(k)
-            sends.append(PlannedSend(customer=customer_id, send_at=at, timezone=tz.key,
-                                     local_send_at=at.astimezone(tz)))
+            sends.append(
+                PlannedSend(
+                    customer=customer_id,
+                    send_at=at,
+                    timezone=tz.key,
+                    local_send_at=at.astimezone(tz),
+                )
+            )
         sends.sort(key=lambda s: (s.send_at, s.customer))
         return BroadcastPlan(
-            broadcast_id=broadcast_id, shop=shop, segment=seg, message=message,
-            planned_at=now, window=window, rate_per_minute=rate_per_minute,
-            sends=tuple(sends), skipped_opted_out=tuple(opted_out),
+            broadcast_id=broadcast_id,
+            shop=shop,
+            segment=seg,
+            message=message,
+            planned_at=now,
+            window=window,
+            rate_per_minute=rate_per_minute,
+            sends=tuple(sends),
+            skipped_opted_out=tuple(opted_out),
             skipped_already_sent=tuple(skipped_sent),
         )
 

@@ -56,8 +56,17 @@ class ShopFacts(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _Acc:
-    __slots__ = ("channels", "first_paid", "last_revenue", "orders", "refunded", "revenue",
-                 "revenue_orders", "window_orders", "window_revenue")
+    __slots__ = (
+        "channels",
+        "first_paid",
+        "last_revenue",
+        "orders",
+        "refunded",
+        "revenue",
+        "revenue_orders",
+        "window_orders",
+        "window_revenue",
+    )
 
     def __init__(self) -> None:
         self.orders = 0
@@ -87,7 +96,8 @@ def shop_facts(shop: str, orders: Iterable[Order], now: datetime, window_days: i
         acc.orders += 1
         acc.channels.add(order.channel)
         if order.status in EVER_PAID_STATUSES and (
-                acc.first_paid is None or order.created_at < acc.first_paid):
+            acc.first_paid is None or order.created_at < acc.first_paid
+        ):
             acc.first_paid = order.created_at
         if order.status == "refunded":
             acc.refunded += 1
@@ -104,16 +114,22 @@ def shop_facts(shop: str, orders: Iterable[Order], now: datetime, window_days: i
     currency = main_currency(currencies)
     customers = {
         customer: CustomerFacts(
-            customer=customer, order_count=acc.orders, revenue_orders=acc.revenue_orders,
-            window_orders=acc.window_orders, window_revenue_cents=acc.window_revenue[currency],
-            lifetime_value_cents=acc.revenue[currency], refunded_orders=acc.refunded,
-            first_paid_at=acc.first_paid, last_revenue_at=acc.last_revenue,
+            customer=customer,
+            order_count=acc.orders,
+            revenue_orders=acc.revenue_orders,
+            window_orders=acc.window_orders,
+            window_revenue_cents=acc.window_revenue[currency],
+            lifetime_value_cents=acc.revenue[currency],
+            refunded_orders=acc.refunded,
+            first_paid_at=acc.first_paid,
+            last_revenue_at=acc.last_revenue,
             channels=frozenset(acc.channels),
         )
         for customer, acc in sorted(accs.items())
     }
-    return ShopFacts(shop=shop, now=now, window_start=window_start, currency=currency,
-                     customers=customers)
+    return ShopFacts(
+        shop=shop, now=now, window_start=window_start, currency=currency, customers=customers
+    )
 
 
 def main_currency(order_counts: Counter[str]) -> str:

@@ -38,7 +38,11 @@ if TYPE_CHECKING:
 #: Points per major currency unit (per yuan, per dollar). Programme rates chosen by
 #: the merchant, deliberately not exchange rates.
 POINTS_PER_MAJOR_UNIT: Final[Mapping[str, int]] = {
-    "CNY": 1, "HKD": 1, "USD": 7, "EUR": 8, "GBP": 9,
+    "CNY": 1,
+    "HKD": 1,
+    "USD": 7,
+    "EUR": 8,
+    "GBP": 9,
 }
 
 #: Minor units per major unit, for currencies whose exponent is not 2.
@@ -138,18 +142,23 @@ class LoyaltyEngine:
         ref = earn_ref(order.shop, order.order_id)
         if order.status in REVENUE_STATUSES:
             points = points_for(order.amount_cents, order.currency)
-            if points > 0 and store.add_points(order.customer, points, kind=POINTS_KIND_EARN,
-                                               ref=ref, at=now):
-                return PointsChange(customer=order.customer, order_id=order.order_id,
-                                    delta=points)
+            if points > 0 and store.add_points(
+                order.customer, points, kind=POINTS_KIND_EARN, ref=ref, at=now
+            ):
+                return PointsChange(customer=order.customer, order_id=order.order_id, delta=points)
         elif order.status in REVERSAL_STATUSES:
             granted = store.points_entry(ref)
             if granted is not None and store.add_points(
-                granted.customer, -granted.delta, kind=POINTS_KIND_REVERSE,
-                ref=reverse_ref(order.shop, order.order_id), at=now, allow_negative=True,
+                granted.customer,
+                -granted.delta,
+                kind=POINTS_KIND_REVERSE,
+                ref=reverse_ref(order.shop, order.order_id),
+                at=now,
+                allow_negative=True,
             ):
-                return PointsChange(customer=granted.customer, order_id=order.order_id,
-                                    delta=-granted.delta)
+                return PointsChange(
+                    customer=granted.customer, order_id=order.order_id, delta=-granted.delta
+                )
         return None
 
     def update_level(self, customer: str) -> LevelChange | None:

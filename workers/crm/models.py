@@ -54,17 +54,33 @@ DEFAULT_CURRENCY: Final = "CNY"
 #: cancelled        交易关闭 / 已取消       closed without payment
 #: ================ ==================== =========================================
 ORDER_STATUSES: Final = (
-    "pending_payment", "paid", "processing", "shipped", "in_transit", "out_for_delivery",
-    "delivered", "completed", "refunding", "refunded", "cancelled",
+    "pending_payment",
+    "paid",
+    "processing",
+    "shipped",
+    "in_transit",
+    "out_for_delivery",
+    "delivered",
+    "completed",
+    "refunding",
+    "refunded",
+    "cancelled",
 )
 
 #: Statuses that count as revenue: RFM monetary/frequency, lifetime value, points.
 #: ``refunding`` is excluded on purpose (money in dispute), ``pending_payment`` and
 #: ``cancelled`` were never paid and ``refunded`` was paid back.
-REVENUE_STATUSES: Final = frozenset({
-    "paid", "processing", "shipped", "in_transit", "out_for_delivery", "delivered",
-    "completed",
-})
+REVENUE_STATUSES: Final = frozenset(
+    {
+        "paid",
+        "processing",
+        "shipped",
+        "in_transit",
+        "out_for_delivery",
+        "delivered",
+        "completed",
+    }
+)
 
 #: Statuses that take back points granted for an order.
 REVERSAL_STATUSES: Final = frozenset({"refunded", "cancelled"})
@@ -94,8 +110,9 @@ def parse_segment(value: Segment | str) -> Segment:
     try:
         return Segment(value)
     except ValueError:
-        raise ValueError(f"unknown segment {value!r} (expected one of"
-                         f" {', '.join(Segment)})") from None
+        raise ValueError(
+            f"unknown segment {value!r} (expected one of {', '.join(Segment)})"
+        ) from None
 
 
 SEGMENT_LABELS_ZH: Final[dict[Segment, str]] = {
@@ -178,10 +195,17 @@ class Order(msgspec.Struct, frozen=True, kw_only=True):
 
     def info(self) -> OrderInfo:
         return OrderInfo(
-            order_id=self.order_id, status=self.status, carrier=self.carrier,
-            tracking_no=self.tracking_no, eta=self.eta, amount_cents=self.amount_cents,
-            currency=self.currency, items=self.items, channel=self.channel,
-            created_at=self.created_at, customer=self.customer,
+            order_id=self.order_id,
+            status=self.status,
+            carrier=self.carrier,
+            tracking_no=self.tracking_no,
+            eta=self.eta,
+            amount_cents=self.amount_cents,
+            currency=self.currency,
+            items=self.items,
+            channel=self.channel,
+            created_at=self.created_at,
+            customer=self.customer,
         )
 
 

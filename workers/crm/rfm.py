@@ -88,8 +88,11 @@ class SegmentRule(msgspec.Struct, frozen=True):
     m: Range
 
     def matches(self, r: int, f: int, m: int) -> bool:
-        return (self.r[0] <= r <= self.r[1] and self.f[0] <= f <= self.f[1]
-                and self.m[0] <= m <= self.m[1])
+        return (
+            self.r[0] <= r <= self.r[1]
+            and self.f[0] <= f <= self.f[1]
+            and self.m[0] <= m <= self.m[1]
+        )
 
 
 #: The segment mapping documented in the module docstring; first match wins.
@@ -151,27 +154,41 @@ def compute_rfm(facts: ShopFacts, policy: RfmPolicy = DEFAULT_POLICY) -> dict[st
     for customer, cf in facts.customers.items():
         if cf.last_revenue_at is None:
             continue
-        rows.append((customer, days_between(cf.last_revenue_at, facts.now), cf.window_orders,
-                     cf.window_revenue_cents))
+        rows.append(
+            (
+                customer,
+                days_between(cf.last_revenue_at, facts.now),
+                cf.window_orders,
+                cf.window_revenue_cents,
+            )
+        )
     if not rows:
         return {}
     use_quintiles = policy.mode == "quintile" or (
-        policy.mode == "auto" and len(rows) >= policy.quintile_min_customers)
+        policy.mode == "auto" and len(rows) >= policy.quintile_min_customers
+    )
     if use_quintiles:
         r_scores = quintile_scores([row[1] for row in rows], higher_is_better=False)
         f_scores = quintile_scores([row[2] for row in rows], higher_is_better=True)
         m_scores = quintile_scores([row[3] for row in rows], higher_is_better=True)
     else:
-        r_scores = [recency_threshold_score(row[1], policy.recency_thresholds_days)
-                    for row in rows]
+        r_scores = [recency_threshold_score(row[1], policy.recency_thresholds_days) for row in rows]
         f_scores = [threshold_score(row[2], policy.frequency_thresholds) for row in rows]
         m_scores = [threshold_score(row[3], policy.monetary_thresholds_cents) for row in rows]
     result: dict[str, RfmScore] = {}
     for (customer, days, freq, money), r, f, m in zip(
-            rows, r_scores, f_scores, m_scores, strict=True):
+        rows, r_scores, f_scores, m_scores, strict=True
+    ):
         result[customer] = RfmScore(
-            customer=customer, recency_days=days, frequency=freq, monetary_cents=money,
-            currency=facts.currency, r=r, f=f, m=m, segment=segment_for(r, f, m),
+            customer=customer,
+            recency_days=days,
+            frequency=freq,
+            monetary_cents=money,
+            currency=facts.currency,
+            r=r,
+            f=f,
+            m=m,
+            segment=segment_for(r, f, m),
         )
     return result
 

@@ -47,15 +47,29 @@ from workers.crm.repository import CrmStore, check_tag
 from workers.crm.rfm import RFM_WINDOW_DAYS
 
 Metric = Literal[
-    "member_level", "points", "lifetime_value_cents", "order_count", "refunded_orders",
-    "days_since_first_order", "days_since_last_order", "channel", "segment",
+    "member_level",
+    "points",
+    "lifetime_value_cents",
+    "order_count",
+    "refunded_orders",
+    "days_since_first_order",
+    "days_since_last_order",
+    "channel",
+    "segment",
 ]
 Op = Literal[">=", ">", "<=", "<", "==", "!=", "has"]
 
-NUMERIC_METRICS: Final = frozenset({
-    "member_level", "points", "lifetime_value_cents", "order_count", "refunded_orders",
-    "days_since_first_order", "days_since_last_order",
-})
+NUMERIC_METRICS: Final = frozenset(
+    {
+        "member_level",
+        "points",
+        "lifetime_value_cents",
+        "order_count",
+        "refunded_orders",
+        "days_since_first_order",
+        "days_since_last_order",
+    }
+)
 NUMERIC_OPS: Final = frozenset({">=", ">", "<=", "<", "==", "!="})
 
 # ---------------------------------------------------------------- default thresholds
@@ -90,8 +104,7 @@ class Condition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             if self.op != "has" or self.value not in CHANNELS:
                 raise ValueError(f"channel needs op 'has' and one of {', '.join(CHANNELS)}")
         elif self.op not in ("==", "!=") or self.value not in set(Segment):
-            raise ValueError(f"segment needs op '==' or '!=' and one of"
-                             f" {', '.join(Segment)}")
+            raise ValueError(f"segment needs op '==' or '!=' and one of {', '.join(Segment)}")
 
     def holds(self, metrics: Mapping[str, int | str | frozenset[str] | None]) -> bool:
         actual = metrics.get(self.metric)
@@ -139,23 +152,36 @@ class TagRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 def _channel_rules() -> tuple[TagRule, ...]:
     return tuple(
-        TagRule(tag=f"{CHANNEL_TAG_PREFIX}{c}", when=(Condition("channel", "has", c),),
-                description=f"has an identity on or ordered through {c}")
+        TagRule(
+            tag=f"{CHANNEL_TAG_PREFIX}{c}",
+            when=(Condition("channel", "has", c),),
+            description=f"has an identity on or ordered through {c}",
+        )
         for c in CHANNELS
     )
 
 
 DEFAULT_RULES: Final = (
-    TagRule(tag=VIP_TAG, when=(Condition("member_level", ">=", VIP_MIN_LEVEL),),
-            description="member level is VIP"),
-    TagRule(tag=BIG_SPENDER_TAG,
-            when=(Condition("lifetime_value_cents", ">=", BIG_SPENDER_MIN_CENTS),),
-            description="lifetime value in this shop >= ¥5,000"),
-    TagRule(tag=RETURNER_TAG, when=(Condition("refunded_orders", ">=", RETURNER_MIN_REFUNDS),),
-            description="two or more refunded orders"),
-    TagRule(tag=NEW_CUSTOMER_TAG,
-            when=(Condition("days_since_first_order", "<", NEW_CUSTOMER_DAYS),),
-            description="first paid order within 30 days"),
+    TagRule(
+        tag=VIP_TAG,
+        when=(Condition("member_level", ">=", VIP_MIN_LEVEL),),
+        description="member level is VIP",
+    ),
+    TagRule(
+        tag=BIG_SPENDER_TAG,
+        when=(Condition("lifetime_value_cents", ">=", BIG_SPENDER_MIN_CENTS),),
+        description="lifetime value in this shop >= ¥5,000",
+    ),
+    TagRule(
+        tag=RETURNER_TAG,
+        when=(Condition("refunded_orders", ">=", RETURNER_MIN_REFUNDS),),
+        description="two or more refunded orders",
+    ),
+    TagRule(
+        tag=NEW_CUSTOMER_TAG,
+        when=(Condition("days_since_first_order", "<", NEW_CUSTOMER_DAYS),),
+        description="first paid order within 30 days",
+    ),
     *_channel_rules(),
 )
 
@@ -168,9 +194,14 @@ def load_rules(data: bytes | str) -> tuple[TagRule, ...]:
     return msgspec.json.decode(data, type=tuple[TagRule, ...])
 
 
-def customer_metrics(customer: Customer, facts: CustomerFacts | None, *, now: datetime,
-                     channels: Iterable[str], segment: Segment | None,
-                     ) -> dict[str, int | str | frozenset[str] | None]:
+def customer_metrics(
+    customer: Customer,
+    facts: CustomerFacts | None,
+    *,
+    now: datetime,
+    channels: Iterable[str],
+    segment: Segment | None,
+) -> dict[str, int | str | frozenset[str] | None]:
     """The metric values rules are evaluated against (see the module table)."""
     return {
         "member_level": customer.member_level,
@@ -178,10 +209,12 @@ def customer_metrics(customer: Customer, facts: CustomerFacts | None, *, now: da
         "lifetime_value_cents": facts.lifetime_value_cents if facts else 0,
         "order_count": facts.revenue_orders if facts else 0,
         "refunded_orders": facts.refunded_orders if facts else 0,
-        "days_since_first_order": (days_between(facts.first_paid_at, now)
-                                   if facts and facts.first_paid_at else None),
-        "days_since_last_order": (days_between(facts.last_revenue_at, now)
-                                  if facts and facts.last_revenue_at else None),
+        "days_since_first_order": (
+            days_between(facts.first_paid_at, now) if facts and facts.first_paid_at else None
+        ),
+        "days_since_last_order": (
+            days_between(facts.last_revenue_at, now) if facts and facts.last_revenue_at else None
+        ),
         "channel": frozenset(channels) | (facts.channels if facts else frozenset()),
         "segment": str(segment) if segment is not None else None,
     }
@@ -194,8 +227,13 @@ class TagChange(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class TagEngine:
-    def __init__(self, store: CrmStore, rules: Sequence[TagRule] = DEFAULT_RULES, *,
-                 window_days: int = RFM_WINDOW_DAYS) -> None:
+    def __init__(
+        self,
+        store: CrmStore,
+        rules: Sequence[TagRule] = DEFAULT_RULES,
+        *,
+        window_days: int = RFM_WINDOW_DAYS,
+    ) -> None:
         self._store = store
         self._rules = tuple(rules)
         self._window_days = window_days
@@ -219,7 +257,9 @@ class TagEngine:
                 continue
             score = store.rfm_score(shop, customer_id)
             metrics = customer_metrics(
-                customer, facts.customers.get(customer_id), now=now,
+                customer,
+                facts.customers.get(customer_id),
+                now=now,
                 channels=(i.channel for i in store.identities(customer_id)),
                 segment=score.segment if score is not None else None,
             )

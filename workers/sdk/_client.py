@@ -50,8 +50,9 @@ class Disconnected(Exception):
 class AsyncClient:
     """Connect with ``await AsyncClient.connect(...)``; ``await client.closed`` to wait."""
 
-    def __init__(self, ws: WsConnection, conn: ClientConnection, welcome: Welcome,
-                 on_event: EventHandler) -> None:
+    def __init__(
+        self, ws: WsConnection, conn: ClientConnection, welcome: Welcome, on_event: EventHandler
+    ) -> None:
         self._ws = ws
         self._conn = conn
         self.welcome = welcome
@@ -61,20 +62,44 @@ class AsyncClient:
         self.closed: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
 
     @classmethod
-    async def connect(cls, url: str, token: str, *, device: str, on_event: EventHandler,
-                      resume: dict[str, int] | None = None) -> AsyncClient:
-        ws = await ws_connect(url, max_size=MAX_SERVER_FRAME_BYTES, compression=None,
-                              ping_interval=None, open_timeout=10)
+    async def connect(
+        cls,
+        url: str,
+        token: str,
+        *,
+        device: str,
+        on_event: EventHandler,
+        resume: dict[str, int] | None = None,
+    ) -> AsyncClient:
+        ws = await ws_connect(
+            url,
+            max_size=MAX_SERVER_FRAME_BYTES,
+            compression=None,
+            ping_interval=None,
+            open_timeout=10,
+        )
         conn = ClientConnection()
-        await ws.send(conn.hello(Hello(v=PROTOCOL_VERSION, token=token, device=device,
-                                       resume=resume or {}, agent="imserver-worker/0.1")))
+        await ws.send(
+            conn.hello(
+                Hello(
+                    v=PROTOCOL_VERSION,
+                    token=token,
+                    device=device,
+                    resume=resume or {},
+                    agent="imserver-worker/0.1",
+                )
+            )
+        )
         first = conn.receive(await asyncio.wait_for(ws.recv(decode=False), 10))
         if isinstance(first, Error):
             await ws.close()
             raise RequestFailed(first)
         assert isinstance(first, Welcome)
         client = cls(ws, conn, first, on_event)
-        client._tasks = [asyncio.create_task(client._reader()), asyncio.create_task(client._heartbeat())]
+        client._tasks = [
+            asyncio.create_task(client._reader()),
+            asyncio.create_task(client._heartbeat()),
+        ]
         return client
 
     async def request(self, frame: Any) -> Any:

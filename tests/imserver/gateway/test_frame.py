@@ -94,9 +94,10 @@ def test_plain_frames_are_taken_and_everything_else_declined() -> None:
     assert split_plain_frames(unmasked + b"\0\0\0\0", LIMIT) is None  # the size would fit
     assert split_plain_frames(Frame(Opcode.TEXT, b"x").serialize(mask=True), LIMIT) is None
     assert split_plain_frames(Frame(Opcode.PING, b"").serialize(mask=True), LIMIT) is None
-    assert split_plain_frames(Frame(Opcode.BINARY, b"x", fin=False).serialize(mask=True),
-                              LIMIT) is None
-    assert split_plain_frames(Frame(Opcode.BINARY, b"x" * 1001).serialize(mask=True),
-                              LIMIT) is None
+    assert (
+        split_plain_frames(Frame(Opcode.BINARY, b"x", fin=False).serialize(mask=True), LIMIT)
+        is None
+    )
+    assert split_plain_frames(Frame(Opcode.BINARY, b"x" * 1001).serialize(mask=True), LIMIT) is None
     # The server protocol object is what sessions hold: its attribute is read.
     assert ServerProtocol().current_size is None

@@ -71,7 +71,10 @@ def _descendants(pid: int) -> list[int]:
 @pytest.mark.slow
 def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
     db_path = tmp_path / "crash.db"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(db_path)],
         stdout=subprocess.PIPE,
@@ -116,7 +119,9 @@ def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
     conn = sqlite3.connect(db_path)
     try:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        stored = conn.execute("SELECT conv, seq, COUNT(*) FROM messages GROUP BY conv, seq").fetchall()
+        stored = conn.execute(
+            "SELECT conv, seq, COUNT(*) FROM messages GROUP BY conv, seq"
+        ).fetchall()
         last_seq = dict(conn.execute("SELECT id, last_seq FROM conversations").fetchall())
     finally:
         conn.close()

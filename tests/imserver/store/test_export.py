@@ -37,9 +37,9 @@ async def exported_db(store: SqliteStore, db_path: Path) -> Path:
             put_conv("c1", shop="s1"),
             put_conv("c2", shop="s1"),
             put_conv("c0", shop="s2"),
-            put_msg("c1", 1, ts=T0, body=TextBody(text="你好, \"quoted\"\nsecond line")),
+            put_msg("c1", 1, ts=T0, body=TextBody(text='你好, "quoted"\nsecond line')),
             put_msg("c1", 2, ts=T0 + 1, body=IMAGE, sender="agent-7", role=Role.AGENT, cmid="x"),
-            put_msg("c1", 3, ts=T0 + 2, body=TextBody(text="=HYPERLINK(\"http://evil\")")),
+            put_msg("c1", 3, ts=T0 + 2, body=TextBody(text='=HYPERLINK("http://evil")')),
             put_msg("c1", 4, ts=T0 + 3, body=TextBody(text="oops")),
             put_msg("c2", 1, ts=1000, body=TextBody(text="old")),
             put_msg("c2", 2, ts=T0 + 10, body=TextBody(text="new")),
@@ -73,14 +73,18 @@ async def test_export_conversation_jsonl(exported_db: Path) -> None:
         "sender_role": "customer",
         "cmid": "c1",
         "kind": "text",
-        "body": {"k": "text", "text": "你好, \"quoted\"\nsecond line"},
+        "body": {"k": "text", "text": '你好, "quoted"\nsecond line'},
         "recalled": False,
     }
     assert rows[1]["body"] == {
         "k": "image", "url": "https://cdn/x.png", "hash": "abc", "size": 1234,
         "mime": "image/png", "width": 640,
     }  # fmt: skip
-    assert (rows[1]["sender"], rows[1]["sender_role"], rows[1]["kind"]) == ("agent-7", "agent", "image")
+    assert (rows[1]["sender"], rows[1]["sender_role"], rows[1]["kind"]) == (
+        "agent-7",
+        "agent",
+        "image",
+    )
     assert rows[3]["recalled"] is True
     assert rows[3]["body"] is None
 
@@ -92,14 +96,18 @@ async def test_export_conversation_csv(exported_db: Path) -> None:
     reader = csv.DictReader(out)
     assert tuple(reader.fieldnames or ()) == CSV_COLUMNS
     rows = list(reader)
-    assert rows[0]["text"] == "你好, \"quoted\"\nsecond line"  # csv quoting round-trips
-    assert json.loads(rows[0]["body_json"]) == {"k": "text", "text": "你好, \"quoted\"\nsecond line"}
+    assert rows[0]["text"] == '你好, "quoted"\nsecond line'  # csv quoting round-trips
+    assert json.loads(rows[0]["body_json"]) == {"k": "text", "text": '你好, "quoted"\nsecond line'}
     assert rows[0]["time_iso"] == "2024-05-01T08:30:00.123Z"
     assert rows[1]["text"] == "[image] https://cdn/x.png"
     assert rows[1]["kind"] == "image"
-    assert rows[2]["text"] == "'=HYPERLINK(\"http://evil\")"  # not a live formula
-    assert json.loads(rows[2]["body_json"])["text"] == "=HYPERLINK(\"http://evil\")"  # exact
-    assert (rows[3]["text"], rows[3]["body_json"], rows[3]["recalled"]) == ("[recalled]", "", "true")
+    assert rows[2]["text"] == '\'=HYPERLINK("http://evil")'  # not a live formula
+    assert json.loads(rows[2]["body_json"])["text"] == '=HYPERLINK("http://evil")'  # exact
+    assert (rows[3]["text"], rows[3]["body_json"], rows[3]["recalled"]) == (
+        "[recalled]",
+        "",
+        "true",
+    )
     assert [r["recalled"] for r in rows[:3]] == ["false"] * 3
 
 
@@ -135,7 +143,9 @@ def test_summaries() -> None:
     assert summarize(IMAGE) == "[image] https://cdn/x.png"
     voice = VoiceBody(url="u", hash="h", size=1, mime="audio/ogg", duration_ms=2500)
     assert summarize(voice) == "[voice 2.5s] u"
-    assert summarize(FileBody(url="u", hash="h", size=1, mime="m", name="a.pdf")) == "[file] a.pdf u"
+    assert (
+        summarize(FileBody(url="u", hash="h", size=1, mime="m", name="a.pdf")) == "[file] a.pdf u"
+    )
     product = ProductCardBody(product_id="p1", title="Tea", price_cents=1999)
     assert summarize(product) == "[product] Tea 19.99 CNY"
     order = OrderCardBody(order_id="o1", status="paid", amount_cents=505, currency="USD")

@@ -20,24 +20,37 @@ OPEN_NOW = datetime(2025, 1, 3, 10, 0, tzinfo=SHANGHAI)
 CLOSED_NOW = datetime(2025, 1, 3, 22, 0, tzinfo=SHANGHAI)
 
 SHIPPED = OrderInfo(
-    order_id="123", status="shipped", carrier="中通快递", tracking_no="ZT998877",
-    eta=date(2025, 1, 6), amount_cents=19900, items=("碎花连衣裙",), customer="alice",
+    order_id="123",
+    status="shipped",
+    carrier="中通快递",
+    tracking_no="ZT998877",
+    eta=date(2025, 1, 6),
+    amount_cents=19900,
+    items=("碎花连衣裙",),
+    customer="alice",
 )
 LATEST = OrderInfo(
-    order_id="240101000000000001", status="in_transit", carrier="顺丰速运",
-    tracking_no="SF1234567890", eta=date(2025, 1, 4), amount_cents=8800,
-    items=("针织开衫",), customer="alice",
+    order_id="240101000000000001",
+    status="in_transit",
+    carrier="顺丰速运",
+    tracking_no="SF1234567890",
+    eta=date(2025, 1, 4),
+    amount_cents=8800,
+    items=("针织开衫",),
+    customer="alice",
 )
 UNSHIPPED = OrderInfo(order_id="555555", status="paid", amount_cents=5000, customer="alice")
-BOBS = OrderInfo(order_id="777777", status="shipped", carrier="韵达", tracking_no="YD1",
-                 customer="bob")
+BOBS = OrderInfo(
+    order_id="777777", status="shipped", carrier="韵达", tracking_no="YD1", customer="bob"
+)
 
 
 class FakeOrders:
     """In-memory OrderLookup that records the calls it gets."""
 
-    def __init__(self, orders: list[OrderInfo] | None = None,
-                 latest: dict[str, OrderInfo] | None = None) -> None:
+    def __init__(
+        self, orders: list[OrderInfo] | None = None, latest: dict[str, OrderInfo] | None = None
+    ) -> None:
         self.orders = {o.order_id: o for o in (orders or [SHIPPED, LATEST, UNSHIPPED, BOBS])}
         self.latest = latest if latest is not None else {"alice": LATEST}
         self.calls: list[tuple[str, str, str]] = []
@@ -70,8 +83,13 @@ def shop_hours() -> BusinessHours:
     )
 
 
-def make_engine(orders: FakeOrders | None = None, *, hours: bool = True,
-                kb: KnowledgeBase | None = None, threshold: float = 0.6) -> BotEngine:
+def make_engine(
+    orders: FakeOrders | None = None,
+    *,
+    hours: bool = True,
+    kb: KnowledgeBase | None = None,
+    threshold: float = 0.6,
+) -> BotEngine:
     return BotEngine(
         {SHOP: kb or example_kb()},
         orders or FakeOrders(),

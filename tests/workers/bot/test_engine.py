@@ -37,8 +37,14 @@ from ._support import (
 )
 
 
-def ask(engine: BotEngine, text: str, *, conv: str = "c1", customer: str = "alice",
-        now: datetime = OPEN_NOW) -> BotDecision:
+def ask(
+    engine: BotEngine,
+    text: str,
+    *,
+    conv: str = "c1",
+    customer: str = "alice",
+    now: datetime = OPEN_NOW,
+) -> BotDecision:
     return engine.on_customer_message(SHOP, conv, customer, text, now)
 
 
@@ -165,8 +171,20 @@ def test_complaint_about_money_goes_to_refunds() -> None:
     assert decision.handoff.skill == SKILL_REFUNDS
 
 
-@pytest.mark.parametrize("text", ["转人工", "人工", "人工客服", "找真人", "human", "agent please",
-                                  "I want a real person", "can I talk to a human?", "叫你们店长来"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "转人工",
+        "人工",
+        "人工客服",
+        "找真人",
+        "human",
+        "agent please",
+        "I want a real person",
+        "can I talk to a human?",
+        "叫你们店长来",
+    ],
+)
 def test_explicit_request_hands_off(text: str) -> None:
     decision = ask(make_engine(), text)
     assert decision.handoff is not None
@@ -183,8 +201,9 @@ def test_requested_handoff_skill_follows_the_conversation() -> None:
     assert decision.handoff is not None and decision.handoff.skill == SKILL_LOGISTICS
 
 
-@pytest.mark.parametrize("text", ["asdkjh qwpeoi zxcmnb", "阿斯顿发噶士大夫", "今天天气不错啊",
-                                  "is this human hair?"])
+@pytest.mark.parametrize(
+    "text", ["asdkjh qwpeoi zxcmnb", "阿斯顿发噶士大夫", "今天天气不错啊", "is this human hair?"]
+)
 def test_gibberish_or_off_topic_hands_off_for_low_confidence(text: str) -> None:
     decision = ask(make_engine(), text)
     assert decision.handoff is not None
@@ -194,15 +213,18 @@ def test_gibberish_or_off_topic_hands_off_for_low_confidence(text: str) -> None:
     assert decision.reply is not None
 
 
-@pytest.mark.parametrize(("text", "reason"), [
-    ("你们就是骗子", "negative"),
-    ("这衣服质量太差了", "negative"),
-    ("this is a scam", "negative"),
-    ("terrible service", "negative"),
-    ("给你们差评", "complaint"),
-    ("I will file a complaint", "complaint"),
-    ("我要打12315", "complaint"),
-])
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("你们就是骗子", "negative"),
+        ("这衣服质量太差了", "negative"),
+        ("this is a scam", "negative"),
+        ("terrible service", "negative"),
+        ("给你们差评", "complaint"),
+        ("I will file a complaint", "complaint"),
+        ("我要打12315", "complaint"),
+    ],
+)
 def test_negative_and_complaint_wording(text: str, reason: str) -> None:
     decision = ask(make_engine(), text)
     assert decision.handoff is not None
@@ -210,7 +232,9 @@ def test_negative_and_complaint_wording(text: str, reason: str) -> None:
     assert decision.handoff.priority >= 8
 
 
-@pytest.mark.parametrize("text", ["我要退款", "给我退钱", "I want a refund", "give me my money back"])
+@pytest.mark.parametrize(
+    "text", ["我要退款", "给我退钱", "I want a refund", "give me my money back"]
+)
 def test_refund_demand_goes_to_refunds(text: str) -> None:
     decision = ask(make_engine(), text)
     assert decision.handoff is not None
@@ -369,8 +393,12 @@ def test_away_message_outside_business_hours() -> None:
 def test_business_hours_use_the_shop_timezone() -> None:
     # 02:00 UTC is 10:00 in Shanghai (open); 14:00 UTC is 22:00 (closed).
     engine = make_engine()
-    morning = engine.on_conversation_opened(SHOP, "a", "alice", datetime(2025, 1, 3, 2, 0, tzinfo=UTC))
-    evening = engine.on_conversation_opened(SHOP, "b", "alice", datetime(2025, 1, 3, 14, 0, tzinfo=UTC))
+    morning = engine.on_conversation_opened(
+        SHOP, "a", "alice", datetime(2025, 1, 3, 2, 0, tzinfo=UTC)
+    )
+    evening = engine.on_conversation_opened(
+        SHOP, "b", "alice", datetime(2025, 1, 3, 14, 0, tzinfo=UTC)
+    )
     assert morning is not None and "非工作时间" not in morning.text
     assert evening is not None and "非工作时间" in evening.text
 
@@ -464,10 +492,13 @@ def test_several_handoffs_count_one_conversation() -> None:
 
 def test_swapping_a_knowledge_base() -> None:
     engine = make_engine()
-    engine.set_knowledge_base(SHOP, KnowledgeBase.from_yaml("""
+    engine.set_knowledge_base(
+        SHOP,
+        KnowledgeBase.from_yaml("""
 keywords:
   - {keywords: [在吗], match: exact, answer: 新知识库在的}
-"""))
+"""),
+    )
     decision = ask(engine, "在吗")
     assert decision.reply is not None and decision.reply.text == "新知识库在的"
     assert example_kb().resolve("在吗") is not None  # the old object is untouched
@@ -542,10 +573,20 @@ class _CrmStyleLookup:
 
 
 def test_structurally_typed_orders_and_item_lines() -> None:
-    order = _CrmStyleOrder("888888", "refunding", None, None, None, 12345, "USD",
-                           (_Line("Knit cardigan", 2), _Line("Scarf")), "alice")
+    order = _CrmStyleOrder(
+        "888888",
+        "refunding",
+        None,
+        None,
+        None,
+        12345,
+        "USD",
+        (_Line("Knit cardigan", 2), _Line("Scarf")),
+        "alice",
+    )
     engine = BotEngine({SHOP: example_kb()}, _CrmStyleLookup(order))
     decision = ask(engine, "order status")
     assert decision.reply is not None
     assert decision.reply.text == (
-        "Your order 888888 is refund in progress (Knit cardigan×2, Scarf, paid $123.45).")
+        "Your order 888888 is refund in progress (Knit cardigan×2, Scarf, paid $123.45)."
+    )

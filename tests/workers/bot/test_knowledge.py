@@ -37,8 +37,15 @@ def test_example_yaml_loads() -> None:
     kb = example_kb()
     assert kb.settings.name == "小鹿旗舰店"
     assert kb.settings.language == "zh"
-    assert {e.intent for e in kb.entries} >= {"greeting", "order_status", "shipping",
-                                               "returns", "refund", "size", "human"}
+    assert {e.intent for e in kb.entries} >= {
+        "greeting",
+        "order_status",
+        "shipping",
+        "returns",
+        "refund",
+        "size",
+        "human",
+    }
     assert [r.id for r in kb.rules] == ["invoice", "sf_express", "thanks"]
     logistics = kb.entry("logistics")
     assert logistics.needs_order and not kb.entry("returns").needs_order
@@ -50,9 +57,18 @@ def test_example_csv_loads_with_the_same_behaviour() -> None:
     kb = load(EXAMPLES / "kb.csv")
     assert kb.settings.name == "小鹿旗舰店"
     assert [q.goto for q in kb.settings.welcome_quick_replies] == [
-        "order_status", "logistics", "returns", None]
+        "order_status",
+        "logistics",
+        "returns",
+        None,
+    ]
     assert kb.entry("logistics").questions == (
-        "我的快递到哪了", "查物流", "物流信息", "where is my parcel", "track my package")
+        "我的快递到哪了",
+        "查物流",
+        "物流信息",
+        "where is my parcel",
+        "track my package",
+    )
     assert kb.entry("returns").answer.get("en").startswith("Returns are accepted")
     assert kb.entry("returns").answer.get("zh").startswith("支持7天")
     assert kb.message("handoff_requested", "zh") == "好的亲，正在为您转接人工客服，请稍候~"
@@ -126,7 +142,8 @@ entries:
     assert message.startswith("invalid knowledge base kb.yaml (")
     # The template error is a cross-check: reported once the file parses.
     fixed = text.replace("question: [", "questions: [").replace(
-        "    questions: [什么时候发货]\n", "    questions: [什么时候发货]\n    answer: 48小时内\n")
+        "    questions: [什么时候发货]\n", "    questions: [什么时候发货]\n    answer: 48小时内\n"
+    )
     with pytest.raises(KnowledgeBaseError) as exc2:
         KnowledgeBase.from_yaml(fixed, source="kb.yaml")
     assert problems_of(exc2) == [
@@ -136,35 +153,56 @@ entries:
     ]
 
 
-@pytest.mark.parametrize(("text", "fragment"), [
-    ("", "empty knowledge base"),
-    ("- a\n- b\n", "document: expected a mapping, got a list"),
-    ("entrys: []\n", "unknown field 'entrys' (did you mean 'entries'?)"),
-    ("entries: []\n", "no entries and no keyword rules"),
-    ("version: 2\n" + MINIMAL, "unsupported version '2'"),
-    (MINIMAL + "  - id: hi\n    intent: greeting\n    questions: [嗨]\n    answer: x\n",
-     "entry 'hi': duplicate id (first at line 3)"),
-    (MINIMAL + "  - id: hi2\n    intent: greeting\n    questions: [Hello!]\n    answer: x\n",
-     "question 'Hello!' is also a question of entry 'hi'"),
-    (MINIMAL + "    quick_replies: [{text: 退货, goto: returns}]\n",
-     "quick reply goto 'returns': no such entry"),
-    (MINIMAL.replace("answer: 您好", "answer: {fr: Bonjour}"), "unknown language 'fr'"),
-    (MINIMAL.replace("intent: greeting", "intent: 问候 语"), "intent '问候 语' must match"),
-    (MINIMAL.replace("answer: 您好", "answer: '{order_id.__class__}'"),
-     "not a plain variable name"),
-    (MINIMAL.replace("answer: 您好", "answer: '{}'"), "positional field"),
-    (MINIMAL.replace("answer: 您好", "answer: '{order_id!r}'"), "conversion or format spec"),
-    (MINIMAL.replace("answer: 您好", "answer: '您好 {'"), "bad template syntax"),
-    ("entries:\n  - id: a\n    id: b\n", "duplicate key 'id'"),
-    ("shop: {language: fr}\n" + MINIMAL, "language 'fr': expected one of zh, en"),
-    ("shop:\n  messages: {handof_requested: 好的}\n" + MINIMAL,
-     "unknown message 'handof_requested' (did you mean 'handoff_requested'?)"),
-    ("shop:\n  messages: {away: '{back}'}\n" + MINIMAL, "unknown variable {back}"),
-    ("keywords:\n  - {keywords: [发票], match: fuzzy, answer: x}\n", "match 'fuzzy'"),
-    ("keywords:\n  - {match: exact, answer: x}\n", "keyword rule 'kw1': missing field 'keywords'"),
-    ("shop:\n  welcome_quick_replies: [" + ", ".join(str(i) for i in range(11)) + "]\n" + MINIMAL,
-     "11 quick replies; at most 10"),
-])
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("", "empty knowledge base"),
+        ("- a\n- b\n", "document: expected a mapping, got a list"),
+        ("entrys: []\n", "unknown field 'entrys' (did you mean 'entries'?)"),
+        ("entries: []\n", "no entries and no keyword rules"),
+        ("version: 2\n" + MINIMAL, "unsupported version '2'"),
+        (
+            MINIMAL + "  - id: hi\n    intent: greeting\n    questions: [嗨]\n    answer: x\n",
+            "entry 'hi': duplicate id (first at line 3)",
+        ),
+        (
+            MINIMAL + "  - id: hi2\n    intent: greeting\n    questions: [Hello!]\n    answer: x\n",
+            "question 'Hello!' is also a question of entry 'hi'",
+        ),
+        (
+            MINIMAL + "    quick_replies: [{text: 退货, goto: returns}]\n",
+            "quick reply goto 'returns': no such entry",
+        ),
+        (MINIMAL.replace("answer: 您好", "answer: {fr: Bonjour}"), "unknown language 'fr'"),
+        (MINIMAL.replace("intent: greeting", "intent: 问候 语"), "intent '问候 语' must match"),
+        (
+            MINIMAL.replace("answer: 您好", "answer: '{order_id.__class__}'"),
+            "not a plain variable name",
+        ),
+        (MINIMAL.replace("answer: 您好", "answer: '{}'"), "positional field"),
+        (MINIMAL.replace("answer: 您好", "answer: '{order_id!r}'"), "conversion or format spec"),
+        (MINIMAL.replace("answer: 您好", "answer: '您好 {'"), "bad template syntax"),
+        ("entries:\n  - id: a\n    id: b\n", "duplicate key 'id'"),
+        ("shop: {language: fr}\n" + MINIMAL, "language 'fr': expected one of zh, en"),
+        (
+            "shop:\n  messages: {handof_requested: 好的}\n" + MINIMAL,
+            "unknown message 'handof_requested' (did you mean 'handoff_requested'?)",
+        ),
+        ("shop:\n  messages: {away: '{back}'}\n" + MINIMAL, "unknown variable {back}"),
+        ("keywords:\n  - {keywords: [发票], match: fuzzy, answer: x}\n", "match 'fuzzy'"),
+        (
+            "keywords:\n  - {match: exact, answer: x}\n",
+            "keyword rule 'kw1': missing field 'keywords'",
+        ),
+        (
+            "shop:\n  welcome_quick_replies: ["
+            + ", ".join(str(i) for i in range(11))
+            + "]\n"
+            + MINIMAL,
+            "11 quick replies; at most 10",
+        ),
+    ],
+)
 def test_invalid_yaml(text: str, fragment: str) -> None:
     with pytest.raises(KnowledgeBaseError) as exc:
         KnowledgeBase.from_yaml(text)
@@ -196,22 +234,29 @@ def test_csv_errors_name_the_line() -> None:
     )
     with pytest.raises(KnowledgeBaseError) as exc:
         KnowledgeBase.from_csv(text, source="kb.csv")
-    assert problems_of(exc) == ["line 3: entry 'ship': answer (zh): unknown variable {ordr} "
-                                "(known: {amount}, {carrier}, {customer_name}, {eta}, {items}, "
-                                "{order_id}, {order_status}, {shop_name}, {tracking_no})",
-                                "line 6: entry 'x': needs at least one question"]
+    assert problems_of(exc) == [
+        "line 3: entry 'ship': answer (zh): unknown variable {ordr} "
+        "(known: {amount}, {carrier}, {customer_name}, {eta}, {items}, "
+        "{order_id}, {order_status}, {shop_name}, {tracking_no})",
+        "line 6: entry 'x': needs at least one question",
+    ]
 
 
-@pytest.mark.parametrize(("text", "fragment"), [
-    ("", "empty file: expected a header row"),
-    ("id,intent,question,answer\n", "unknown column 'question' (did you mean 'questions'?)"),
-    ("id,intent,questions\n", "missing column 'answer'"),
-    ("type,id,answer\nfaq,a,b\n", "line 2: csv: unknown type 'faq'"),
-    ("id,answer\na,b,c\n", "line 2: csv: 3 cells but only 2 columns"),
-    ("id,intent,questions,answer\nhi,greeting,你好,\n", "line 2: entry 'hi': answer is empty"),
-    ("id,intent,questions,answer,quick_replies\nhi,greeting,你好,您好,退货 -> nowhere\n",
-     "line 2: entry 'hi': quick reply goto 'nowhere': no such entry"),
-])
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("", "empty file: expected a header row"),
+        ("id,intent,question,answer\n", "unknown column 'question' (did you mean 'questions'?)"),
+        ("id,intent,questions\n", "missing column 'answer'"),
+        ("type,id,answer\nfaq,a,b\n", "line 2: csv: unknown type 'faq'"),
+        ("id,answer\na,b,c\n", "line 2: csv: 3 cells but only 2 columns"),
+        ("id,intent,questions,answer\nhi,greeting,你好,\n", "line 2: entry 'hi': answer is empty"),
+        (
+            "id,intent,questions,answer,quick_replies\nhi,greeting,你好,您好,退货 -> nowhere\n",
+            "line 2: entry 'hi': quick reply goto 'nowhere': no such entry",
+        ),
+    ],
+)
 def test_invalid_csv(text: str, fragment: str) -> None:
     with pytest.raises(KnowledgeBaseError) as exc:
         KnowledgeBase.from_csv(text)
@@ -270,7 +315,10 @@ def test_keyword_rules_take_precedence_over_fuzzy_matching() -> None:
     # Both are exact questions of entries, yet the keyword rules answer.
     exact = kb.resolve("在吗？")
     assert exact is not None and (exact.source, exact.id, exact.confidence) == (
-        "keyword", "exact_hi", 1.0)
+        "keyword",
+        "exact_hi",
+        1.0,
+    )
     contains = kb.resolve("可以发顺丰吗")
     assert contains is not None and (contains.source, contains.id) == ("keyword", "contains_sf")
     # An exact rule matches the whole message only; contains on words only.
@@ -298,7 +346,10 @@ def test_quick_reply_goto_is_an_exact_alias_in_every_language() -> None:
         resolution = kb.resolve(text)
         assert resolution is not None
         assert (resolution.source, resolution.id, resolution.confidence) == (
-            "quick_reply", "returns", 1.0)
+            "quick_reply",
+            "returns",
+            1.0,
+        )
 
 
 def test_resolve_strips_order_ids_before_matching() -> None:
@@ -311,8 +362,13 @@ def test_resolve_strips_order_ids_before_matching() -> None:
 
 
 def test_programmatic_knowledge_base_is_validated() -> None:
-    entry = Entry("a", "greeting", ("你好",), LocalizedText.of("您好"),
-                  (QuickReply(LocalizedText.of("x"), goto="missing"),))
+    entry = Entry(
+        "a",
+        "greeting",
+        ("你好",),
+        LocalizedText.of("您好"),
+        (QuickReply(LocalizedText.of("x"), goto="missing"),),
+    )
     with pytest.raises(KnowledgeBaseError, match="goto 'missing': no such entry"):
         KnowledgeBase(entries=[entry])
     ok = KnowledgeBase(entries=[Entry("a", "greeting", ("你好",), LocalizedText.of("您好"))])

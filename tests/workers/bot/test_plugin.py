@@ -28,12 +28,24 @@ def seed_crm(data: Path) -> None:
     now = datetime.now(UTC)
     with CrmRepository(path) as repo:
         repo.upsert_customer("alice", display_name="Alice")
-        repo.upsert_orders([Order(
-            shop="shop1", order_id="123", customer="alice", channel="taobao", status="in_transit",
-            amount_cents=19900, items=(OrderItem(title="Down jacket"),), carrier="SF Express",
-            tracking_no="SF1234567890", eta=(now + timedelta(days=2)).date(),
-            created_at=now - timedelta(days=1), updated_at=now,
-        )])
+        repo.upsert_orders(
+            [
+                Order(
+                    shop="shop1",
+                    order_id="123",
+                    customer="alice",
+                    channel="taobao",
+                    status="in_transit",
+                    amount_cents=19900,
+                    items=(OrderItem(title="Down jacket"),),
+                    carrier="SF Express",
+                    tracking_no="SF1234567890",
+                    eta=(now + timedelta(days=2)).date(),
+                    created_at=now - timedelta(days=1),
+                    updated_at=now,
+                )
+            ]
+        )
 
 
 async def _bot_texts(client: Client, conv: str, until: str) -> list[str]:
@@ -51,7 +63,8 @@ async def _bot_texts(client: Client, conv: str, until: str) -> list[str]:
 
 
 async def test_bot_answers_order_status_from_crm_and_hands_off_complaints(
-        server: RunningServer, tmp_path: Path) -> None:
+    server: RunningServer, tmp_path: Path
+) -> None:
     seed_crm(tmp_path)
     async with worker_process(server, "bot", tmp_path), server.connect("alice") as alice:
         conv = (await alice.request(OpenConversation(id=0, shop="shop1"))).conversation.id
@@ -63,7 +76,10 @@ async def test_bot_answers_order_status_from_crm_and_hands_off_complaints(
         await alice.send_text(conv, "我要投诉")
         with trio.fail_after(30):
             async for frame in alice.events:
-                if isinstance(frame, ConversationEvent) and frame.conversation.state is ConvState.QUEUED:
+                if (
+                    isinstance(frame, ConversationEvent)
+                    and frame.conversation.state is ConvState.QUEUED
+                ):
                     break
     async with server.connect("sup", "supervisor", "shop1") as sup:
         from protocol import GetConversation
@@ -75,7 +91,8 @@ async def test_bot_answers_order_status_from_crm_and_hands_off_complaints(
 
 
 async def test_killed_bot_instance_neither_drops_nor_doubles_answers(
-        server: RunningServer, tmp_path: Path) -> None:
+    server: RunningServer, tmp_path: Path
+) -> None:
     import signal
     from collections import Counter
 
@@ -85,12 +102,28 @@ async def test_killed_bot_instance_neither_drops_nor_doubles_answers(
         now = datetime.now(UTC)
         for name in customers:
             repo.upsert_customer(name)
-        repo.upsert_orders([Order(
-            shop="shop1", order_id=f"77{i}001", customer=name, channel="tmall",
-            status="in_transit", amount_cents=1000, carrier="SF Express", tracking_no="SF1",
-            created_at=now, updated_at=now) for i, name in enumerate(customers)])
+        repo.upsert_orders(
+            [
+                Order(
+                    shop="shop1",
+                    order_id=f"77{i}001",
+                    customer=name,
+                    channel="tmall",
+                    status="in_transit",
+                    amount_cents=1000,
+                    carrier="SF Express",
+                    tracking_no="SF1",
+                    created_at=now,
+                    updated_at=now,
+                )
+                for i, name in enumerate(customers)
+            ]
+        )
     answers: dict[str, list[str]] = {}
-    async with worker_process(server, "bot", tmp_path) as first, worker_process(server, "bot", tmp_path):
+    async with (
+        worker_process(server, "bot", tmp_path) as first,
+        worker_process(server, "bot", tmp_path),
+    ):
 
         async def customer(i: int, name: str) -> None:
             async with server.connect(name) as client:
@@ -102,10 +135,12 @@ async def test_killed_bot_instance_neither_drops_nor_doubles_answers(
                 texts: list[str] = []
                 with trio.fail_after(60):
                     async for frame in client.events:
-                        if (isinstance(frame, MessageEvent)
-                                and frame.message.sender.startswith("worker:")
-                                and isinstance(frame.message.body, TextBody | QuickRepliesBody)
-                                and f"77{i}001" in frame.message.body.text):
+                        if (
+                            isinstance(frame, MessageEvent)
+                            and frame.message.sender.startswith("worker:")
+                            and isinstance(frame.message.body, TextBody | QuickRepliesBody)
+                            and f"77{i}001" in frame.message.body.text
+                        ):
                             texts.append(frame.message.body.text)
                             if len(texts) == 8:
                                 break

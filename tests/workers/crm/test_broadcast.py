@@ -30,8 +30,14 @@ CHAMPION_ORDERS = [5, 40, 80, 120]  # with ¥1,500 each: R5 F4 M5 -> champions
 
 def champion(repo: CrmRepository, customer: str, timezone: str, *, shop: str = SHOP) -> str:
     add_customer(repo, customer, timezone=timezone)
-    add_orders(repo, customer, CHAMPION_ORDERS, amount_cents=150_000, shop=shop,
-               prefix=f"{shop}-{customer}")
+    add_orders(
+        repo,
+        customer,
+        CHAMPION_ORDERS,
+        amount_cents=150_000,
+        shop=shop,
+        prefix=f"{shop}-{customer}",
+    )
     return customer
 
 
@@ -52,13 +58,23 @@ def segment_repo(repo: CrmRepository) -> CrmRepository:
     return repo
 
 
-def plan(repo: CrmRepository, now: datetime = NOW, *,
-         window: tuple[int, int] = DEFAULT_WINDOW,
-         rate_per_minute: int = DEFAULT_RATE_PER_MINUTE,
-         broadcast_id: str = "spring-2024") -> BroadcastPlan:
+def plan(
+    repo: CrmRepository,
+    now: datetime = NOW,
+    *,
+    window: tuple[int, int] = DEFAULT_WINDOW,
+    rate_per_minute: int = DEFAULT_RATE_PER_MINUTE,
+    broadcast_id: str = "spring-2024",
+) -> BroadcastPlan:
     return BroadcastPlanner(repo).plan_broadcast(
-        SHOP, Segment.CHAMPIONS, "春季新品 8 折 / Spring sale", now, window=window,
-        rate_per_minute=rate_per_minute, broadcast_id=broadcast_id)
+        SHOP,
+        Segment.CHAMPIONS,
+        "春季新品 8 折 / Spring sale",
+        now,
+        window=window,
+        rate_per_minute=rate_per_minute,
+        broadcast_id=broadcast_id,
+    )
 
 
 def local_hour(at: datetime, timezone: str) -> float:
@@ -93,8 +109,10 @@ def test_each_customer_is_reached_in_their_local_window(segment_repo: CrmReposit
         assert 9 <= local_hour(send.send_at, send.timezone) < 21, send
         assert send.send_at >= NOW
         assert send.local_send_at == send.send_at
-        assert send.local_send_at.utcoffset() == send.send_at.astimezone(
-            ZoneInfo(send.timezone)).utcoffset()
+        assert (
+            send.local_send_at.utcoffset()
+            == send.send_at.astimezone(ZoneInfo(send.timezone)).utcoffset()
+        )
     # 10:00 in Shanghai and 18:00 in Los Angeles: windows open, sent right away
     # (one send every 3 s at 20 per minute; ties in eligibility go by customer id)
     assert by_customer["la-1"].send_at == NOW
@@ -193,14 +211,16 @@ def test_planning_is_deterministic_and_writes_nothing(segment_repo: CrmRepositor
     assert segment_repo.sent_customers("spring-2024") == set()
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"window": (21, 9)}, "window"),
-    ({"window": (9, 25)}, "window"),
-    ({"rate_per_minute": 0}, "rate"),
-    ({"broadcast_id": ""}, "broadcast_id"),
-])
-def test_bad_arguments(segment_repo: CrmRepository, kwargs: dict[str, Any],
-                       match: str) -> None:
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"window": (21, 9)}, "window"),
+        ({"window": (9, 25)}, "window"),
+        ({"rate_per_minute": 0}, "rate"),
+        ({"broadcast_id": ""}, "broadcast_id"),
+    ],
+)
+def test_bad_arguments(segment_repo: CrmRepository, kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         plan(segment_repo, **kwargs)
 
@@ -208,8 +228,7 @@ def test_bad_arguments(segment_repo: CrmRepository, kwargs: dict[str, Any],
 def test_naive_now_and_unknown_segment_are_rejected(segment_repo: CrmRepository) -> None:
     planner = BroadcastPlanner(segment_repo)
     with pytest.raises(ValueError, match="aware"):
-        planner.plan_broadcast(SHOP, "champions", "hi", NOW.replace(tzinfo=None),
-                               broadcast_id="b")
+        planner.plan_broadcast(SHOP, "champions", "hi", NOW.replace(tzinfo=None), broadcast_id="b")
     with pytest.raises(ValueError, match="segment"):
         planner.plan_broadcast(SHOP, "vips", "hi", NOW, broadcast_id="b")
 
@@ -226,8 +245,11 @@ def test_invariants_hold_for_any_time_rate_and_window(tmp_path: Path) -> None:
 
         @settings(max_examples=150, deadline=None, database=None)
         @given(
-            now=st.datetimes(min_value=datetime(2024, 1, 1), max_value=datetime(2025, 12, 31),
-                             timezones=st.just(UTC)),
+            now=st.datetimes(
+                min_value=datetime(2024, 1, 1),
+                max_value=datetime(2025, 12, 31),
+                timezones=st.just(UTC),
+            ),
             rate=st.integers(min_value=1, max_value=120),
             start=st.integers(min_value=0, max_value=23),
             length=st.integers(min_value=1, max_value=24),

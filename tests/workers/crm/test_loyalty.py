@@ -25,7 +25,15 @@ def test_points_rate_per_currency() -> None:
 def test_level_thresholds_and_vip() -> None:
     assert LEVEL_THRESHOLDS == (0, 500, 2_000, 5_000, 20_000)
     assert [level_for(p) for p in (0, 499, 500, 1_999, 2_000, 4_999, 5_000, 10**9)] == [
-        0, 0, 1, 1, 2, 2, 3, 4]
+        0,
+        0,
+        1,
+        1,
+        2,
+        2,
+        3,
+        4,
+    ]
     assert VIP_MIN_LEVEL == 3
     assert not is_vip(2)
     assert is_vip(3)
@@ -33,18 +41,23 @@ def test_level_thresholds_and_vip() -> None:
 
 def test_paid_orders_earn_points_once_and_raise_the_level(repo: CrmRepository) -> None:
     add_customer(repo, "c1")
-    repo.upsert_orders([
-        make_order("A", "c1", amount_cents=3_000_00, status="completed"),
-        make_order("B", "c1", amount_cents=2_500_00, status="paid"),
-        make_order("C", "c1", amount_cents=9_999_00, status="pending_payment"),
-        make_order("D", "c1", amount_cents=9_999_00, status="refunding"),
-        make_order("E", "c1", amount_cents=100_00, status="shipped", currency="USD"),
-    ])
+    repo.upsert_orders(
+        [
+            make_order("A", "c1", amount_cents=3_000_00, status="completed"),
+            make_order("B", "c1", amount_cents=2_500_00, status="paid"),
+            make_order("C", "c1", amount_cents=9_999_00, status="pending_payment"),
+            make_order("D", "c1", amount_cents=9_999_00, status="refunding"),
+            make_order("E", "c1", amount_cents=100_00, status="shipped", currency="USD"),
+        ]
+    )
     engine = LoyaltyEngine(repo)
     result = engine.accrue(SHOP, NOW)
 
     assert sorted((c.order_id, c.delta) for c in result.points) == [
-        ("A", 3_000), ("B", 2_500), ("E", 700)]
+        ("A", 3_000),
+        ("B", 2_500),
+        ("E", 700),
+    ]
     assert [(c.old_level, c.new_level) for c in result.levels] == [(0, 3)]
     customer = repo.customer("c1")
     assert customer is not None
@@ -60,14 +73,16 @@ def test_paid_orders_earn_points_once_and_raise_the_level(repo: CrmRepository) -
 
 def test_refunds_take_points_back_but_never_demote(repo: CrmRepository) -> None:
     add_customer(repo, "c1")
-    repo.upsert_orders([make_order("A", "c1", amount_cents=3_000_00),
-                        make_order("B", "c1", amount_cents=2_500_00)])
+    repo.upsert_orders(
+        [make_order("A", "c1", amount_cents=3_000_00), make_order("B", "c1", amount_cents=2_500_00)]
+    )
     engine = LoyaltyEngine(repo)
     engine.accrue(SHOP, NOW)
     repo.add_points("c1", -5_000, kind="redeem")  # spending points is not a demotion
 
-    refunded = msgspec.structs.replace(make_order("B", "c1", amount_cents=2_500_00),
-                                       status="refunded", updated_at=NOW)
+    refunded = msgspec.structs.replace(
+        make_order("B", "c1", amount_cents=2_500_00), status="refunded", updated_at=NOW
+    )
     repo.upsert_orders([refunded])
     result = engine.accrue(SHOP, NOW)
 

@@ -31,22 +31,33 @@ def test_one_customer_across_channels(repo: CrmRepository) -> None:
     assert alice == customer_id_for("taobao", "tb_alice")
     assert repo.ensure_customer("taobao", "tb_alice") == (alice, False)
 
-    for channel, external in [("tmall", "tm_alice"), ("1688", "b2b_alice"),
-                              ("aliexpress", "ae_alice"), ("jd", "jd_alice"),
-                              ("web", "alice@example.com"), ("app", "u-1001")]:
+    for channel, external in [
+        ("tmall", "tm_alice"),
+        ("1688", "b2b_alice"),
+        ("aliexpress", "ae_alice"),
+        ("jd", "jd_alice"),
+        ("web", "alice@example.com"),
+        ("app", "u-1001"),
+    ]:
         assert repo.link_identity(channel, external, alice) == alice
     assert repo.resolve("jd", "jd_alice") == alice
     assert repo.resolve("app", "u-1001") == alice
     assert repo.resolve("jd", "somebody-else") is None
     assert {i.channel for i in repo.identities(alice)} == {
-        "taobao", "tmall", "1688", "aliexpress", "jd", "web", "app"}
+        "taobao",
+        "tmall",
+        "1688",
+        "aliexpress",
+        "jd",
+        "web",
+        "app",
+    }
     # linking again is a no-op
     assert repo.link_identity("tmall", "tm_alice", alice) == alice
     assert len(repo.identities(alice)) == 7
 
 
-def test_linking_someone_elses_identity_is_a_conflict_unless_merging(
-        repo: CrmRepository) -> None:
+def test_linking_someone_elses_identity_is_a_conflict_unless_merging(repo: CrmRepository) -> None:
     alice, _ = repo.ensure_customer("taobao", "tb_alice", display_name="Alice")
     twin, _ = repo.ensure_customer("aliexpress", "ae_alice")
     with pytest.raises(IdentityConflictError, match="merge=True"):
@@ -88,7 +99,9 @@ def test_merge_moves_everything_and_keeps_the_safe_flags(repo: CrmRepository) ->
     assert order is not None
     assert order.customer == keep
     assert {(t.tag, t.source) for t in repo.tags(SHOP, keep)} == {
-        ("vip", "manual"), ("likes-silk", "manual")}
+        ("vip", "manual"),
+        ("likes-silk", "manual"),
+    }
     assert repo.sent_customers("spring-sale") == {keep}
 
 
@@ -120,22 +133,40 @@ def test_customer_validation(repo: CrmRepository) -> None:
 def test_order_lookup_and_latest_order(repo: CrmRepository) -> None:
     add_customer(repo, "c1")
     add_customer(repo, "c2")
-    repo.upsert_orders([
-        make_order("O-old", "c1", days_ago=30),
-        make_order("O-new", "c1", days_ago=1, status="shipped", carrier="SF Express",
-                   tracking_no="SF1234567890", eta=date(2024, 3, 7), amount_cents=25_900,
-                   items=(OrderItem(title="Silk scarf", quantity=2, sku="SC-01"),)),
-        make_order("O-mid", "c1", days_ago=5),
-        make_order("O-c2", "c2", days_ago=0.5),
-        make_order("O-other-shop", "c1", shop=OTHER_SHOP, days_ago=0.1),
-    ])
+    repo.upsert_orders(
+        [
+            make_order("O-old", "c1", days_ago=30),
+            make_order(
+                "O-new",
+                "c1",
+                days_ago=1,
+                status="shipped",
+                carrier="SF Express",
+                tracking_no="SF1234567890",
+                eta=date(2024, 3, 7),
+                amount_cents=25_900,
+                items=(OrderItem(title="Silk scarf", quantity=2, sku="SC-01"),),
+            ),
+            make_order("O-mid", "c1", days_ago=5),
+            make_order("O-c2", "c2", days_ago=0.5),
+            make_order("O-other-shop", "c1", shop=OTHER_SHOP, days_ago=0.1),
+        ]
+    )
 
     info = repo.order(SHOP, "O-new")
     assert info == OrderInfo(
-        order_id="O-new", status="shipped", carrier="SF Express", tracking_no="SF1234567890",
-        eta=date(2024, 3, 7), amount_cents=25_900, currency="CNY",
-        items=(OrderItem(title="Silk scarf", quantity=2, sku="SC-01"),), channel="tmall",
-        created_at=NOW - timedelta(days=1), customer="c1")
+        order_id="O-new",
+        status="shipped",
+        carrier="SF Express",
+        tracking_no="SF1234567890",
+        eta=date(2024, 3, 7),
+        amount_cents=25_900,
+        currency="CNY",
+        items=(OrderItem(title="Silk scarf", quantity=2, sku="SC-01"),),
+        channel="tmall",
+        created_at=NOW - timedelta(days=1),
+        customer="c1",
+    )
     assert info.created_at.tzinfo is not None
     assert repo.order(SHOP, "nope") is None
     assert repo.order(OTHER_SHOP, "O-new") is None, "order ids are per shop"
@@ -162,8 +193,9 @@ def test_repository_satisfies_the_protocols(repo: CrmRepository) -> None:
 def test_upsert_is_last_writer_wins_on_updated_at(repo: CrmRepository) -> None:
     add_customer(repo, "c1")
     paid = make_order("O1", "c1", days_ago=3, status="paid", updated_days_ago=3)
-    shipped = make_order("O1", "c1", days_ago=3, status="shipped", tracking_no="YT1",
-                         updated_days_ago=1)
+    shipped = make_order(
+        "O1", "c1", days_ago=3, status="shipped", tracking_no="YT1", updated_days_ago=1
+    )
     first = repo.upsert_orders([paid])
     assert (first.inserted, first.updated) == (1, 0)
     second = repo.upsert_orders([shipped, shipped])
@@ -211,8 +243,7 @@ def test_manual_tags_win_over_rule_tags(repo: CrmRepository) -> None:
 # ---------------------------------------------------------------- membership
 
 
-def test_points_ledger_is_idempotent_by_ref_and_guards_the_balance(
-        repo: CrmRepository) -> None:
+def test_points_ledger_is_idempotent_by_ref_and_guards_the_balance(repo: CrmRepository) -> None:
     add_customer(repo, "c1")
     assert repo.add_points("c1", 300, ref="bonus:birthday-2024")
     assert not repo.add_points("c1", 300, ref="bonus:birthday-2024")
@@ -241,18 +272,23 @@ def test_vip_is_level_three_or_more(repo: CrmRepository) -> None:
 
 
 def test_profile_is_the_agent_sidebar(repo: CrmRepository) -> None:
-    alice, _ = repo.ensure_customer("taobao", "tb_alice", display_name="Alice",
-                                    timezone="Europe/Madrid")
+    alice, _ = repo.ensure_customer(
+        "taobao", "tb_alice", display_name="Alice", timezone="Europe/Madrid"
+    )
     repo.link_identity("aliexpress", "ae_alice", alice)
-    repo.upsert_orders([
-        make_order(f"T{n}", alice, days_ago=d, amount_cents=150_000)
-        for n, d in enumerate([5, 40, 80, 120, 150, 200])
-    ] + [
-        make_order("T-refund", alice, days_ago=3, status="refunded", amount_cents=9_900),
-        make_order("T-usd", alice, days_ago=2, amount_cents=5_000, currency="USD",
-                   channel="aliexpress"),
-        make_order("X1", alice, shop=OTHER_SHOP, days_ago=1, amount_cents=1),
-    ])
+    repo.upsert_orders(
+        [
+            make_order(f"T{n}", alice, days_ago=d, amount_cents=150_000)
+            for n, d in enumerate([5, 40, 80, 120, 150, 200])
+        ]
+        + [
+            make_order("T-refund", alice, days_ago=3, status="refunded", amount_cents=9_900),
+            make_order(
+                "T-usd", alice, days_ago=2, amount_cents=5_000, currency="USD", channel="aliexpress"
+            ),
+            make_order("X1", alice, shop=OTHER_SHOP, days_ago=1, amount_cents=1),
+        ]
+    )
     repo.add_tag(SHOP, alice, "likes-silk")
     repo.add_tag(OTHER_SHOP, alice, "other-shop-tag")
     repo.set_level(alice, 3)
@@ -273,7 +309,8 @@ def test_profile_is_the_agent_sidebar(repo: CrmRepository) -> None:
     assert profile.lifetime_value == {"CNY": 900_000, "USD": 5_000}
     assert profile.channels == (
         Identity(channel="aliexpress", external_id="ae_alice", customer=alice),
-        Identity(channel="taobao", external_id="tb_alice", customer=alice))
+        Identity(channel="taobao", external_id="tb_alice", customer=alice),
+    )
     assert not profile.opt_out
     assert repo.profile(SHOP, "nobody") is None
 
@@ -323,10 +360,10 @@ def test_calls_from_many_threads_are_serialized(repo: CrmRepository) -> None:
 
 def test_timestamps_come_back_as_the_same_instant_in_utc(repo: CrmRepository) -> None:
     add_customer(repo, "c1")
-    shanghai_noon = datetime(2024, 3, 1, 12, 0, 0, 123456,
-                             tzinfo=timezone(timedelta(hours=8)))
-    order = msgspec.structs.replace(make_order("O1", "c1"), created_at=shanghai_noon,
-                                    updated_at=shanghai_noon)
+    shanghai_noon = datetime(2024, 3, 1, 12, 0, 0, 123456, tzinfo=timezone(timedelta(hours=8)))
+    order = msgspec.structs.replace(
+        make_order("O1", "c1"), created_at=shanghai_noon, updated_at=shanghai_noon
+    )
     repo.upsert_orders([order])
     stored = repo.order(SHOP, "O1")
     assert stored is not None

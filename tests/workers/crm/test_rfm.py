@@ -37,8 +37,12 @@ def crafted(repo: CrmRepository) -> CrmRepository:
         add_customer(repo, customer)
         add_orders(repo, customer, ages, amount_cents=amount)
     add_customer(repo, "browser")
-    repo.upsert_orders([make_order("unpaid", "browser", status="pending_payment"),
-                        make_order("closed", "browser", status="cancelled")])
+    repo.upsert_orders(
+        [
+            make_order("unpaid", "browser", status="pending_payment"),
+            make_order("closed", "browser", status="cancelled"),
+        ]
+    )
     add_customer(repo, "refunder")
     repo.upsert_orders([make_order("refunded", "refunder", status="refunded")])
     return repo
@@ -56,8 +60,11 @@ def test_crafted_customers_land_in_the_documented_segments(crafted: CrmRepositor
     assert scores["champ"].recency_days == 5
     assert scores["champ"].frequency == 4
     assert scores["champ"].monetary_cents == 600_000
-    assert (scores["gone"].recency_days, scores["gone"].frequency,
-            scores["gone"].monetary_cents) == (400, 0, 0), "F and M cover the window only"
+    assert (
+        scores["gone"].recency_days,
+        scores["gone"].frequency,
+        scores["gone"].monetary_cents,
+    ) == (400, 0, 0), "F and M cover the window only"
 
 
 def test_scores_are_stored_for_segment_queries(crafted: CrmRepository) -> None:
@@ -105,8 +112,9 @@ def test_quintiles_split_a_large_shop_into_fifths(repo: CrmRepository) -> None:
     # 100 customers, customer i spent (i + 1) * ¥10 in one order i days ago
     for i in range(100):
         customer = add_customer(repo, f"c{i:03}")
-        repo.upsert_orders([make_order(f"o{i}", customer, days_ago=i + 0.5,
-                                       amount_cents=(i + 1) * 1_000)])
+        repo.upsert_orders(
+            [make_order(f"o{i}", customer, days_ago=i + 0.5, amount_cents=(i + 1) * 1_000)]
+        )
     scores = RfmScorer(repo).score_shop(SHOP, NOW)  # "auto": 100 >= 50 -> quintiles
     for i in range(100):
         score = scores[f"c{i:03}"]
@@ -137,11 +145,13 @@ def test_policy_can_force_a_mode(crafted: CrmRepository) -> None:
 def test_money_is_summed_in_the_shops_main_currency_only(repo: CrmRepository) -> None:
     add_customer(repo, "us")
     add_customer(repo, "cn")
-    repo.upsert_orders([
-        make_order("u1", "us", currency="USD", amount_cents=90_000, shop=OTHER_SHOP),
-        make_order("u2", "us", currency="USD", amount_cents=90_000, shop=OTHER_SHOP),
-        make_order("c1", "cn", currency="CNY", amount_cents=99_999_00, shop=OTHER_SHOP),
-    ])
+    repo.upsert_orders(
+        [
+            make_order("u1", "us", currency="USD", amount_cents=90_000, shop=OTHER_SHOP),
+            make_order("u2", "us", currency="USD", amount_cents=90_000, shop=OTHER_SHOP),
+            make_order("c1", "cn", currency="CNY", amount_cents=99_999_00, shop=OTHER_SHOP),
+        ]
+    )
     scores = RfmScorer(repo).score_shop(OTHER_SHOP, NOW)
     assert scores["us"].currency == "USD"
     assert scores["us"].monetary_cents == 180_000

@@ -34,11 +34,13 @@ def shop(repo: CrmRepository) -> CrmRepository:
     add_orders(repo, "big", [100, 200], amount_cents=250_000)
     # returner: two refunded orders and one kept
     add_customer(repo, "returner")
-    repo.upsert_orders([
-        make_order("r1", "returner", days_ago=50, status="refunded"),
-        make_order("r2", "returner", days_ago=60, status="refunded"),
-        make_order("r3", "returner", days_ago=70),
-    ])
+    repo.upsert_orders(
+        [
+            make_order("r1", "returner", days_ago=50, status="refunded"),
+            make_order("r2", "returner", days_ago=60, status="refunded"),
+            make_order("r3", "returner", days_ago=70),
+        ]
+    )
     # new: first paid order 10 days ago; "old" first ordered 40 days ago
     add_customer(repo, "new")
     add_orders(repo, "new", [10])
@@ -83,7 +85,8 @@ def test_rule_tags_follow_the_data_and_manual_tags_stay(shop: CrmRepository) -> 
     assert rule_tags(shop, "new") == {"channel:tmall"}
     assert {t.tag for t in shop.tags(SHOP, "new")} == {"channel:tmall", "gift-wrap-fan"}
     assert [(t.tag, t.source) for t in shop.tags(SHOP, "old") if t.tag == "vip"] == [
-        ("vip", "manual")]
+        ("vip", "manual")
+    ]
 
 
 def test_rule_tags_of_dropped_rules_are_removed(shop: CrmRepository) -> None:
@@ -109,14 +112,17 @@ def test_custom_rules_from_json(shop: CrmRepository) -> None:
     assert shop.customers_with_tag(SHOP, "quiet") == ["big", "vip"]
 
 
-@pytest.mark.parametrize("bad", [
-    '[{"tag": "x", "when": [{"metric": "member_level", "op": "has", "value": 3}]}]',
-    '[{"tag": "x", "when": [{"metric": "channel", "op": "has", "value": "weibo"}]}]',
-    '[{"tag": "x", "when": [{"metric": "segment", "op": ">=", "value": "lost"}]}]',
-    '[{"tag": "x", "when": [{"metric": "height", "op": ">=", "value": 3}]}]',
-    '[{"tag": "x", "when": []}]',
-    '[{"tag": "x", "when": [{"metric": "points", "op": ">=", "value": 3}], "oops": 1}]',
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        '[{"tag": "x", "when": [{"metric": "member_level", "op": "has", "value": 3}]}]',
+        '[{"tag": "x", "when": [{"metric": "channel", "op": "has", "value": "weibo"}]}]',
+        '[{"tag": "x", "when": [{"metric": "segment", "op": ">=", "value": "lost"}]}]',
+        '[{"tag": "x", "when": [{"metric": "height", "op": ">=", "value": 3}]}]',
+        '[{"tag": "x", "when": []}]',
+        '[{"tag": "x", "when": [{"metric": "points", "op": ">=", "value": 3}], "oops": 1}]',
+    ],
+)
 def test_invalid_rules_are_rejected(bad: str) -> None:
     with pytest.raises(msgspec.ValidationError):
         load_rules(bad)

@@ -32,8 +32,9 @@ routing:
 
 
 @asynccontextmanager
-async def workers(server: RunningServer, tmp: Path, *, sla: float = 60, cap: int = 5,
-                  shared_skill: str = "") -> AsyncIterator[None]:
+async def workers(
+    server: RunningServer, tmp: Path, *, sla: float = 60, cap: int = 5, shared_skill: str = ""
+) -> AsyncIterator[None]:
     config = tmp / "workers.yaml"
     extra = f", {shared_skill}" if shared_skill else ""
     config.write_text(AGENTS.format(sla=sla, cap=cap, extra=extra), encoding="utf-8")
@@ -54,15 +55,19 @@ async def _assigned_to(client: Client, conv: str) -> str:
     """The agent a conversation gets assigned to next, as the customer sees it."""
     with trio.fail_after(30):
         async for frame in client.events:
-            if (isinstance(frame, ConversationEvent) and frame.conversation.id == conv
-                    and frame.conversation.state is ConvState.ASSIGNED
-                    and frame.conversation.agent):
+            if (
+                isinstance(frame, ConversationEvent)
+                and frame.conversation.id == conv
+                and frame.conversation.state is ConvState.ASSIGNED
+                and frame.conversation.agent
+            ):
                 return frame.conversation.agent
     raise AssertionError("never assigned")
 
 
 async def test_complaint_goes_to_a_refunds_agent_at_high_priority(
-        server: RunningServer, tmp_path: Path) -> None:
+    server: RunningServer, tmp_path: Path
+) -> None:
     async with (
         workers(server, tmp_path),
         online_agent(server, "a_pre"),
@@ -78,15 +83,20 @@ async def test_complaint_goes_to_a_refunds_agent_at_high_priority(
 
 
 async def test_full_agents_queue_with_positions_that_go_down(
-        server: RunningServer, tmp_path: Path) -> None:
+    server: RunningServer, tmp_path: Path
+) -> None:
     async with (
         workers(server, tmp_path, cap=1),
         online_agent(server, "a_pre") as agent,
-        server.connect("b1") as b1, server.connect("b2") as b2, server.connect("b3") as b3,
+        server.connect("b1") as b1,
+        server.connect("b2") as b2,
+        server.connect("b3") as b3,
     ):
         convs = {}
         for name, client in (("b1", b1), ("b2", b2), ("b3", b3)):
-            convs[name] = (await client.request(OpenConversation(id=0, shop="shop1"))).conversation.id
+            convs[name] = (
+                await client.request(OpenConversation(id=0, shop="shop1"))
+            ).conversation.id
             await client.send_text(convs[name], "转人工")
             if name == "b1":
                 assert await _assigned_to(b1, convs["b1"]) == "a_pre"
@@ -109,7 +119,9 @@ async def test_full_agents_queue_with_positions_that_go_down(
         assert positions[-2:] == [2, 1]
 
 
-async def test_agent_who_does_not_reply_loses_the_chat(server: RunningServer, tmp_path: Path) -> None:
+async def test_agent_who_does_not_reply_loses_the_chat(
+    server: RunningServer, tmp_path: Path
+) -> None:
     async with (
         workers(server, tmp_path, sla=1, shared_skill="pre-sale"),
         online_agent(server, "a_pre"),
