@@ -779,22 +779,8 @@ class Session:
     ) -> None:
         try:
             reply = await handler(request)
-        except _Refuse as refusal:
-            reply = Error(
-                code=refusal.code,
-                message=refusal.message,
-                id=request.id,
-                retry_after_ms=refusal.retry_after_ms,
-            )
         except Exception as exc:
-            event(
-                log,
-                "request_failed",
-                level=logging.ERROR,
-                request=type(request).__name__,
-                error=repr(exc),
-            )
-            reply = Error(code=ErrorCode.INTERNAL, message="internal error", id=request.id)
+            reply = _failure(request, exc)
         self.send_frame(reply)
 
     def _recall(self, r: Recall) -> None:
@@ -870,25 +856,8 @@ class Session:
     ) -> None:
         try:
             cmd = await check(request)
-        except _Refuse as refusal:
-            self.send_frame(
-                Error(
-                    code=refusal.code,
-                    message=refusal.message,
-                    id=request.id,
-                    retry_after_ms=refusal.retry_after_ms,
-                )
-            )
-            return
         except Exception as exc:
-            event(
-                log,
-                "request_failed",
-                level=logging.ERROR,
-                request=type(request).__name__,
-                error=repr(exc),
-            )
-            self.send_frame(Error(code=ErrorCode.INTERNAL, message="internal error", id=request.id))
+            self.send_frame(_failure(request, exc))
             return
         if not self.ctx.shards.submit(cmd):
             try:
@@ -1201,6 +1170,22 @@ class _Refuse(Exception):
         self.code = code
         self.message = message
         self.retry_after_ms = retry_after_ms
+
+
+def _failure(request: Request, exc: Exception) -> Error:
+    """The reply to a request whose handler raised: its refusal, or an internal error (logged)."""
+    if isinstance(exc, _Refuse):
+        return Error(
+            code=exc.code, message=exc.message, id=request.id, retry_after_ms=exc.retry_after_ms
+        )
+    event(
+        log,
+        "request_failed",
+        level=logging.ERROR,
+        request=type(request).__name__,
+        error=repr(exc),
+    )
+    return Error(code=ErrorCode.INTERNAL, message="internal error", id=request.id)
 
 
 # Request type -> handler. One table for every session (a per-session table of
